@@ -1,0 +1,1 @@
+"""jaxprune.criteria."""
