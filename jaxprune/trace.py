@@ -1,0 +1,308 @@
+"""Trace an `apply_fn(variables, x)` into one flat list of equations over named inputs.
+
+Every analysis in jaxprune (the channel graph, the cost model, the gated interpreter) reads the
+model through its jaxpr, never through its Python code. This module does the tracing once:
+
+* the variables are flattened, so each program input is a known tree path
+  (``("params", "conv1", "kernel")``) or the model input;
+* call-like sub-programs (``jit``, ``remat``, ``custom_jvp_call``, ``custom_vjp_call``, ...) are
+  inlined, and each value gets one integer id however deeply it was nested, so an analysis sees a
+  single straight-line program;
+* the nested jaxpr is kept too, with a map from every `Var` object to its id, so an interpreter
+  can run the original program and still address values by the analysis' ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.extend import core as jcore
+
+Path = tuple[str, ...]
+
+# Call-like primitives whose sub-program maps its inputs and outputs one to one onto the
+# equation's own; the analysis looks through them. Value: the params key holding the program.
+CALL_PRIMITIVES: Mapping[str, str] = {
+    "jit": "jaxpr",
+    "pjit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "remat": "jaxpr",
+    "remat2": "jaxpr",
+    "checkpoint": "jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "custom_vjp_call_jaxpr": "fun_jaxpr",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Const:
+    """A literal or closed-over constant used as an equation operand."""
+
+    value: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(np.shape(self.value))
+
+
+Operand = int | Const
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatEqn:
+    """One primitive application of the inlined program.
+
+    Attributes:
+      primitive: the primitive's name.
+      params: its static parameters (sub-programs of control-flow primitives stay inside).
+      inputs: value ids, or `Const` for literals and constants.
+      outputs: value ids.
+      where: the user's source line, for error messages.
+    """
+
+    primitive: str
+    params: Mapping[str, Any]
+    inputs: tuple[Operand, ...]
+    outputs: tuple[int, ...]
+    where: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TracedProgram:
+    """An `apply_fn` traced for one input shape.
+
+    Attributes:
+      closed_jaxpr: the program as JAX traced it (nested).
+      input_paths: for each program input (in order), its tree path; the model input is
+        ``("<input>",)`` and array keyword arguments are ``("<kwargs>", ...)``.
+      input_ids: the value id of each program input.
+      output_ids: the value id (or `Const`) of each program output, in flattened order.
+      output_tree: the pytree structure of the function's result.
+      state_output_paths: for outputs that are updated variables (flax ``mutable=`` results),
+        their variable path; None for the model's own outputs.
+      eqns: the flat, inlined equations.
+      shapes: shape of every value id.
+      dtypes: dtype of every value id.
+      var_ids: the id of every `Var` object of the nested program.
+      const_values: values known to be constant (literals reaching a sub-program input).
+    """
+
+    closed_jaxpr: Any
+    input_paths: tuple[Path, ...]
+    input_ids: tuple[int, ...]
+    output_ids: tuple[Operand, ...]
+    output_tree: Any
+    state_output_paths: tuple[Path | None, ...]
+    eqns: tuple[FlatEqn, ...]
+    shapes: Mapping[int, tuple[int, ...]]
+    dtypes: Mapping[int, Any]
+    var_ids: Mapping[Hashable, int]
+
+    @property
+    def variable_inputs(self) -> dict[Path, int]:
+        """Value id of every variable leaf, by its path."""
+        return {
+            p: i for p, i in zip(self.input_paths, self.input_ids, strict=True) if p[0][0] != "<"
+        }
+
+    @property
+    def model_input_ids(self) -> tuple[int, ...]:
+        return tuple(
+            i for p, i in zip(self.input_paths, self.input_ids, strict=True) if p == ("<input>",)
+        )
+
+    @property
+    def model_output_ids(self) -> tuple[Operand, ...]:
+        return tuple(
+            o for o, s in zip(self.output_ids, self.state_output_paths, strict=True) if s is None
+        )
+
+
+def key_name(key: Any) -> str:
+    """The plain name of one pytree path entry."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def path_of(keys: tuple[Any, ...]) -> Path:
+    return tuple(key_name(k) for k in keys)
+
+
+def split_kwargs(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Splits keyword arguments into array leaves (traced) and everything else (static)."""
+    arrays, static = {}, {}
+    for name, value in kwargs.items():
+        leaves = jax.tree_util.tree_leaves(value)
+        if leaves and all(isinstance(v, (jax.Array, np.ndarray)) for v in leaves):
+            arrays[name] = value
+        else:
+            static[name] = value
+    return arrays, static
+
+
+def trace_apply(
+    apply_fn: Callable[..., Any], variables: Any, x: Any, **kwargs: Any
+) -> TracedProgram:
+    """Traces `apply_fn(variables, x, **kwargs)` and inlines it into a flat program.
+
+    Args:
+      apply_fn: any function of (variables, x); for a flax module, `model.apply`.
+      variables: the variables pytree (arrays or `jax.ShapeDtypeStruct`s).
+      x: an example input (its shape and dtype are what matter).
+      **kwargs: passed to `apply_fn`; array-valued ones (e.g. ``rngs``) are traced inputs.
+
+    Returns:
+      The traced program.
+    """
+    array_kwargs, static_kwargs = split_kwargs(kwargs)
+
+    def fn(v, inp, kw):
+        return apply_fn(v, inp, **kw, **static_kwargs)
+
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(variables, x, array_kwargs)
+    var_leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
+    kw_leaves = jax.tree_util.tree_flatten_with_path(array_kwargs)[0]
+    x_leaves = jax.tree_util.tree_leaves(x)
+    if len(x_leaves) != 1:
+        raise ValueError(
+            f"The model input must be a single array, got a pytree with {len(x_leaves)} leaves; "
+            "wrap a multi-input model so that apply_fn(variables, x) takes one array."
+        )
+    input_paths = (
+        [path_of(p) for p, _ in var_leaves]
+        + [("<input>",)]
+        + [("<kwargs>",) + path_of(p) for p, _ in kw_leaves]
+    )
+    out_leaves, out_tree = jax.tree_util.tree_flatten(out_shape)
+    state_paths = _state_output_paths(out_shape)
+
+    builder = _Flattener()
+    input_ids = tuple(builder.new_id(v) for v in closed.jaxpr.invars)
+    for var, value in zip(closed.jaxpr.constvars, closed.consts, strict=True):
+        builder.consts[var] = Const(value)
+    builder.walk(closed.jaxpr)
+    output_ids = tuple(builder.operand(v) for v in closed.jaxpr.outvars)
+    return TracedProgram(
+        closed_jaxpr=closed,
+        input_paths=tuple(input_paths),
+        input_ids=input_ids,
+        output_ids=output_ids,
+        output_tree=out_tree,
+        state_output_paths=state_paths,
+        eqns=tuple(builder.eqns),
+        shapes=builder.shapes,
+        dtypes=builder.dtypes,
+        var_ids=builder.ids,
+    )
+
+
+def _state_output_paths(out_shape: Any) -> tuple[Path | None, ...]:
+    """Marks outputs that are updated variables: flax's `(y, mutated_collections)` convention."""
+    if isinstance(out_shape, tuple) and len(out_shape) == 2 and isinstance(out_shape[1], Mapping):
+        y_count = len(jax.tree_util.tree_leaves(out_shape[0]))
+        state = [path_of(p) for p, _ in jax.tree_util.tree_flatten_with_path(out_shape[1])[0]]
+        return (None,) * y_count + tuple(state)
+    return (None,) * len(jax.tree_util.tree_leaves(out_shape))
+
+
+def sub_program(eqn: Any) -> Any | None:
+    """The inlinable sub-jaxpr of a call-like equation, else None."""
+    key = CALL_PRIMITIVES.get(eqn.primitive.name)
+    if key is None or key not in eqn.params:
+        return None
+    return eqn.params[key]
+
+
+def open_jaxpr(program: Any) -> tuple[Any, list[Any]]:
+    """(jaxpr, consts) of a ClosedJaxpr or a plain Jaxpr."""
+    if isinstance(program, jcore.ClosedJaxpr):
+        return program.jaxpr, list(program.consts)
+    return program, []
+
+
+def source_line(eqn: Any) -> str:
+    """The innermost user frame of an equation, as 'file:line (function)'."""
+    try:
+        from jax._src import source_info_util
+
+        frame = source_info_util.user_frame(eqn.source_info.traceback)
+        if frame is not None:
+            return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
+    except Exception:  # source info is best effort, only for messages
+        pass
+    return "<unknown source>"
+
+
+class _Flattener:
+    def __init__(self) -> None:
+        self.ids: dict[Hashable, int] = {}
+        self.consts: dict[Hashable, Const] = {}
+        self.shapes: dict[int, tuple[int, ...]] = {}
+        self.dtypes: dict[int, Any] = {}
+        self.eqns: list[FlatEqn] = []
+
+    def new_id(self, var: Any) -> int:
+        i = len(self.shapes)
+        self.ids[var] = i
+        self.shapes[i] = tuple(var.aval.shape)
+        self.dtypes[i] = getattr(var.aval, "dtype", None)
+        return i
+
+    def operand(self, atom: Any) -> Operand:
+        if isinstance(atom, jcore.Literal):
+            return Const(atom.val)
+        if atom in self.consts:
+            return self.consts[atom]
+        return self.ids[atom]
+
+    def bind(self, inner: Any, outer: Operand) -> None:
+        if isinstance(outer, Const):
+            self.consts[inner] = outer
+        else:
+            self.ids[inner] = outer
+
+    def walk(self, jaxpr: Any) -> None:
+        for eqn in jaxpr.eqns:
+            program = sub_program(eqn)
+            if program is not None:
+                inner, consts = open_jaxpr(program)
+                for var, value in zip(inner.constvars, consts, strict=True):
+                    self.consts[var] = Const(value)
+                operands = [self.operand(a) for a in eqn.invars]
+                for var, op in zip(inner.invars, operands, strict=True):
+                    self.bind(var, op)
+                self.walk(inner)
+                for outer, inner_out in zip(eqn.outvars, inner.outvars, strict=True):
+                    if isinstance(outer, jcore.DropVar):
+                        continue
+                    self.bind(outer, self.operand(inner_out))
+                continue
+            outputs = []
+            for v in eqn.outvars:
+                outputs.append(self.new_id(v))
+            self.eqns.append(
+                FlatEqn(
+                    primitive=eqn.primitive.name,
+                    params=eqn.params,
+                    inputs=tuple(self.operand(a) for a in eqn.invars),
+                    outputs=tuple(outputs),
+                    where=source_line(eqn),
+                )
+            )
+
+
+def iter_program_eqns(jaxpr: Any) -> Iterator[Any]:
+    """Every equation of a nested jaxpr, call-like ones included, depth first."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        program = sub_program(eqn)
+        if program is not None:
+            yield from iter_program_eqns(open_jaxpr(program)[0])
