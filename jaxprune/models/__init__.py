@@ -1,1 +1,106 @@
-"""jaxprune.models."""
+"""The model zoo: plain flax.linen CNNs built from a width spec, and a registry by name.
+
+Every model maps NHWC float32 images to logits and follows one call convention::
+
+  logits = model.apply(variables, x, train=False)
+  logits, updates = model.apply(
+      variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": key})
+
+``updates`` holds the new ``batch_stats`` of models with BatchNorm and is ``{}`` for the others.
+A width spec maps each Conv/Dense layer's params path (e.g. ``"stage2/block0/conv1"``) to its
+output features; `widths_from_params` reads it back from (pruned) params, and
+``build_model(name, num_classes, widths)`` builds the matching module.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> model = build_model("lenet5", num_classes=10, widths={"conv1": 4})
+  >>> params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+  >>> widths_from_params(params)["conv1"]
+  4
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable, Mapping
+
+import flax.linen as nn
+
+from jaxprune.models.lenet import LeNet5
+from jaxprune.models.resnet import BasicBlock, BlockLayout, ResNet, ResNetStage, resnet20, resnet56
+from jaxprune.models.vgg import VGG, vgg16, vgg16_bn, vgg_small
+from jaxprune.models.widths import FrozenWidths, freeze_widths, resolve_widths, widths_from_params
+
+ModelConstructor = Callable[..., nn.Module]
+
+# name -> constructor(num_classes, widths=None); read-only so no caller can change the zoo.
+MODELS: Mapping[str, ModelConstructor] = types.MappingProxyType(
+    {
+        "lenet5": LeNet5,
+        "vgg_small": vgg_small,
+        "vgg16_bn": vgg16_bn,
+        "vgg16": vgg16,
+        "resnet20": resnet20,
+        "resnet56": resnet56,
+    }
+)
+
+
+def _constructor(name: str) -> ModelConstructor:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models are: {', '.join(MODELS)}.")
+    return MODELS[name]
+
+
+def build_model(name: str, num_classes: int, widths: Mapping[str, int] | None = None) -> nn.Module:
+    """Builds a zoo model by name.
+
+    Args:
+      name: one of `MODELS`: lenet5, vgg_small, vgg16_bn, vgg16, resnet20, resnet56.
+      num_classes: outputs of the logits layer.
+      widths: optional (partial) width spec, e.g. ``widths_from_params(pruned_params)``;
+        missing layers keep their default width.
+
+    Returns:
+      The unbound linen module.
+
+    Raises:
+      ValueError: unknown name, or a spec naming a layer the model lacks, holding a
+        non-positive width, or breaking a residual coupling.
+    """
+    return _constructor(name)(num_classes=num_classes, widths=widths)
+
+
+def default_widths(name: str, num_classes: int) -> dict[str, int]:
+    """Returns the full width spec of an unpruned zoo model, without initialising it.
+
+    Args:
+      name: one of `MODELS`.
+      num_classes: outputs of the logits layer (the spec's ``"head"`` entry).
+
+    Returns:
+      Layer path -> output features, for every Conv and Dense layer.
+    """
+    return build_model(name, num_classes).default_widths()
+
+
+__all__ = [
+    "MODELS",
+    "VGG",
+    "BasicBlock",
+    "BlockLayout",
+    "FrozenWidths",
+    "LeNet5",
+    "ResNet",
+    "ResNetStage",
+    "build_model",
+    "default_widths",
+    "freeze_widths",
+    "resolve_widths",
+    "resnet20",
+    "resnet56",
+    "vgg16",
+    "vgg16_bn",
+    "vgg_small",
+    "widths_from_params",
+]
