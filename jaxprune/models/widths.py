@@ -6,7 +6,7 @@ The key of a layer is the path of the params sub-dict that holds its ``"kernel"`
 a linen module refuses parameters whose shapes differ from the ones it declares, so models are
 built from a spec and the spec of pruned params is read back with `widths_from_params`.
 
-Nothing here knows about any particular model: these helpers work on any flax params tree.
+Nothing here knows about any particular model: these functions work on any flax params tree.
 """
 
 from __future__ import annotations
