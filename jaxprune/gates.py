@@ -239,14 +239,14 @@ class _Interpreter:
         self.capture = capture
         self.captured: dict[int, jax.Array] = {}
         self.done: set[int] = set()
-        self.inside = _ids_inside_calls(program, set(self.by_value))
+        self.inline = _frames_to_inline(program, set(self.by_value))
 
     def run(self, args: list[Any]) -> list[Any]:
         closed = self.program.closed_jaxpr
-        return self.eval(closed.jaxpr, list(closed.consts), args)
+        return self.eval(closed.jaxpr, list(closed.consts), args, ())
 
-    def gate(self, var: Any, value: Any) -> Any:
-        vid = self.program.var_ids.get(var)
+    def gate(self, var: Any, value: Any, frame: tuple[int, ...]) -> Any:
+        vid = self.program.frame_ids[frame].get(var)
         if vid is None or vid not in self.by_value or vid in self.done:
             return value
         self.done.add(vid)
@@ -261,7 +261,9 @@ class _Interpreter:
             self.captured[vid] = value
         return value
 
-    def eval(self, jaxpr: Any, consts: list[Any], args: list[Any]) -> list[Any]:
+    def eval(
+        self, jaxpr: Any, consts: list[Any], args: list[Any], frame: tuple[int, ...]
+    ) -> list[Any]:
         env: dict[Any, Any] = {}
 
         def read(atom: Any) -> Any:
@@ -270,16 +272,16 @@ class _Interpreter:
         for var, value in zip(jaxpr.constvars, consts, strict=True):
             env[var] = value
         for var, value in zip(jaxpr.invars, args, strict=True):
-            env[var] = self.gate(var, value)
-        for eqn in jaxpr.eqns:
+            env[var] = self.gate(var, value, frame)
+        for k, eqn in enumerate(jaxpr.eqns):
             invals = [read(a) for a in eqn.invars]
             program = sub_program(eqn)
             name = eqn.primitive.name
             # Custom-derivative calls run as they are (keeping their rules, e.g. relu'(0) = 0)
             # unless a gate lies inside them.
-            if program is not None and (name not in _OPAQUE_CALLS or id(eqn) in self.inside):
+            if program is not None and (name not in _OPAQUE_CALLS or frame + (k,) in self.inline):
                 inner, inner_consts = open_jaxpr(program)
-                outs = self.eval(inner, inner_consts, invals)
+                outs = self.eval(inner, inner_consts, invals, frame + (k,))
             else:
                 params = eqn.primitive.get_bind_params(eqn.params)
                 if isinstance(params, tuple):  # older JAX returns (subfuns, params)
@@ -290,7 +292,7 @@ class _Interpreter:
                     outs = [outs]
             for var, value in zip(eqn.outvars, outs, strict=True):
                 if not isinstance(var, jcore.DropVar):
-                    env[var] = self.gate(var, value)
+                    env[var] = self.gate(var, value, frame)
         return [read(v) for v in jaxpr.outvars]
 
 
@@ -305,24 +307,25 @@ def _expand(mask: jax.Array, point: GatePoint, value: jax.Array) -> jax.Array:
     return mask.reshape(shape)
 
 
-def _ids_inside_calls(program: TracedProgram, wanted: set[int]) -> set[int]:
-    """The `id()` of every call equation whose body produces a `wanted` value that is not
-    also one of the call's own outputs (those can be gated after the call)."""
-    found: set[int] = set()
+def _frames_to_inline(program: TracedProgram, wanted: set[int]) -> set[tuple[int, ...]]:
+    """The frames of call equations whose body produces a `wanted` value that is not also one
+    of the call's own outputs (those can be gated after the call)."""
+    found: set[tuple[int, ...]] = set()
 
-    def visit(jaxpr: Any, exported: set[int]) -> bool:
+    def visit(jaxpr: Any, frame: tuple[int, ...], exported: set[int]) -> bool:
+        ids = program.frame_ids[frame]
         hit = False
-        for eqn in jaxpr.eqns:
+        for k, eqn in enumerate(jaxpr.eqns):
+            outs = {ids.get(v) for v in eqn.outvars if not isinstance(v, jcore.DropVar)}
             sub = sub_program(eqn)
-            outs = {program.var_ids.get(v) for v in eqn.outvars if not isinstance(v, jcore.DropVar)}
             if sub is not None:
-                inner_hit = visit(open_jaxpr(sub)[0], exported | outs)
+                inner_hit = visit(open_jaxpr(sub)[0], frame + (k,), exported | outs)
                 if inner_hit:
-                    found.add(id(eqn))
+                    found.add(frame + (k,))
             else:
                 inner_hit = bool((outs & wanted) - exported)
             hit = hit or inner_hit
         return hit
 
-    visit(program.closed_jaxpr.jaxpr, set())
+    visit(program.closed_jaxpr.jaxpr, (), set())
     return found

@@ -448,7 +448,8 @@ class _Analysis:
             if not isinstance(i, Const) and i in self.param_origin
         ]
         on = f" on parameters {params}" if params else ""
-        return f"'{eqn.primitive}'{on} at {eqn.where}"
+        where = "" if eqn.where.startswith("<") else f" at {eqn.where}"
+        return f"'{eqn.primitive}'{on}{where}"
 
     # -- driver
 

@@ -89,8 +89,10 @@ class TracedProgram:
       eqns: the flat, inlined equations.
       shapes: shape of every value id.
       dtypes: dtype of every value id.
-      var_ids: the id of every `Var` object of the nested program.
-      const_values: values known to be constant (literals reaching a sub-program input).
+      frame_ids: for every (sub-)program frame, the id of each of its `Var`s. A frame is the
+        path of equation indices from the top program to the call that runs it (the top
+        program is ``()``). Frames matter because JAX shares one sub-jaxpr object between
+        identical calls (two relus of one shape), so a `Var` alone does not name a value.
     """
 
     closed_jaxpr: Any
@@ -102,7 +104,7 @@ class TracedProgram:
     eqns: tuple[FlatEqn, ...]
     shapes: Mapping[int, tuple[int, ...]]
     dtypes: Mapping[int, Any]
-    var_ids: Mapping[Hashable, int]
+    frame_ids: Mapping[tuple[int, ...], Mapping[Hashable, int]]
 
     @property
     def variable_inputs(self) -> dict[Path, int]:
@@ -185,10 +187,12 @@ def trace_apply(
     state_paths = _state_output_paths(out_shape)
 
     builder = _Flattener()
+    builder.enter(())
     input_ids = tuple(builder.new_id(v) for v in closed.jaxpr.invars)
     for var, value in zip(closed.jaxpr.constvars, closed.consts, strict=True):
         builder.consts[var] = Const(value)
-    builder.walk(closed.jaxpr)
+    builder.walk(closed.jaxpr, ())
+    builder.enter(())
     output_ids = tuple(builder.operand(v) for v in closed.jaxpr.outvars)
     return TracedProgram(
         closed_jaxpr=closed,
@@ -200,7 +204,7 @@ def trace_apply(
         eqns=tuple(builder.eqns),
         shapes=builder.shapes,
         dtypes=builder.dtypes,
-        var_ids=builder.ids,
+        frame_ids=builder.frames,
     )
 
 
@@ -243,11 +247,15 @@ def source_line(eqn: Any) -> str:
 
 class _Flattener:
     def __init__(self) -> None:
-        self.ids: dict[Hashable, int] = {}
-        self.consts: dict[Hashable, Const] = {}
+        self.frames: dict[tuple[int, ...], dict[Hashable, int]] = {}
+        self.consts: dict[tuple[int, ...], dict[Hashable, Const]] = {}
         self.shapes: dict[int, tuple[int, ...]] = {}
         self.dtypes: dict[int, Any] = {}
         self.eqns: list[FlatEqn] = []
+
+    def enter(self, frame: tuple[int, ...]) -> None:
+        self.ids = self.frames.setdefault(frame, {})
+        self.frame_consts = self.consts.setdefault(frame, {})
 
     def new_id(self, var: Any) -> int:
         i = len(self.shapes)
@@ -259,44 +267,42 @@ class _Flattener:
     def operand(self, atom: Any) -> Operand:
         if isinstance(atom, jcore.Literal):
             return Const(atom.val)
-        if atom in self.consts:
-            return self.consts[atom]
+        if atom in self.frame_consts:
+            return self.frame_consts[atom]
         return self.ids[atom]
 
     def bind(self, inner: Any, outer: Operand) -> None:
         if isinstance(outer, Const):
-            self.consts[inner] = outer
+            self.frame_consts[inner] = outer
         else:
             self.ids[inner] = outer
 
-    def walk(self, jaxpr: Any) -> None:
-        for eqn in jaxpr.eqns:
+    def walk(self, jaxpr: Any, frame: tuple[int, ...]) -> None:
+        for k, eqn in enumerate(jaxpr.eqns):
+            self.enter(frame)
             program = sub_program(eqn)
-            if program is not None:
-                inner, consts = open_jaxpr(program)
-                for var, value in zip(inner.constvars, consts, strict=True):
-                    self.consts[var] = Const(value)
-                operands = [self.operand(a) for a in eqn.invars]
-                for var, op in zip(inner.invars, operands, strict=True):
-                    self.bind(var, op)
-                self.walk(inner)
-                for outer, inner_out in zip(eqn.outvars, inner.outvars, strict=True):
-                    if isinstance(outer, jcore.DropVar):
-                        continue
-                    self.bind(outer, self.operand(inner_out))
-                continue
-            outputs = []
-            for v in eqn.outvars:
-                outputs.append(self.new_id(v))
-            self.eqns.append(
-                FlatEqn(
-                    primitive=eqn.primitive.name,
-                    params=eqn.params,
-                    inputs=tuple(self.operand(a) for a in eqn.invars),
-                    outputs=tuple(outputs),
-                    where=source_line(eqn),
+            if program is None:
+                inputs = tuple(self.operand(a) for a in eqn.invars)
+                outputs = tuple(self.new_id(v) for v in eqn.outvars)
+                self.eqns.append(
+                    FlatEqn(eqn.primitive.name, eqn.params, inputs, outputs, source_line(eqn))
                 )
-            )
+                continue
+            operands = [self.operand(a) for a in eqn.invars]
+            inner, consts = open_jaxpr(program)
+            sub = frame + (k,)
+            self.enter(sub)
+            for var, value in zip(inner.constvars, consts, strict=True):
+                self.frame_consts[var] = Const(value)
+            for var, op in zip(inner.invars, operands, strict=True):
+                self.bind(var, op)
+            self.walk(inner, sub)
+            self.enter(sub)
+            results = [self.operand(v) for v in inner.outvars]
+            self.enter(frame)
+            for outer, result in zip(eqn.outvars, results, strict=True):
+                if not isinstance(outer, jcore.DropVar):
+                    self.bind(outer, result)
 
 
 def iter_program_eqns(jaxpr: Any) -> Iterator[Any]:
