@@ -1,0 +1,18 @@
+# The two commands of the README's quick start, and a few more.
+.PHONY: demo test install lint bench
+
+demo:  ## install, then run the main job on Fashion-MNIST
+	scripts/install.sh
+	.venv/bin/jaxprune demo
+
+test:  ## install with the test extras, then run the test suite
+	scripts/install.sh --dev
+	.venv/bin/python -m pytest -q
+
+lint:
+	scripts/install.sh --dev
+	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+
+bench:  ## the benchmark tables (minutes; not part of the tests)
+	scripts/install.sh
+	.venv/bin/python experiments/bench_core.py
