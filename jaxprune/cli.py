@@ -75,7 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.export:
         from jaxprune import checkpoint
 
-        path = checkpoint.export_latest(workdir, args.export)
+        path = checkpoint.export_latest(workdir, args.export, meta={"result": result})
         print(f"exported the trained model to {path}")
     return 0
 

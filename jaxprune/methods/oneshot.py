@@ -74,10 +74,14 @@ def keep_from_scores(
     flat = [(float(s), name, i) for name in names for i, s in enumerate(np.asarray(scores[name]))]
     n_remove = int(round(config.ratio * len(flat)))
     removed: dict[str, set[int]] = {name: set() for name in names}
-    # Stable order on ties: lower score first, then group order, then channel index.
-    for _, name, i in sorted(flat, key=lambda t: t[0])[: max(n_remove, 0)]:
+    # Lowest first (stable on ties); a group at its minimum is skipped, not counted.
+    count = 0
+    for _, name, i in sorted(flat, key=lambda t: t[0]):
+        if count == n_remove:
+            break
         if graph[name].size - len(removed[name]) > config.min_channels:
             removed[name].add(i)
+            count += 1
     return {
         name: np.array(sorted(set(range(graph[name].size)) - removed[name]), dtype=np.int64)
         for name in names

@@ -1,0 +1,272 @@
+"""The quick start's main job: base model -> prune -> fine-tune -> report, on Fashion-MNIST.
+
+    jaxprune demo                                    # VGG-small, one-shot L1, 50% of kernels
+    jaxprune demo --criterion taylor --ratio 0.7     # any registered criterion and ratio
+
+Steps, each resumable from the workdir (run the same command again to continue):
+
+1. prepare Fashion-MNIST from the Debian package (once) and load it;
+2. load the base model shipped in `jaxprune/pretrained/` (or train it with the config of
+   `experiments/base_<model>.py` when the file is missing);
+3. score every kernel with the criterion on validation images, keep the best `1 - ratio` of
+   every convolution's channels, and remove the rest physically (`surgery.prune`);
+4. fine-tune the pruned model (`finetune_epochs`), checkpointed in `workdir/finetune`;
+5. evaluate both on the test split, count MACs and parameters, time CPU inference at batch 1
+   and 128, and print a table; `workdir/summary.png` and `workdir/results.json` keep it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune import checkpoint, cost, data, train
+from jaxprune.graph import channel_graph
+from jaxprune.methods.oneshot import OneShotConfig, keep_from_scores
+from jaxprune.models import widths_from_params
+from jaxprune.surgery import prune
+
+PRETRAINED = Path(__file__).parent / "pretrained"
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """What the demo prunes, and how."""
+
+    model: str = "vgg_small"
+    dataset: str = "fashion_mnist"
+    workdir: str = "workdirs/demo"
+    method: str = "oneshot"
+    criterion: str = "l1"
+    ratio: float = 0.5
+    finetune_epochs: int = 1
+    finetune_lr: float = 0.01
+    score_examples: int = 1024
+    base: str = ""
+    seed: int = 0
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(DemoConfig))
+HELP = {
+    "model": "zoo model (its base model must be shipped or trainable: lenet5, vgg_small)",
+    "dataset": "dataset name (fashion_mnist is built in)",
+    "workdir": "where checkpoints, results.json and summary.png go",
+    "method": "pruning method: oneshot",
+    "criterion": "relevance criterion by name (see jaxprune.criteria.CRITERIA)",
+    "ratio": "fraction of every convolution's kernels to remove",
+    "finetune_epochs": "epochs of fine-tuning after pruning (0: none)",
+    "finetune_lr": "learning rate of the fine-tuning (SGD, momentum 0.9, cosine)",
+    "score_examples": "validation images the criterion sees",
+    "base": "base model file (default: jaxprune/pretrained/<model>_<dataset>.msgpack)",
+    "seed": "seed of scoring (random criterion) and fine-tuning",
+}
+METHODS = ("oneshot",)
+
+
+def base_model_file(config: DemoConfig) -> Path:
+    """The base model: the given file, the shipped one, or one trained into the workdir."""
+    if config.base:
+        path = Path(config.base)
+        if not path.is_file():
+            raise FileNotFoundError(f"--base {path} does not exist.")
+        return path
+    shipped = PRETRAINED / f"{config.model}_{config.dataset}.msgpack"
+    if shipped.is_file():
+        return shipped
+    trained = Path(config.workdir) / "base.msgpack"
+    if trained.is_file():
+        return trained
+    experiment = Path(__file__).parent.parent / "experiments" / f"base_{config.model}.py"
+    if not experiment.is_file():
+        raise FileNotFoundError(
+            f"No base model for {config.model} on {config.dataset}: neither {shipped} nor a "
+            f"training config {experiment}. Train one with `jaxprune train` and pass --base."
+        )
+    from jaxprune.cli import load_config
+
+    print(f"no shipped base model: training one with {experiment} (resumable)")
+    train_config = dataclasses.replace(load_config(experiment))
+    workdir = Path(config.workdir) / "base"
+    result = train.train_and_evaluate(train_config, workdir)
+    return checkpoint.export_latest(workdir, trained, meta={"result": result})
+
+
+def run(config: DemoConfig) -> dict[str, Any]:
+    """Runs the demo and returns its results (also written to `workdir/results.json`)."""
+    if config.method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {config.method!r}.")
+    workdir = Path(config.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    data_config = data.DataConfig(name=config.dataset, seed=config.seed)
+    dataset = data.load(data_config)
+
+    model, variables, meta = checkpoint.load_model_file(base_model_file(config))
+    x = jnp.zeros((1, *dataset.image_shape), jnp.float32)
+    graph = channel_graph(model.apply, variables, x)
+
+    pruned_file = workdir / "pruned.msgpack"
+    if not pruned_file.is_file():
+        scores = _scores(config, model, graph, variables, dataset)
+        keep = keep_from_scores(graph, scores, OneShotConfig(ratio=config.ratio, scope="conv"))
+        pruned = prune(variables, graph, keep)
+        checkpoint.save_model_file(
+            pruned_file,
+            model_name=config.model,
+            num_classes=dataset.num_classes,
+            widths=pruned.widths,
+            variables=pruned.variables,
+            input_shape=dataset.image_shape,
+            meta={
+                "criterion": config.criterion,
+                "ratio": config.ratio,
+                "keep": {k: v.tolist() for k, v in keep.items()},
+            },
+        )
+    small, small_variables, _ = checkpoint.load_model_file(pruned_file)
+
+    if config.finetune_epochs > 0:
+        small_variables = _finetune(config, small_variables, pruned_file, dataset, workdir)
+
+    rows = {
+        "base": _measure(model, variables, dataset),
+        "pruned": _measure(small, small_variables, dataset),
+    }
+    report = {
+        "config": dataclasses.asdict(config),
+        "results": rows,
+        "layers": cost.compare(
+            cost.count(model.apply, variables, x), cost.count(small.apply, small_variables, x)
+        ),
+    }
+    (workdir / "results.json").write_text(json.dumps(report, indent=2, default=float))
+    _print_table(config, rows, report["layers"])
+    _plot(workdir / "summary.png", config, rows, graph, small_variables, model, variables)
+    print(f"\nwrote {workdir / 'results.json'} and {workdir / 'summary.png'}")
+    return report
+
+
+def _scores(config, model, graph, variables, dataset) -> dict[str, np.ndarray]:
+    from jaxprune import criteria
+
+    context = criteria.ScoringContext(apply_fn=model.apply, graph=graph)
+    batches = _preprocessed(dataset, "validation", 128, config.score_examples)
+    return criteria.score(config.criterion, context, variables, batches, seed=config.seed)
+
+
+def _preprocessed(dataset, split: str, batch_size: int, limit: int | None = None):
+    seen = 0
+    for batch in dataset.iterate(split, batch_size, shuffle=False, drop_remainder=False):
+        if limit is not None and seen >= limit:
+            return
+        batch = dict(dataset.preprocess(batch["image"], batch["label"], train=False))
+        seen += len(batch["label"])
+        yield batch
+
+
+def _finetune(config, small_variables, pruned_file: Path, dataset, workdir: Path):
+    train_config = train.TrainConfig(
+        model=config.model,
+        widths=widths_from_params(small_variables["params"]),
+        data=data.DataConfig(name=config.dataset, seed=config.seed),
+        optimizer=train.OptimizerConfig(
+            name="sgd",
+            learning_rate=config.finetune_lr,
+            momentum=0.9,
+            schedule="cosine",
+            weight_decay=5e-4,
+        ),
+        epochs=config.finetune_epochs,
+        seed=config.seed,
+        checkpoint_every_steps=100,
+        init_from=str(pruned_file),
+    )
+    train.train_and_evaluate(train_config, workdir / "finetune", dataset=dataset)
+    with checkpoint.open_checkpoints(workdir / "finetune" / "checkpoints") as manager:
+        state = checkpoint.restore_checkpoint(manager).state
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _measure(model, variables, dataset) -> dict[str, float]:
+    x1 = jnp.zeros((1, *dataset.image_shape), jnp.float32)
+    counted = cost.count(model.apply, variables, x1)
+    state = train.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=(),
+        rng=jax.random.key_data(jax.random.key(0)),
+        apply_fn=model.apply,
+        tx=None,
+    )
+    test = train.evaluate(state, _preprocessed(dataset, "test", 500))
+    b128 = jax.random.normal(jax.random.key(0), (128, *dataset.image_shape))
+    return {
+        "test_accuracy": test["accuracy"],
+        "test_kappa": test["kappa"],
+        "macs": counted.macs,
+        "flops": counted.flops,
+        "params": counted.params,
+        "latency_b1_ms": 1e3 * cost.latency(model.apply, variables, x1).median,
+        "latency_b128_ms": 1e3 * cost.latency(model.apply, variables, b128).median,
+    }
+
+
+def _print_table(config, rows, layers: str) -> None:
+    base, pruned = rows["base"], rows["pruned"]
+    print(
+        f"\n{config.model} on {config.dataset}: {config.method} pruning by "
+        f"{config.criterion}, {config.ratio:.0%} of every convolution's kernels removed, "
+        f"{config.finetune_epochs} epoch(s) of fine-tuning\n"
+    )
+    print(layers)
+    print()
+    print(f"{'':<18}{'base':>12}{'pruned':>12}{'ratio':>9}")
+    fmt = {
+        "test_accuracy": ("test accuracy", lambda v: f"{100 * v:.2f}%"),
+        "test_kappa": ("Cohen's kappa", lambda v: f"{v:.4f}"),
+        "macs": ("MACs", lambda v: f"{v / 1e6:.2f}M"),
+        "params": ("parameters", lambda v: f"{v / 1e3:.1f}k"),
+        "latency_b1_ms": ("CPU ms, batch 1", lambda v: f"{v:.3f}"),
+        "latency_b128_ms": ("CPU ms, batch 128", lambda v: f"{v:.2f}"),
+    }
+    for key, (label, show) in fmt.items():
+        ratio = base[key] / pruned[key] if key not in ("test_accuracy", "test_kappa") else None
+        print(
+            f"{label:<18}{show(base[key]):>12}{show(pruned[key]):>12}"
+            + (f"{ratio:>8.2f}x" if ratio else "")
+        )
+
+
+def _plot(path: Path, config, rows, graph, small_variables, model, variables) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    before = widths_from_params(variables["params"])
+    after = widths_from_params(small_variables["params"])
+    names = [g.name for g in graph.groups]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    pos = np.arange(len(names))
+    ax1.bar(pos - 0.2, [before[n] for n in names], 0.4, label="base")
+    ax1.bar(pos + 0.2, [after[n] for n in names], 0.4, label="pruned")
+    ax1.set_xticks(pos, names, rotation=45, ha="right")
+    ax1.set_ylabel("kernels (output channels)")
+    ax1.set_title("kernels per channel group")
+    ax1.legend()
+    for key, marker in (("base", "o"), ("pruned", "s")):
+        r = rows[key]
+        ax2.scatter(r["macs"] / 1e6, 100 * r["test_accuracy"], marker=marker, s=60, label=key)
+    ax2.set_xlabel("MACs per image (M)")
+    ax2.set_ylabel("test accuracy (%)")
+    ax2.set_title(f"{config.criterion}, {config.ratio:.0%} removed")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
