@@ -568,6 +568,9 @@ class TrainConfig:
     resume: bool = True
     # Show a progress bar on stderr.
     progress: bool = True
+    # Start from the variables of this model file (`checkpoint.save_model_file`), e.g. a pruned
+    # model to fine-tune, instead of a random initialisation; its widths must match `widths`.
+    init_from: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the config as JSON-compatible nested dicts."""
@@ -769,6 +772,26 @@ def _check_resumable(
         )
 
 
+def _start_from_file(state: TrainState, path: str) -> TrainState:
+    """The state with its variables replaced by a model file's (fresh optimizer state)."""
+    from jaxprune import checkpoint as ckpt  # checkpoint.py imports this module
+
+    _, variables, _ = ckpt.load_model_file(path)
+    have = jax.tree.map(jnp.shape, {"params": state.params, "batch_stats": state.batch_stats})
+    got = jax.tree.map(
+        jnp.shape, {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    )
+    if have != got:
+        raise ValueError(
+            f"TrainConfig.init_from={path} holds variables of other shapes than the configured "
+            "model; set TrainConfig.widths to the file's width spec (widths_from_params)."
+        )
+    params = variables["params"]
+    return state.replace(
+        params=params, batch_stats=variables.get("batch_stats", {}), opt_state=state.tx.init(params)
+    )
+
+
 def _restore_or_create(
     manager: Any,
     config: TrainConfig,
@@ -785,6 +808,8 @@ def _restore_or_create(
     if last_saved is None:
         example = jnp.zeros((1, *input_shape), jnp.float32)
         state = create_train_state(model, tx, jax.random.key(config.seed), example)
+        if config.init_from:
+            state = _start_from_file(state, config.init_from)
         return replicate(state, mesh), []
     if not config.resume:
         raise ValueError(
