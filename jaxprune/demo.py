@@ -47,6 +47,7 @@ class DemoConfig:
     ratio: float = 0.5
     finetune_epochs: int = 1
     finetune_lr: float = 0.01
+    finetune_examples: int = 0
     score_examples: int = 1024
     base: str = ""
     seed: int = 0
@@ -62,6 +63,7 @@ HELP = {
     "ratio": "fraction of every convolution's kernels to remove",
     "finetune_epochs": "epochs of fine-tuning after pruning (0: none)",
     "finetune_lr": "learning rate of the fine-tuning (SGD, momentum 0.9, cosine)",
+    "finetune_examples": "fine-tune on a fixed subset of this many training images (0: all)",
     "score_examples": "validation images the criterion sees",
     "base": "base model file (default: jaxprune/pretrained/<model>_<dataset>.msgpack)",
     "seed": "seed of scoring (random criterion) and fine-tuning",
@@ -173,7 +175,9 @@ def _finetune(config, small_variables, pruned_file: Path, dataset, workdir: Path
     train_config = train.TrainConfig(
         model=config.model,
         widths=widths_from_params(small_variables["params"]),
-        data=data.DataConfig(name=config.dataset, seed=config.seed),
+        data=data.DataConfig(
+            name=config.dataset, seed=config.seed, train_examples=config.finetune_examples or None
+        ),
         optimizer=train.OptimizerConfig(
             name="sgd",
             learning_rate=config.finetune_lr,
@@ -186,7 +190,7 @@ def _finetune(config, small_variables, pruned_file: Path, dataset, workdir: Path
         checkpoint_every_steps=100,
         init_from=str(pruned_file),
     )
-    train.train_and_evaluate(train_config, workdir / "finetune", dataset=dataset)
+    train.train_and_evaluate(train_config, workdir / "finetune")
     with checkpoint.open_checkpoints(workdir / "finetune" / "checkpoints") as manager:
         state = checkpoint.restore_checkpoint(manager).state
     return {"params": state.params, "batch_stats": state.batch_stats}
