@@ -64,7 +64,7 @@ def gated_call(
       group to one array per gate point.
     """
     program = trace_apply(apply_fn, variables, x, **kwargs)
-    points = _points_for(program, graph)
+    points = points_for(program, graph)
     masks = dict(masks or {})
     for name, mask in masks.items():
         size = graph[name].size
@@ -98,7 +98,7 @@ def probe_shapes(
 ) -> dict[str, tuple[jax.ShapeDtypeStruct, ...]]:
     """The shape of every gate point of every group, for an input like `x`."""
     program = trace_apply(apply_fn, variables, x, **kwargs)
-    points = _points_for(program, graph)
+    points = points_for(program, graph)
     return {
         name: tuple(jax.ShapeDtypeStruct(p.shape, program.dtypes[p.value_id]) for p in pts)
         for name, pts in points.items()
@@ -109,7 +109,7 @@ def gate_points(
     apply_fn: Callable[..., Any], graph: ChannelGraph, variables: Any, x: Any, **kwargs: Any
 ) -> dict[str, tuple[GatePoint, ...]]:
     """Where each group is gated when the model runs on an input like `x`."""
-    return _points_for(trace_apply(apply_fn, variables, x, **kwargs), graph)
+    return points_for(trace_apply(apply_fn, variables, x, **kwargs), graph)
 
 
 def activations_and_gradients(
@@ -199,7 +199,7 @@ def _program_args(variables: Any, x: Any, kwargs: Mapping[str, Any]) -> list[Any
     )
 
 
-def _points_for(program: TracedProgram, graph: ChannelGraph) -> dict[str, tuple[GatePoint, ...]]:
+def points_for(program: TracedProgram, graph: ChannelGraph) -> dict[str, tuple[GatePoint, ...]]:
     """The gate points of this trace, checked against the graph's groups."""
     local = analyse(program, strict=False)
     for group in graph.groups:
@@ -253,7 +253,7 @@ class _Interpreter:
         for point, k in self.by_value[vid]:
             mask = self.masks.get(point.group)
             if mask is not None:
-                value = value * _expand(mask, point, value)
+                value = value * expand_mask(mask, point, value)
             probe = self.probes.get(point.group)
             if probe is not None:
                 value = value + probe[k]
@@ -296,8 +296,8 @@ class _Interpreter:
         return [read(v) for v in jaxpr.outvars]
 
 
-def _expand(mask: jax.Array, point: GatePoint, value: jax.Array) -> jax.Array:
-    """The mask laid along the gated axis, broadcastable against the value."""
+def expand_mask(mask: jax.Array, point: GatePoint, value: jax.Array) -> jax.Array:
+    """A group's mask laid along the gated axis of `value`, broadcastable against it."""
     mask = jnp.asarray(mask, dtype=value.dtype)
     if point.channel_of_index is not None:
         owner = jnp.asarray(point.channel_of_index)

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from jaxprune.graph import ChannelGraph, GatePoint, GraphError, analyse
+from jaxprune.gates import expand_mask, points_for
+from jaxprune.graph import ChannelGraph, GatePoint
 from jaxprune.trace import Const, TracedProgram, open_jaxpr, split_kwargs, sub_program, trace_apply
 
 # Value id of a consumer conv's output -> (lhs channel axis, rhs input-feature axis).
@@ -80,17 +81,6 @@ def delta_sites(program: TracedProgram, points: tuple[GatePoint, ...], size: int
     return sites
 
 
-def _expand(mask: jax.Array, point: GatePoint, value: jax.Array) -> jax.Array:
-    """A group mask laid along the gated axis of a value (as the gates lay it)."""
-    mask = jnp.asarray(mask, value.dtype)
-    if point.channel_of_index is not None:
-        owner = jnp.asarray(point.channel_of_index)
-        mask = jnp.where(owner >= 0, mask[jnp.maximum(owner, 0)], jnp.ones((), value.dtype))
-    shape = [1] * value.ndim
-    shape[point.axis] = value.shape[point.axis]
-    return mask.reshape(shape)
-
-
 class _Runner:
     """Evaluates a traced program with gates; records or reuses values by value id.
 
@@ -141,7 +131,7 @@ class _Runner:
             self.ungated[vid] = value
             for point in points:
                 if point.group == self.target:
-                    value = value * _expand(self.masks[self.target], point, value)
+                    value = value * expand_mask(self.masks[self.target], point, value)
         self.values[vid] = value
         return value
 
@@ -199,7 +189,7 @@ class _Runner:
         for point in self.by_value.get(vid, ()):
             mask = self.masks.get(point.group)
             if mask is not None and point.group != self.target:
-                value = value * _expand(mask, point, value)
+                value = value * expand_mask(mask, point, value)
         return value
 
     def _gate_target(self, vid: int, value: Any) -> Any:
@@ -214,7 +204,7 @@ class _Runner:
         ungated = value if vid in self.dependent else self.ungated_base[vid]
         self.dependent.add(vid)
         for point in points:
-            ungated = ungated * _expand(self.masks[self.target], point, ungated)
+            ungated = ungated * expand_mask(self.masks[self.target], point, ungated)
         return ungated
 
     @staticmethod
@@ -262,7 +252,7 @@ def removal_losses(
     if mode not in ("auto", "mask", "delta"):
         raise ValueError(f"mode must be 'auto', 'mask' or 'delta', got {mode!r}.")
     program = trace_apply(apply_fn, variables, x, **kwargs)
-    points = _points(program, graph)
+    points = points_for(program, graph)
     size = graph[group].size
     base_masks = {name: jnp.asarray(m, jnp.float32) for name, m in (masks or {}).items()}
     target_mask = base_masks.get(group, jnp.ones(size, jnp.float32))
@@ -312,15 +302,3 @@ def removal_losses(
 
     removed = jax.lax.map(candidate, jnp.arange(size), batch_size=min(batch_size or size, size))
     return base_loss, removed
-
-
-def _points(program: TracedProgram, graph: ChannelGraph) -> dict[str, tuple[GatePoint, ...]]:
-    """The gate points of this trace, checked against the graph's groups."""
-    local = analyse(program, strict=False)
-    for group in graph.groups:
-        if group.name not in local.gate_points or local[group.name].size != group.size:
-            raise GraphError(
-                f"Group {group.name!r} of the graph does not match this model call; build the "
-                "graph from the apply_fn and variables being scored (again after pruning)."
-            )
-    return {g.name: local.gate_points[g.name] for g in graph.groups}
