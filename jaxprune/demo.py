@@ -131,14 +131,11 @@ def run(config: DemoConfig) -> dict[str, Any]:
             },
         )
     small, small_variables, _ = checkpoint.load_model_file(pruned_file)
-
+    rows = {"base": _measure(model, variables, dataset)}
     if config.finetune_epochs > 0:
+        rows["pruned, before fine-tuning"] = _measure(small, small_variables, dataset, timing=False)
         small_variables = _finetune(config, small_variables, pruned_file, dataset, workdir)
-
-    rows = {
-        "base": _measure(model, variables, dataset),
-        "pruned": _measure(small, small_variables, dataset),
-    }
+    rows["pruned"] = _measure(small, small_variables, dataset)
     report = {
         "config": dataclasses.asdict(config),
         "results": rows,
@@ -158,7 +155,8 @@ def _scores(config, model, graph, variables, dataset) -> dict[str, np.ndarray]:
 
     context = criteria.ScoringContext(apply_fn=model.apply, graph=graph)
     batches = _preprocessed(dataset, "validation", 128, config.score_examples)
-    return criteria.score(config.criterion, context, variables, batches, seed=config.seed)
+    options = {"seed": config.seed} if config.criterion == "random" else {}
+    return criteria.score(config.criterion, context, variables, batches, **options)
 
 
 def _preprocessed(dataset, split: str, batch_size: int, limit: int | None = None):
@@ -166,9 +164,9 @@ def _preprocessed(dataset, split: str, batch_size: int, limit: int | None = None
     for batch in dataset.iterate(split, batch_size, shuffle=False, drop_remainder=False):
         if limit is not None and seen >= limit:
             return
-        batch = dict(dataset.preprocess(batch["image"], batch["label"], train=False))
-        seen += len(batch["label"])
-        yield batch
+        images, labels = dataset.preprocess(batch["image"], batch["label"], train=False)
+        seen += len(labels)
+        yield {"image": images, "label": labels}
 
 
 def _finetune(config, small_variables, pruned_file: Path, dataset, workdir: Path):
@@ -196,7 +194,7 @@ def _finetune(config, small_variables, pruned_file: Path, dataset, workdir: Path
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def _measure(model, variables, dataset) -> dict[str, float]:
+def _measure(model, variables, dataset, timing: bool = True) -> dict[str, float]:
     x1 = jnp.zeros((1, *dataset.image_shape), jnp.float32)
     counted = cost.count(model.apply, variables, x1)
     state = train.TrainState(
@@ -209,16 +207,18 @@ def _measure(model, variables, dataset) -> dict[str, float]:
         tx=None,
     )
     test = train.evaluate(state, _preprocessed(dataset, "test", 500))
-    b128 = jax.random.normal(jax.random.key(0), (128, *dataset.image_shape))
-    return {
+    row = {
         "test_accuracy": test["accuracy"],
         "test_kappa": test["kappa"],
         "macs": counted.macs,
         "flops": counted.flops,
         "params": counted.params,
-        "latency_b1_ms": 1e3 * cost.latency(model.apply, variables, x1).median,
-        "latency_b128_ms": 1e3 * cost.latency(model.apply, variables, b128).median,
     }
+    if timing:
+        b128 = jax.random.normal(jax.random.key(0), (128, *dataset.image_shape))
+        row["latency_b1_ms"] = 1e3 * cost.latency(model.apply, variables, x1).median
+        row["latency_b128_ms"] = 1e3 * cost.latency(model.apply, variables, b128).median
+    return row
 
 
 def _print_table(config, rows, layers: str) -> None:
@@ -230,6 +230,12 @@ def _print_table(config, rows, layers: str) -> None:
     )
     print(layers)
     print()
+    if "pruned, before fine-tuning" in rows:
+        before = rows["pruned, before fine-tuning"]
+        print(
+            f"pruned, before fine-tuning: test accuracy {100 * before['test_accuracy']:.2f}%, "
+            f"kappa {before['test_kappa']:.4f}\n"
+        )
     print(f"{'':<18}{'base':>12}{'pruned':>12}{'ratio':>9}")
     fmt = {
         "test_accuracy": ("test accuracy", lambda v: f"{100 * v:.2f}%"),
@@ -264,7 +270,7 @@ def _plot(path: Path, config, rows, graph, small_variables, model, variables) ->
     ax1.set_ylabel("kernels (output channels)")
     ax1.set_title("kernels per channel group")
     ax1.legend()
-    for key, marker in (("base", "o"), ("pruned", "s")):
+    for key, marker in zip(rows, ("o", "^", "s"), strict=False):
         r = rows[key]
         ax2.scatter(r["macs"] / 1e6, 100 * r["test_accuracy"], marker=marker, s=60, label=key)
     ax2.set_xlabel("MACs per image (M)")
