@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import cost
+from jaxprune import cost, criteria
 from jaxprune.graph import channel_graph
+from jaxprune.methods.oneshot import OneShotConfig, keep_from_scores
 from jaxprune.models import build_model
 from jaxprune.runtime import enable_compilation_cache
 from jaxprune.surgery import prune
@@ -48,22 +49,10 @@ def random_variables(model, x, seed=0):
 
 
 def half_by_l1(graph, variables):
-    """Keep the half of each group's channels with the largest L1 norm of producer kernels."""
-    keep = {}
-    for g in graph.groups:
-        norms = np.zeros(g.size)
-        for m in g.members:
-            if m.path[-1] == "kernel" and "/".join(m.path[1:-1]) in g.producers:
-                w = _get(variables, m.path)
-                norms += np.abs(np.moveaxis(w, m.axis, 0)).reshape(g.size, -1).sum(1)
-        keep[g.name] = np.sort(np.argsort(-norms)[: max(1, g.size // 2)])
-    return keep
-
-
-def _get(tree, path):
-    for k in path:
-        tree = tree[k]
-    return np.asarray(tree)
+    """Keep the half of each group's channels with the largest L1 norm (Li et al. 2017)."""
+    context = criteria.ScoringContext(apply_fn=None, graph=graph)
+    scores = criteria.score("l1", context, variables)
+    return keep_from_scores(graph, scores, OneShotConfig(ratio=0.5, scope="all"))
 
 
 def timed(fn, repeats=5):

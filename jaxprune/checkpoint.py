@@ -33,6 +33,7 @@ from flax import serialization
 
 from jaxprune.models import build_model, widths_from_params
 from jaxprune.train import OptimizerConfig, TrainState, create_train_state, make_optimizer
+from jaxprune.tree_paths import key_name
 
 PyTree = Any
 
@@ -77,22 +78,10 @@ class Restored(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 
 
-def _key_name(key: Any) -> str:
-    if isinstance(key, jax.tree_util.DictKey):
-        return str(key.key)
-    if isinstance(key, jax.tree_util.SequenceKey):
-        return str(key.idx)
-    if isinstance(key, jax.tree_util.GetAttrKey):
-        return key.name
-    if isinstance(key, jax.tree_util.FlattenedIndexKey):
-        return str(key.key)
-    return str(key)
-
-
 def _named_leaves(tree: PyTree) -> dict[str, Any]:
     """Returns ``{"params/conv1/kernel": leaf, ...}`` for every array leaf of `tree`."""
     leaves = jax.tree_util.tree_leaves_with_path(tree)
-    return {"/".join(_key_name(k) for k in path): leaf for path, leaf in leaves}
+    return {"/".join(key_name(k) for k in path): leaf for path, leaf in leaves}
 
 
 def _array_hash(value: Any) -> str:

@@ -24,7 +24,7 @@ import optax
 
 from jaxprune.graph import ChannelGraph, GraphError, Member
 from jaxprune.models.widths import widths_from_params
-from jaxprune.trace import Path, path_of
+from jaxprune.tree_paths import Path, path_of
 
 KeepIndices = Mapping[str, Sequence[int] | np.ndarray | jax.Array]
 

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
-Path = tuple[str, ...]
+from jaxprune.tree_paths import Path, path_of  # noqa: F401  (Path is re-exported)
 
 # Call-like primitives whose sub-program maps its inputs and outputs one to one onto the
 # equation's own; the analysis looks through them. Value: the params key holding the program.
@@ -124,18 +124,6 @@ class TracedProgram:
         return tuple(
             o for o, s in zip(self.output_ids, self.state_output_paths, strict=True) if s is None
         )
-
-
-def key_name(key: Any) -> str:
-    """The plain name of one pytree path entry."""
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def path_of(keys: tuple[Any, ...]) -> Path:
-    return tuple(key_name(k) for k in keys)
 
 
 def split_kwargs(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.graph import ChannelGraph, ChannelGroup, GatePoint
-from jaxprune.trace import Path, path_of
+from jaxprune.tree_paths import Path, path_of
 
 
 def leaf_at(variables: Any, path: Path) -> Any:

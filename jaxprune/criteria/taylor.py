@@ -38,7 +38,7 @@ from jaxprune.criteria.layout import (
     spatial_axes,
 )
 from jaxprune.gates import activations_and_gradients, gate_points
-from jaxprune.trace import Path
+from jaxprune.tree_paths import Path
 
 TAYLOR_VARIANTS = ("mean_then_abs", "abs_then_mean", "signed_sum")
 

@@ -19,21 +19,10 @@ from typing import Any
 import jax
 from flax.core import meta
 
+from jaxprune.tree_paths import key_name
+
 # Hashable form of a width spec, as stored on a linen module: sorted (path, width) pairs.
 FrozenWidths = tuple[tuple[str, int], ...]
-
-
-def _key_name(key: Any) -> str:
-    """Returns the printable name of one step of a pytree key path."""
-    if isinstance(key, jax.tree_util.DictKey):
-        return str(key.key)
-    if isinstance(key, jax.tree_util.SequenceKey):
-        return str(key.idx)
-    if isinstance(key, jax.tree_util.GetAttrKey):
-        return key.name
-    if isinstance(key, jax.tree_util.FlattenedIndexKey):
-        return str(key.key)
-    return str(key)
 
 
 def widths_from_params(params: Any) -> dict[str, int]:
@@ -60,15 +49,15 @@ def widths_from_params(params: Any) -> dict[str, int]:
     leaves = jax.tree_util.tree_leaves_with_path(meta.unbox(params))
     widths: dict[str, int] = {}
     for path, leaf in leaves:
-        if not path or _key_name(path[-1]) != "kernel":
+        if not path or key_name(path[-1]) != "kernel":
             continue
         shape = getattr(leaf, "shape", None)
         if not shape:
             raise ValueError(
-                f"kernel at {'/'.join(_key_name(k) for k in path)!r} has no shape ({leaf!r}); "
+                f"kernel at {'/'.join(key_name(k) for k in path)!r} has no shape ({leaf!r}); "
                 "pass a params tree of arrays or jax.ShapeDtypeStruct."
             )
-        widths["/".join(_key_name(k) for k in path[:-1])] = int(shape[-1])
+        widths["/".join(key_name(k) for k in path[:-1])] = int(shape[-1])
     return widths
 
 
