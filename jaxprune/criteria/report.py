@@ -1,0 +1,799 @@
+"""How closely each criterion ranks channels like the oracle: Spearman rho per layer and pooled.
+
+Molchanov et al. (ICLR 2017, Table 1) judge a criterion by the Spearman rank correlation of its
+scores with the absolute oracle (`oracle_abs`: ``|C(without c) - C|``), computed
+
+- per layer: within each channel group, then averaged over the groups ("per layer");
+- over all layers pooled, on the raw scores ("all layers");
+- over all layers pooled after per-layer L2 normalisation of both the criterion and the oracle
+  ("all layers, L2"), the form a global ranking uses.
+
+`criteria_report` scores the criteria and the oracle on the same batches and returns a `Report`
+(a printable table, CSV, JSON); `compare_scores` does the same from scores already computed, and
+`write_report` writes the files and a per-layer heatmap. The `jaxprune score` command
+(`add_score_command`, `run_score`) runs it on a model file and the validation split::
+
+  context = ScoringContext(model.apply, channel_graph(model.apply, variables, x))
+  report = criteria_report(context, variables, batches, ["taylor", "l1", "activation_mean"])
+  print(report.table())
+  report["taylor"].mean_per_layer
+
+A criterion that leaves some groups out (BatchNorm criteria on groups without BatchNorm) is
+judged on the groups it scores, and the table says how many those are. A correlation with a
+group whose scores are all equal is undefined (NaN); the per-layer mean skips such groups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import math
+import textwrap
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from jaxprune.criteria.base import Batch, Scores, ScoringContext, iter_batches
+from jaxprune.criteria.registry import CRITERIA
+from jaxprune.criteria.scoring import score
+from jaxprune.criteria.transforms import normalize_l2
+
+# The reference rankings themselves: never judged against each other by default.
+ORACLES = ("oracle_abs", "oracle_loss")
+SCOPES = ("conv", "all")
+# Output files of `write_report`, inside the workdir.
+CSV_NAME = "criteria_quality.csv"
+JSON_NAME = "criteria_quality.json"
+PNG_NAME = "criteria_quality.png"
+
+# ---------------------------------------------------------------------------------------------
+# Rank correlation
+# ---------------------------------------------------------------------------------------------
+
+
+def average_ranks(values: Any) -> np.ndarray:
+    """Ranks 1..n of a vector; tied values share the mean of the ranks they span.
+
+    Args:
+      values: a 1-D array of numbers (-inf allowed, NaN not).
+
+    Returns:
+      float64 ranks, e.g. ``[10, 20, 20, 5] -> [2, 3.5, 3.5, 1]``.
+
+    Raises:
+      ValueError: not 1-D, or NaN entries.
+    """
+    values = np.asarray(values, np.float64)
+    if values.ndim != 1:
+        raise ValueError(f"average_ranks needs a 1-D vector, got shape {values.shape}.")
+    if np.isnan(values).any():
+        raise ValueError("Cannot rank NaN scores; remove them or fix the criterion.")
+    n = values.size
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    # A run of equal values starts wherever the sorted value changes.
+    starts_run = np.concatenate([[True], ordered[1:] != ordered[:-1]]) if n else np.zeros(0, bool)
+    run_of = np.cumsum(starts_run) - 1
+    starts = np.flatnonzero(starts_run)
+    ends = np.append(starts[1:], n)
+    # Positions starts..ends-1 hold ranks starts+1..ends; their mean is (starts + ends + 1) / 2.
+    run_rank = (starts + ends + 1) / 2.0
+    ranks = np.empty(n, np.float64)
+    ranks[order] = run_rank[run_of]
+    return ranks
+
+
+def spearman(a: Any, b: Any) -> float:
+    """Spearman's rank correlation: the Pearson correlation of the average ranks.
+
+    Args:
+      a: a 1-D vector of scores.
+      b: a 1-D vector of the same length.
+
+    Returns:
+      rho in [-1, 1]; NaN when either vector is constant (no ranking to compare), as
+      `scipy.stats.spearmanr` does.
+
+    Raises:
+      ValueError: different shapes, fewer than two entries, or NaN entries.
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(
+            f"spearman needs two 1-D vectors of the same length, got {a.shape} and {b.shape}."
+        )
+    if a.size < 2:
+        raise ValueError(f"spearman needs at least two entries, got {a.size}.")
+    ra = average_ranks(a) - (a.size + 1) / 2.0
+    rb = average_ranks(b) - (b.size + 1) / 2.0
+    denominator = math.sqrt(float(np.dot(ra, ra)) * float(np.dot(rb, rb)))
+    if denominator == 0.0:
+        return math.nan
+    return float(np.clip(np.dot(ra, rb) / denominator, -1.0, 1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CriterionQuality:
+    """One criterion against the oracle.
+
+    Attributes:
+      name: the criterion's name.
+      per_layer: per group it scores, rho with the oracle (NaN when either is constant there).
+      mean_per_layer: the mean of the defined per-layer values.
+      all_layers: rho over the pooled raw scores of its groups.
+      all_layers_l2: rho over the pooled scores after per-layer L2 normalisation of both.
+      seconds: wall time of scoring (compilation included), when it was measured.
+    """
+
+    name: str
+    per_layer: Mapping[str, float]
+    mean_per_layer: float
+    all_layers: float
+    all_layers_l2: float
+    seconds: float | None = None
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The groups this criterion was judged on."""
+        return tuple(self.per_layer)
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """Every criterion against the oracle, over the same groups and data.
+
+    Attributes:
+      oracle: the reference ranking's name.
+      sizes: per judged group, its channel count (in graph order).
+      rows: one `CriterionQuality` per criterion, in the order asked.
+      scores: per criterion (and the oracle), the scores of the judged groups.
+      examples: how many examples were scored (None when unknown).
+      oracle_seconds: wall time of the oracle, when measured.
+    """
+
+    oracle: str
+    sizes: Mapping[str, int]
+    rows: tuple[CriterionQuality, ...]
+    scores: Mapping[str, Scores]
+    examples: int | None = None
+    oracle_seconds: float | None = None
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The judged groups, in graph order."""
+        return tuple(self.sizes)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The criteria, in report order."""
+        return tuple(row.name for row in self.rows)
+
+    def __getitem__(self, name: str) -> CriterionQuality:
+        for row in self.rows:
+            if row.name == name:
+                return row
+        raise KeyError(f"No criterion {name!r} in this report; it has {list(self.names)}.")
+
+    def table(self) -> str:
+        """The report as a fixed-width text table, with a legend."""
+        width = max([9, *(len(n) for n in self.names)])
+        cell = {g: max(7, len(g) + 1) for g in self.groups}
+        head = f"{'criterion':<{width}}"
+        for group in self.groups:
+            head += f"{group:>{cell[group]}}"
+        head += f"{'mean':>7}{'all':>7}{'all L2':>7}{'layers':>7}{'s':>6}"
+        lines = [head, "-" * len(head)]
+        for row in self.rows:
+            line = f"{row.name:<{width}}"
+            for group in self.groups:
+                line += f"{_cell(row.per_layer.get(group), group in row.per_layer):>{cell[group]}}"
+            line += f"{_cell(row.mean_per_layer):>7}{_cell(row.all_layers):>7}"
+            line += f"{_cell(row.all_layers_l2):>7}"
+            line += f"{f'{len(row.groups)}/{len(self.groups)}':>7}"
+            line += f"{'' if row.seconds is None else f'{row.seconds:.1f}':>6}"
+            lines.append(line)
+        sizes = ", ".join(f"{g} {n}" for g, n in self.sizes.items())
+        seen = "" if self.examples is None else f", {self.examples} examples"
+        notes = [
+            f"Spearman rank correlation with {self.oracle}{seen}; channels per group: {sizes}.",
+            "mean: mean of the per-layer values; all: all layers pooled, raw scores; all L2: all "
+            "layers pooled after per-layer L2 normalisation of both.",
+            "layers: groups the criterion scores (a '-' cell: it does not score that group, and "
+            "its pooled values cover only the groups it scores); nan: constant scores in a group.",
+        ]
+        if self.oracle_seconds is not None:
+            notes.append(
+                f"s: seconds to score (with compilation); the oracle took "
+                f"{self.oracle_seconds:.1f} s."
+            )
+        legend = [""] + [line for note in notes for line in textwrap.wrap(note, 96)]
+        return "\n".join(lines + legend)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description: the correlations, the group sizes and every score."""
+        return {
+            "oracle": self.oracle,
+            "examples": self.examples,
+            "oracle_seconds": self.oracle_seconds,
+            "groups": dict(self.sizes),
+            "criteria": [
+                {
+                    "name": row.name,
+                    "groups": list(row.groups),
+                    "per_layer": {g: _json_float(v) for g, v in row.per_layer.items()},
+                    "mean_per_layer": _json_float(row.mean_per_layer),
+                    "all_layers": _json_float(row.all_layers),
+                    "all_layers_l2": _json_float(row.all_layers_l2),
+                    "seconds": row.seconds,
+                }
+                for row in self.rows
+            ],
+            "scores": {
+                name: {g: [float(v) for v in s] for g, s in by_group.items()}
+                for name, by_group in self.scores.items()
+            },
+        }
+
+    def to_csv(self) -> str:
+        """One CSV row per criterion: per-layer values, the three summaries, groups, seconds."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(
+            [
+                "criterion",
+                *self.groups,
+                "mean_per_layer",
+                "all_layers",
+                "all_layers_l2",
+                "groups_scored",
+                "seconds",
+            ]
+        )
+        for row in self.rows:
+            writer.writerow(
+                [
+                    row.name,
+                    *(_csv_float(row.per_layer.get(g)) for g in self.groups),
+                    _csv_float(row.mean_per_layer),
+                    _csv_float(row.all_layers),
+                    _csv_float(row.all_layers_l2),
+                    len(row.groups),
+                    "" if row.seconds is None else f"{row.seconds:.2f}",
+                ]
+            )
+        return buffer.getvalue()
+
+
+def _cell(value: float | None, present: bool = True) -> str:
+    if not present or value is None:
+        return "-"
+    return "nan" if math.isnan(value) else f"{value:.3f}"
+
+
+def _csv_float(value: float | None) -> str:
+    if value is None:
+        return ""
+    return "nan" if math.isnan(value) else f"{value:.6f}"
+
+
+def _json_float(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
+
+
+def _pooled(scores: Mapping[str, np.ndarray], groups: Sequence[str]) -> np.ndarray:
+    return np.concatenate([np.asarray(scores[g], np.float64) for g in groups])
+
+
+def _checked(name: str, scores: Mapping[str, Any], sizes: Mapping[str, int]) -> Scores:
+    """The scores of the judged groups a criterion covers, checked for shape and NaN."""
+    kept = {}
+    for group, size in sizes.items():
+        if group not in scores:
+            continue
+        values = np.asarray(scores[group], np.float64).reshape(-1)
+        if values.shape != (size,):
+            raise ValueError(
+                f"{name!r} gives {values.size} scores for group {group!r}, which has {size} "
+                "channels; a criterion must give one score per channel."
+            )
+        if np.isnan(values).any():
+            raise ValueError(
+                f"{name!r} gives NaN scores in group {group!r}; fix the criterion (or its data) "
+                "before judging it."
+            )
+        kept[group] = values
+    return kept
+
+
+def compare_scores(
+    scores: Mapping[str, Mapping[str, Any]],
+    oracle_scores: Mapping[str, Any],
+    sizes: Mapping[str, int],
+    *,
+    oracle: str = "oracle_abs",
+    examples: int | None = None,
+    seconds: Mapping[str, float] | None = None,
+    oracle_seconds: float | None = None,
+) -> Report:
+    """Judges scores already computed against the oracle's (pure; no model involved).
+
+    Args:
+      scores: per criterion name, its ``{group: scores}``.
+      oracle_scores: the oracle's ``{group: scores}``; it must cover every judged group.
+      sizes: the judged groups and their channel counts, in the order to report them.
+      oracle: the oracle's name, for the table.
+      examples: how many examples were scored, for the table.
+      seconds: per criterion, the time it took to score.
+      oracle_seconds: the time the oracle took.
+
+    Returns:
+      The report, rows in the order of `scores`.
+
+    Raises:
+      ValueError: no groups, the oracle misses a group, or scores of the wrong shape or with
+        NaN. (A criterion that scores none of the groups gets a row of NaN.)
+    """
+    if not sizes:
+        raise ValueError("No groups to judge: pass the channel groups to compare (sizes).")
+    reference = _checked(oracle, oracle_scores, sizes)
+    missing = [g for g in sizes if g not in reference]
+    if missing:
+        raise ValueError(
+            f"The oracle {oracle!r} has no scores for groups {missing}; score it on every "
+            "judged group."
+        )
+    seconds = seconds or {}
+    rows, kept_scores = [], {}
+    for name, by_group in scores.items():
+        mine = _checked(name, by_group, sizes)
+        rows.append(_quality(name, mine, reference, seconds.get(name)))
+        kept_scores[name] = mine
+    kept_scores[oracle] = reference
+    return Report(
+        oracle=oracle,
+        sizes=dict(sizes),
+        rows=tuple(rows),
+        scores=kept_scores,
+        examples=examples,
+        oracle_seconds=oracle_seconds,
+    )
+
+
+def _rho(a: np.ndarray, b: np.ndarray) -> float:
+    return spearman(a, b) if a.size >= 2 else math.nan
+
+
+def _quality(name: str, mine: Scores, reference: Scores, seconds: float | None) -> CriterionQuality:
+    """Judges one criterion on the groups it scores."""
+    groups = list(mine)
+    per_layer = {g: _rho(mine[g], reference[g]) for g in groups}
+    defined = [v for v in per_layer.values() if not math.isnan(v)]
+    if not groups:
+        return CriterionQuality(name, {}, math.nan, math.nan, math.nan, seconds)
+    mine_l2 = normalize_l2(mine)
+    reference_l2 = normalize_l2({g: reference[g] for g in groups})
+    return CriterionQuality(
+        name=name,
+        per_layer=per_layer,
+        mean_per_layer=float(np.mean(defined)) if defined else math.nan,
+        all_layers=_rho(_pooled(mine, groups), _pooled(reference, groups)),
+        all_layers_l2=_rho(_pooled(mine_l2, groups), _pooled(reference_l2, groups)),
+        seconds=seconds,
+    )
+
+
+def default_criteria() -> tuple[str, ...]:
+    """Every registered criterion except the oracles, in registry order."""
+    return tuple(name for name in CRITERIA if name not in ORACLES)
+
+
+def judged_groups(context: ScoringContext, scope: str = "conv") -> dict[str, int]:
+    """The groups a report judges: those produced by convolutions, or all ("all").
+
+    Raises:
+      ValueError: an unknown scope, or no group in it.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}.")
+    sizes = {g.name: g.size for g in context.graph.groups if scope == "all" or g.kind == "conv"}
+    if not sizes:
+        raise ValueError(
+            f"The model has no {'convolution ' if scope == 'conv' else ''}channel groups to "
+            "judge; use scope='all' for a model without convolutions."
+        )
+    return sizes
+
+
+def criteria_report(
+    context: ScoringContext,
+    variables: Any,
+    batches: Iterable[Batch] | Batch,
+    criteria_names: Sequence[str],
+    *,
+    oracle: str = "oracle_abs",
+    scope: str = "conv",
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Report:
+    """Scores each criterion and the oracle on the same batches, and compares their rankings.
+
+    Args:
+      context: the model, its graph and the loss.
+      variables: the model variables.
+      batches: one batch or an iterable of batches ({"image", "label"}); they are held in
+        memory, since every criterion reads them all.
+      criteria_names: registry names of the criteria to judge (see `default_criteria`).
+      oracle: the registry name of the reference ranking ("oracle_abs", as in the paper).
+      scope: "conv" judges the groups produced by convolutions; "all" adds dense layers.
+      options: per criterion name (or the oracle's), keyword options of its constructor,
+        e.g. ``{"random": {"seed": 1}, "oracle_abs": {"batch_size": 4}}``.
+
+    Returns:
+      The report.
+
+    Raises:
+      ValueError: no criteria, a repeated name, an unknown scope, no batches, or bad scores.
+      KeyError: an unknown criterion name.
+    """
+    names = list(criteria_names)
+    if not names:
+        raise ValueError(f"Name at least one criterion to judge, e.g. {list(default_criteria())}.")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"Criteria {repeated} are named more than once; name each once.")
+    unknown = [n for n in [*names, oracle] if n not in CRITERIA]
+    if unknown:
+        raise KeyError(f"Unknown criteria {unknown}; known: {', '.join(CRITERIA)}.")
+    options = dict(options or {})
+    sizes = judged_groups(context, scope)
+    held = list(iter_batches(batches))
+    if not held:
+        raise ValueError("criteria_report needs at least one batch of validation data.")
+    examples = int(sum(np.shape(b["label"])[0] for b in held))
+
+    oracle_options = dict(options.get(oracle, {}))
+    if oracle in ORACLES:
+        # The built-in oracles can skip groups not judged (the dense layers under scope="conv").
+        oracle_options.setdefault("groups", tuple(sizes))
+    start = time.perf_counter()
+    oracle_scores = score(oracle, context, variables, held, **oracle_options)
+    oracle_seconds = time.perf_counter() - start
+
+    scores, seconds = {}, {}
+    for name in names:
+        start = time.perf_counter()
+        scores[name] = score(name, context, variables, held, **options.get(name, {}))
+        seconds[name] = time.perf_counter() - start
+    return compare_scores(
+        scores,
+        oracle_scores,
+        sizes,
+        oracle=oracle,
+        examples=examples,
+        seconds=seconds,
+        oracle_seconds=oracle_seconds,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: CSV, JSON, and a per-layer heatmap
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_report(report: Report, path: str | Path, *, title: str = "") -> Path:
+    """A heatmap of rho per criterion (rows) and layer (columns), plus the three summaries.
+
+    Args:
+      report: the report.
+      path: the PNG to write.
+      title: a title line (e.g. the model and data).
+
+    Returns:
+      The path written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = [*report.groups, "mean", "all", "all L2"]
+    grid = np.full((len(report.rows), len(columns)), np.nan)
+    for i, row in enumerate(report.rows):
+        for j, group in enumerate(report.groups):
+            grid[i, j] = row.per_layer.get(group, np.nan)
+        grid[i, len(report.groups) :] = (row.mean_per_layer, row.all_layers, row.all_layers_l2)
+    height = 1.2 + 0.32 * len(report.rows)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(columns) + 1.6, height))
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="0.85")
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-1, vmax=1, aspect="auto")
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            scored = j >= len(report.groups) or report.groups[j] in report.rows[i].per_layer
+            text = "-" if not scored else ("nan" if np.isnan(grid[i, j]) else f"{grid[i, j]:.2f}")
+            ax.text(j, i, text, ha="center", va="center", fontsize=7)
+    ax.axvline(len(report.groups) - 0.5, color="black", linewidth=1.5)
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
+    ax.set_yticks(range(len(report.rows)), report.names)
+    seen = "" if report.examples is None else f", {report.examples} examples"
+    ax.set_title((title + "\n" if title else "") + f"Spearman rho with {report.oracle}{seen}")
+    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(
+    report: Report,
+    workdir: str | Path,
+    *,
+    title: str = "",
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Writes the CSV, the JSON (with `extra` under "run") and the PNG into `workdir`.
+
+    Args:
+      report: the report.
+      workdir: the folder (created when missing).
+      title: the plot's title line.
+      extra: JSON-ready facts about the run (model file, data, timing).
+
+    Returns:
+      {"csv": path, "json": path, "png": path}.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": workdir / CSV_NAME, "json": workdir / JSON_NAME, "png": workdir / PNG_NAME}
+    paths["csv"].write_text(report.to_csv())
+    document = {"run": dict(extra or {}), **report.to_dict()}
+    paths["json"].write_text(json.dumps(document, indent=1) + "\n")
+    plot_report(report, paths["png"], title=title)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# `jaxprune score`: a model file, the validation split, the report files
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreConfig:
+    """What `run_score` judges, on which data, and where the files go."""
+
+    # A model file (`checkpoint.save_model_file`); "" is the shipped VGG-small on Fashion-MNIST.
+    model_file: str = ""
+    # Registry names of the criteria to judge; () is every one but the oracles.
+    criteria: tuple[str, ...] = ()
+    # Validation examples scored (the first ones of the split, in storage order).
+    examples: int = 512
+    # Examples per batch.
+    batch_size: int = 128
+    # "conv": judge convolution groups only; "all": dense hidden layers too.
+    scope: str = "conv"
+    # The reference ranking.
+    oracle: str = "oracle_abs"
+    # Where criteria_quality.{csv,json,png} go.
+    workdir: str = "workdirs/score"
+    # Prepared TFDS data (None: the default data dir).
+    data_dir: str | None = None
+    # Seed of the "random" criterion.
+    seed: int = 0
+
+
+DEFAULT_MODEL_FILE = Path(__file__).parent.parent / "pretrained" / "vgg_small_fashion_mnist.msgpack"
+
+
+def data_config_for(meta: Mapping[str, Any], data_dir: str | None = None) -> Any:
+    """The `DataConfig` a model file was trained with, so its validation split is held out.
+
+    Args:
+      meta: the model file's meta (`checkpoint.load_model_file`); its training config, if any.
+      data_dir: prepared TFDS data (None: the default).
+
+    Returns:
+      A `jaxprune.data.DataConfig` with the training run's dataset and validation carve.
+    """
+    from jaxprune import data
+
+    trained_on = dict(meta.get("config", {}).get("data") or {})
+    known = {f.name for f in dataclasses.fields(data.DataConfig)}
+    # Same dataset and the same carve of validation from train; nothing else of training.
+    chosen = {
+        k: trained_on[k]
+        for k in ("name", "validation_size", "validation_seed", "image_size")
+        if k in trained_on and k in known
+    }
+    return data.DataConfig(**chosen, data_dir=data_dir)
+
+
+def validation_batches(dataset: Any, examples: int, batch_size: int) -> list[dict[str, Any]]:
+    """The first `examples` validation examples, preprocessed, in batches (never the test split).
+
+    Raises:
+      ValueError: a bad count, or more examples than the validation split holds.
+    """
+    if examples < 1 or batch_size < 1:
+        raise ValueError(f"examples and batch_size must be >= 1, got {examples}, {batch_size}.")
+    available = dataset.num_examples["validation"]
+    if examples > available:
+        raise ValueError(
+            f"--examples {examples} exceeds the {available} validation examples; ask for fewer."
+        )
+    batches, seen = [], 0
+    size = min(batch_size, examples)
+    for raw in dataset.iterate("validation", size, shuffle=False, drop_remainder=False):
+        take = min(len(raw["label"]), examples - seen)
+        images, labels = dataset.preprocess(raw["image"][:take], raw["label"][:take], train=False)
+        batches.append({"image": images, "label": labels})
+        seen += take
+        if seen == examples:
+            break
+    return batches
+
+
+class ScoringSetup(NamedTuple):
+    """A model file loaded for scoring on validation data."""
+
+    model_file: Path
+    dataset: Any
+    context: ScoringContext
+    variables: Any
+    batches: list[dict[str, Any]]
+
+
+def load_scoring_setup(config: ScoreConfig) -> ScoringSetup:
+    """Loads the model file, its dataset and graph, and the validation batches of `config`.
+
+    Args:
+      config: the model file, data dir, examples and batch size.
+
+    Returns:
+      What `criteria_report` needs, with the model file's path and the dataset.
+
+    Raises:
+      FileNotFoundError: no such model file.
+      ValueError: more examples than the validation split holds.
+    """
+    import jax.numpy as jnp
+
+    from jaxprune import checkpoint, data
+    from jaxprune.graph import channel_graph
+
+    model_file = Path(config.model_file) if config.model_file else DEFAULT_MODEL_FILE
+    if not model_file.is_file():
+        raise FileNotFoundError(
+            f"Model file {model_file} does not exist; pass --model-file with a file written by "
+            "`jaxprune train --export` or checkpoint.save_model_file."
+        )
+    model, variables, meta = checkpoint.load_model_file(model_file)
+    dataset = data.load(data_config_for(meta, config.data_dir))
+    batches = validation_batches(dataset, config.examples, config.batch_size)
+    x = jnp.zeros((1, *dataset.image_shape), jnp.float32)
+    context = ScoringContext(apply_fn=model.apply, graph=channel_graph(model.apply, variables, x))
+    return ScoringSetup(model_file, dataset, context, variables, batches)
+
+
+def run_score(config: ScoreConfig) -> Report:
+    """Loads a model file, judges the criteria on validation data, prints and writes the report.
+
+    Args:
+      config: the model file, criteria, data size and workdir.
+
+    Returns:
+      The report (also in `workdir`: criteria_quality.csv, .json and .png).
+
+    Raises:
+      FileNotFoundError: no such model file.
+      ValueError / KeyError: bad settings (oracles or unknown criteria, scope, too many examples).
+    """
+    import jax
+
+    names = tuple(config.criteria) or default_criteria()
+    oracles_asked = [n for n in names if n in ORACLES]
+    if oracles_asked:
+        raise ValueError(
+            f"Criteria {oracles_asked} are oracles, the reference itself; leave them out."
+        )
+    started = time.perf_counter()
+    model_file, dataset, context, variables, batches = load_scoring_setup(config)
+    report = criteria_report(
+        context,
+        variables,
+        batches,
+        names,
+        oracle=config.oracle,
+        scope=config.scope,
+        options={"random": {"seed": config.seed}} if "random" in names else None,
+    )
+    elapsed = time.perf_counter() - started
+    title = f"{model_file.name} on {dataset.config.name} validation"
+    extra = {
+        "config": dataclasses.asdict(config),
+        "model_file": config.model_file or f"shipped: jaxprune/pretrained/{model_file.name}",
+        "dataset": dataset.config.name,
+        "split": "validation",
+        "seconds": elapsed,
+        "jax": jax.__version__,
+        "devices": [str(d) for d in jax.devices()],
+    }
+    paths = write_report(report, config.workdir, title=title, extra=extra)
+    print(f"{title}\n")
+    print(report.table())
+    print(f"\ntotal {elapsed:.1f} s; wrote {', '.join(str(p) for p in paths.values())}")
+    return report
+
+
+def _score_from_args(args: argparse.Namespace) -> int:
+    config = ScoreConfig(
+        model_file=args.model_file or "",
+        criteria=tuple(args.criteria or ()),
+        examples=args.examples,
+        batch_size=args.batch_size,
+        scope=args.scope,
+        oracle=args.oracle,
+        workdir=args.workdir,
+        data_dir=args.data_dir,
+        seed=args.seed,
+    )
+    run_score(config)
+    return 0
+
+
+def add_score_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Registers ``jaxprune score`` on the CLI's subparsers (its handler is ``args.func``).
+
+    Args:
+      subparsers: the object `argparse.ArgumentParser.add_subparsers` returned.
+
+    Returns:
+      The new subparser.
+    """
+    defaults = ScoreConfig()
+    parser = subparsers.add_parser(
+        "score",
+        help="judge criteria by Spearman correlation with the oracle on validation data",
+        description=(
+            "Scores every channel of a model with each criterion and with the oracle on the "
+            "validation split, and reports their Spearman rank correlations per layer and "
+            "over all layers (Molchanov et al. 2017, Table 1)."
+        ),
+    )
+    parser.add_argument(
+        "--model-file", default=None, help="a model file (default: the shipped VGG-small)"
+    )
+    parser.add_argument(
+        "--criteria",
+        nargs="+",
+        metavar="NAME",
+        help="criteria to judge (default: every registered one except the oracles)",
+    )
+    parser.add_argument(
+        "--examples", type=int, default=defaults.examples, help="validation examples scored"
+    )
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument(
+        "--scope",
+        choices=SCOPES,
+        default=defaults.scope,
+        help="conv: convolution groups only; all: dense hidden layers too",
+    )
+    parser.add_argument("--oracle", default=defaults.oracle, choices=ORACLES)
+    parser.add_argument(
+        "--workdir", default=defaults.workdir, help="where criteria_quality.{csv,json,png} go"
+    )
+    parser.add_argument("--data-dir", default=None, help="prepared TFDS data dir")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of 'random'")
+    parser.set_defaults(func=_score_from_args)
+    return parser
