@@ -4,6 +4,7 @@
     jaxprune train --config experiments/base_vgg_small.py --workdir workdirs/vgg_small
     jaxprune data prepare               # prepare Fashion-MNIST from the Debian package, once
     jaxprune graph --model resnet20     # the prunable channel groups of a zoo model
+    jaxprune score                      # criterion quality vs the oracle (Molchanov's Table 1)
 
 Every long job writes to a workdir and resumes from it when run again with the same command.
 """
@@ -146,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--data-dir", help="prepared TFDS data (default ~/.cache/jaxprune)")
     prepare.add_argument("--source-dir", help="Fashion-MNIST idx files (default: Debian's)")
     prepare.set_defaults(func=cmd_data_prepare)
+
+    from jaxprune.criteria.report import add_score_command
+
+    add_score_command(sub)
 
     graph = sub.add_parser("graph", help="print the prunable channel groups of a zoo model")
     graph.add_argument("--model", default="vgg_small")
