@@ -2,6 +2,7 @@
 
     jaxprune demo                                    # VGG-small, one-shot L1, 50% of kernels
     jaxprune demo --criterion taylor --ratio 0.7     # any registered criterion and ratio
+    jaxprune demo --method iterative --criterion taylor  # Molchanov et al. 2017, iterative
 
 Steps, each resumable from the workdir (run the same command again to continue):
 
@@ -9,7 +10,10 @@ Steps, each resumable from the workdir (run the same command again to continue):
 2. load the base model shipped in `jaxprune/pretrained/` (or train it with the config of
    `experiments/base_<model>.py` when the file is missing);
 3. score every kernel with the criterion on validation images, keep the best `1 - ratio` of
-   every convolution's channels, and remove the rest physically (`surgery.prune`);
+   every convolution's channels, and remove the rest physically (`surgery.prune`); with
+   ``--method iterative``, remove `channels_per_step` kernels at a time over all convolutions,
+   with `updates_per_step` fine-tuning updates in between, until `ratio` of them are gone
+   (`jaxprune.methods.iterative`, checkpointed in `workdir/iterative`);
 4. fine-tune the pruned model (`finetune_epochs`), checkpointed in `workdir/finetune`;
 5. evaluate both on the test split, count MACs and parameters, time CPU inference at batch 1
    and 128, and print a table; `workdir/summary.png` and `workdir/results.json` keep it.
@@ -51,6 +55,8 @@ class DemoConfig:
     score_examples: int = 1024
     base: str = ""
     seed: int = 0
+    channels_per_step: int = 16
+    updates_per_step: int = 10
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(DemoConfig))
@@ -58,17 +64,19 @@ HELP = {
     "model": "zoo model (its base model must be shipped or trainable: lenet5, vgg_small)",
     "dataset": "dataset name (fashion_mnist is built in)",
     "workdir": "where checkpoints, results.json and summary.png go",
-    "method": "pruning method: oneshot",
+    "method": "pruning method: oneshot or iterative",
     "criterion": "relevance criterion by name (see jaxprune.criteria.CRITERIA)",
-    "ratio": "fraction of every convolution's kernels to remove",
+    "ratio": "fraction of every convolution's kernels to remove (iterative: of all of them)",
     "finetune_epochs": "epochs of fine-tuning after pruning (0: none)",
     "finetune_lr": "learning rate of the fine-tuning (SGD, momentum 0.9, cosine)",
     "finetune_examples": "fine-tune on a fixed subset of this many training images (0: all)",
     "score_examples": "validation images the criterion sees",
     "base": "base model file (default: jaxprune/pretrained/<model>_<dataset>.msgpack)",
     "seed": "seed of scoring (random criterion) and fine-tuning",
+    "channels_per_step": "iterative: kernels removed per pruning step (the paper: 1)",
+    "updates_per_step": "iterative: fine-tuning updates between pruning steps",
 }
-METHODS = ("oneshot",)
+METHODS = ("oneshot", "iterative")
 
 
 def base_model_file(config: DemoConfig) -> Path:
@@ -114,9 +122,13 @@ def run(config: DemoConfig) -> dict[str, Any]:
 
     pruned_file = workdir / "pruned.msgpack"
     if not pruned_file.is_file():
-        scores = _scores(config, model, graph, variables, dataset)
-        keep = keep_from_scores(graph, scores, OneShotConfig(ratio=config.ratio, scope="conv"))
-        pruned = prune(variables, graph, keep)
+        if config.method == "iterative":
+            pruned = _iterative(config, variables, dataset, workdir)
+        else:
+            scores = _scores(config, model, graph, variables, dataset)
+            keep = keep_from_scores(graph, scores, OneShotConfig(ratio=config.ratio, scope="conv"))
+            pruned = prune(variables, graph, keep)
+        keep = pruned.keep
         checkpoint.save_model_file(
             pruned_file,
             model_name=config.model,
@@ -148,6 +160,26 @@ def run(config: DemoConfig) -> dict[str, Any]:
     _plot(workdir / "summary.png", config, rows, graph, small_variables, model, variables)
     print(f"\nwrote {workdir / 'results.json'} and {workdir / 'summary.png'}")
     return report
+
+
+def _iterative(config: DemoConfig, variables, dataset, workdir: Path):
+    """Iterative pruning until `ratio` of the convolution kernels are gone (resumable)."""
+    from jaxprune.methods.iterative import IterativeConfig, iterative_prune
+
+    iterative = IterativeConfig(
+        criterion=config.criterion,
+        channels_per_step=config.channels_per_step,
+        updates_per_step=config.updates_per_step,
+        target_channels=1.0 - config.ratio,
+        batch_size=64,
+        eval_examples=1000,
+        test_at_end=False,
+        seed=config.seed,
+        progress=True,
+    )
+    return iterative_prune(
+        iterative, config.model, variables, dataset, workdir=workdir / "iterative"
+    )
 
 
 def _scores(config, model, graph, variables, dataset) -> dict[str, np.ndarray]:
@@ -225,7 +257,9 @@ def _print_table(config, rows, layers: str) -> None:
     base, pruned = rows["base"], rows["pruned"]
     print(
         f"\n{config.model} on {config.dataset}: {config.method} pruning by "
-        f"{config.criterion}, {config.ratio:.0%} of every convolution's kernels removed, "
+        f"{config.criterion}, {config.ratio:.0%} of "
+        + ("every convolution's" if config.method == "oneshot" else "the convolution")
+        + " kernels removed, "
         f"{config.finetune_epochs} epoch(s) of fine-tuning\n"
     )
     print(layers)

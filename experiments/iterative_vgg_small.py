@@ -1,0 +1,169 @@
+"""Iterative pruning of VGG-small on Fashion-MNIST with six criteria (Molchanov et al. 2017).
+
+Command (runs the criteria one after another; each resumes from its own workdir):
+
+    python experiments/iterative_vgg_small.py [--criteria taylor,min_weight,...] \\
+        [--workdir workdirs/iterative_vgg_small]
+
+Starts from the shipped base model (jaxprune/pretrained/vgg_small_fashion_mnist.msgpack, 92.31%
+test accuracy) and prunes convolution kernels to 40% of the FLOPs with each criterion, then
+evaluates on the test split. Writes experiments/results/iterative/: results.csv (validation
+accuracy after every pruning step against FLOPs left), results.json (settings, summaries,
+timings) and accuracy_vs_flops.png.
+
+Settings (see `iterative_config`): the paper removes k = 1 channel per pruning step; on this
+2-core CPU every criterion must finish in a few minutes, so k = 16 channels go per step, after
+u = 10 fine-tuning updates of batch 64 (SGD, momentum 0.9, learning rate 1e-3, weight decay
+1e-4), with a physical shrink every 5 steps. Every criterion reads the batches of all 10 updates,
+the oracle (the exact loss change of removing each channel alone, for every channel) too.
+
+Result: see experiments/results/iterative/README.md (written by hand from the files above).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+from jaxprune.runtime import enable_compilation_cache
+
+CRITERIA = ("taylor", "min_weight", "activation_mean", "apoz", "random", "oracle_abs")
+RESULTS = Path(__file__).resolve().parent / "results" / "iterative"
+BASE = (
+    Path(__file__).resolve().parent.parent / "jaxprune/pretrained/vgg_small_fashion_mnist.msgpack"
+)
+
+
+def iterative_config(criterion: str):
+    """The settings every criterion runs with."""
+    from jaxprune.methods.iterative import IterativeConfig
+    from jaxprune.train import OptimizerConfig
+
+    return IterativeConfig(
+        criterion=criterion,
+        updates_per_step=10,
+        channels_per_step=16,
+        target_flops=0.4,
+        shrink_every=5,
+        batch_size=64,
+        optimizer=OptimizerConfig(
+            name="sgd", learning_rate=1e-3, momentum=0.9, weight_decay=1e-4, schedule="constant"
+        ),
+        eval_examples=2000,
+        eval_batch_size=500,
+        progress=True,
+    )
+
+
+def run(criteria: list[str], workdir: Path) -> None:
+    from jaxprune import checkpoint, data
+    from jaxprune.methods.iterative import iterative_prune
+
+    _, variables, _ = checkpoint.load_model_file(BASE)
+    dataset = data.load(data.DataConfig(name="fashion_mnist"))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    summary_file = RESULTS / "results.json"
+    stored = json.loads(summary_file.read_text()) if summary_file.is_file() else {"runs": {}}
+    for criterion in criteria:
+        config = iterative_config(criterion)
+        began = time.perf_counter()
+        result = iterative_prune(
+            config, "vgg_small", variables, dataset, workdir=workdir / criterion
+        )
+        stored["runs"][criterion] = {
+            "config": config.to_dict(),
+            "wall_s_of_this_call": time.perf_counter() - began,
+            "widths": result.widths,
+            "summary": result.summary,
+            "history": [
+                {k: v for k, v in record.items() if k != "removed"} for record in result.history
+            ],
+        }
+        summary_file.write_text(json.dumps(stored, indent=1))
+        test = result.summary["test"]["accuracy"]
+        print(f"{criterion}: test accuracy {100 * test:.2f}% at {result.summary['final']}")
+    write_csv(stored)
+    plot(stored)
+
+
+def write_csv(stored: dict) -> None:
+    with (RESULTS / "results.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(
+            ["criterion", "step", "updates", "mflops", "flops_left", "channels_left",
+             "val_accuracy", "val_loss"]
+        )  # fmt: skip
+        for criterion, run_record in stored["runs"].items():
+            base = run_record["summary"]["base"]
+            writer.writerow([criterion, 0, 0, base["flops"] / 1e6, 1.0, 1.0, "", ""])
+            for r in run_record["history"]:
+                v = r["validation"] or {}
+                writer.writerow(
+                    [criterion, r["step"], r["updates"], r["flops"] / 1e6,
+                     r["remaining"]["flops"], r["remaining"]["channels"],
+                     v.get("accuracy", ""), v.get("loss", "")]
+                )  # fmt: skip
+
+
+def plot(stored: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jaxprune import checkpoint
+
+    base = checkpoint.load_model_file(BASE)[2]["result"]
+    fig, (by_flops, by_step) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for axis in (by_flops, by_step):
+        axis.axhline(
+            100 * base["validation"]["accuracy"], color="gray", linestyle="--", linewidth=1
+        )
+    for criterion, run_record in stored["runs"].items():
+        history = [r for r in run_record["history"] if r["validation"]]
+        mflops = [r["flops"] / 1e6 for r in history]
+        accuracy = [100 * r["validation"]["accuracy"] for r in history]
+        steps = [r["step"] for r in history]
+        (line,) = by_flops.plot(mflops, accuracy, marker=".", label=criterion)
+        by_step.plot(steps, accuracy, marker=".", color=line.get_color(), label=criterion)
+        test = run_record["summary"]["test"]
+        if test:
+            final = run_record["summary"]["final"]["flops"] / 1e6
+            by_flops.scatter([final], [100 * test["accuracy"]], marker="*", s=120,
+                             color=line.get_color())  # fmt: skip
+    by_flops.invert_xaxis()
+    by_flops.set_xlabel("MFLOPs per image left (Molchanov et al.'s count)")
+    by_flops.set_ylabel("validation accuracy (%); star: test at the end")
+    by_flops.text(
+        by_flops.get_xlim()[0],
+        100 * base["validation"]["accuracy"] + 0.3,
+        " base model (all 5000 validation images)",
+        color="gray",
+        fontsize=8,
+    )
+    by_flops.set_title("VGG-small / Fashion-MNIST: accuracy against FLOPs")
+    by_step.set_xlabel("pruning step (16 kernels removed, 10 updates each)")
+    by_step.set_ylabel("validation accuracy (%)")
+    by_step.set_title("accuracy against pruning steps")
+    for axis in (by_flops, by_step):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "accuracy_vs_flops.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--criteria", default=",".join(CRITERIA))
+    parser.add_argument("--workdir", default="workdirs/iterative_vgg_small")
+    args = parser.parse_args()
+    enable_compilation_cache()
+    run([c for c in args.criteria.split(",") if c], Path(args.workdir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,436 @@
+"""`jaxprune prune`: prune a trained model file, iteratively or with a one-shot baseline.
+
+    jaxprune prune --method iterative --criterion taylor --target-flops 0.5 \\
+        --channels-per-step 8 --model-file jaxprune/pretrained/vgg_small_fashion_mnist.msgpack \\
+        --workdir workdirs/iterative_taylor
+    jaxprune prune --method oneshot --criterion l1 --ratio 0.5 --workdir workdirs/oneshot_l1
+    jaxprune prune --config experiments/iterative_vgg16_birds.py --workdir workdirs/birds \\
+        --set iterative.max_steps=10
+
+The job is a `PruneJob`: the defaults, then a config file's `get_config()`, then the flags, then
+the ``--set`` overrides. The workdir receives the checkpoints (an interrupted iterative run
+resumes when the same command is run again), ``pruned.msgpack`` (the pruned model, loadable with
+`jaxprune.checkpoint.load_model_file`) and ``result.json`` (summary and per-step history).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune import checkpoint, cost, criteria, data, train
+from jaxprune.graph import channel_graph
+from jaxprune.methods.iterative import IterativeConfig, evaluate_split, iterative_prune
+from jaxprune.methods.oneshot import OneShotConfig, keep_from_scores, select_groups
+from jaxprune.models import MODELS, build_model, widths_from_params
+from jaxprune.surgery import prune
+
+METHODS = ("iterative", "oneshot")
+PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"
+
+
+@dataclasses.dataclass(frozen=True)
+class OneShotJob:
+    """A one-shot baseline: score once on validation images, remove, optionally fine-tune."""
+
+    # Relevance criterion by registry name (see `jaxprune.criteria.CRITERIA`).
+    criterion: str = "l1"
+    # How many channels go, from which groups, ranked per layer or globally (a global ranking
+    # compares L2-normalised scores).
+    selection: OneShotConfig = dataclasses.field(default_factory=OneShotConfig)
+    # Validation images the criterion reads.
+    score_examples: int = 1024
+    # Batch size of scoring and evaluation.
+    batch_size: int = 128
+    # Epochs of fine-tuning of the pruned model (SGD, momentum 0.9, cosine); 0: none.
+    finetune_epochs: int = 0
+    # Peak learning rate of that fine-tuning.
+    finetune_lr: float = 0.01
+    # Seed of the random criterion and of the fine-tuning.
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneJob:
+    """What `jaxprune prune` runs."""
+
+    # "iterative" (Molchanov et al. 2017) or "oneshot" (the baselines).
+    method: str = "iterative"
+    # The trained model (`checkpoint.save_model_file`); "": the shipped base of `model` on
+    # `data.name` (jaxprune/pretrained/<model>_<dataset>.msgpack).
+    model_file: str = ""
+    # Zoo model name, used only to find the shipped base when `model_file` is empty.
+    model: str = "vgg_small"
+    # The dataset (its batch_size is not used: each method has its own).
+    data: data.DataConfig = dataclasses.field(default_factory=data.DataConfig)
+    # The iterative method's settings (criterion, k, u, targets, fine-tuning).
+    iterative: IterativeConfig = dataclasses.field(default_factory=IterativeConfig)
+    # The one-shot baseline's settings.
+    oneshot: OneShotJob = dataclasses.field(default_factory=OneShotJob)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The job as JSON-compatible nested dicts."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def zoo_name(model: Any) -> str:
+    """The zoo name of a linen module loaded from a model file (e.g. "vgg_small").
+
+    Raises:
+      ValueError: the module is no zoo model.
+    """
+    num_classes = getattr(model, "num_classes", None)
+    widths = model.full_widths() if hasattr(model, "full_widths") else None
+    for name in MODELS if num_classes is not None else ():
+        try:
+            if build_model(name, num_classes, widths) == model:
+                return name
+        except (ValueError, TypeError):
+            continue
+    raise ValueError(
+        f"{type(model).__name__} is not a zoo model ({', '.join(MODELS)}); prune your own model "
+        "from Python with jaxprune.methods.iterative.iterative_prune(config, rebuild, ...)."
+    )
+
+
+def model_file(job: PruneJob) -> Path:
+    """The base model file of a job: the given one, or the shipped one."""
+    shipped_file = PRETRAINED / f"{job.model}_{job.data.name}.msgpack"
+    path = Path(job.model_file) if job.model_file else shipped_file
+    if not path.is_file():
+        shipped = sorted(p.name for p in PRETRAINED.glob("*.msgpack"))
+        raise FileNotFoundError(
+            f"No model file {path}. Pass --model-file (a file written by `jaxprune train "
+            f"--export` or checkpoint.save_model_file); shipped base models: {shipped}."
+        )
+    return path
+
+
+def run_job(job: PruneJob, workdir: str | Path) -> dict[str, Any]:
+    """Runs a job; writes ``pruned.msgpack`` and ``result.json`` into `workdir`.
+
+    Args:
+      job: the job.
+      workdir: the run's folder (checkpoints, results); rerunning resumes.
+
+    Returns:
+      The report written to ``result.json``: the job, the summary (base and final cost,
+      validation and test metrics, timings) and, for the iterative method, the history.
+
+    Raises:
+      ValueError: an unknown method, or a model file that holds no zoo model.
+    """
+    if job.method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {job.method!r}.")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = model_file(job)
+    model, variables, _ = checkpoint.load_model_file(path)
+    name = zoo_name(model)
+    dataset = data.load(job.data)
+    if job.method == "iterative":
+        report = _run_iterative(job, name, variables, dataset, workdir)
+    else:
+        report = _run_oneshot(job, name, model, variables, dataset, workdir)
+    report = {"job": job.to_dict(), "model": name, "model_file": str(path), **report}
+    (workdir / "result.json").write_text(json.dumps(report, indent=1, default=_json_default))
+    _print_report(report)
+    return report
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _run_iterative(job: PruneJob, name: str, variables: Any, dataset: Any, workdir: Path):
+    result = iterative_prune(job.iterative, name, variables, dataset, workdir=workdir)
+    checkpoint.save_model_file(
+        workdir / "pruned.msgpack",
+        model_name=name,
+        num_classes=dataset.num_classes,
+        widths=result.widths,
+        variables=result.variables,
+        input_shape=dataset.image_shape,
+        meta={
+            "method": "iterative",
+            "criterion": job.iterative.criterion,
+            "keep": {k: v.tolist() for k, v in result.keep.items()},
+            "summary": json.loads(json.dumps(result.summary, default=_json_default)),
+        },
+    )
+    return {
+        "widths": result.widths,
+        "keep": {k: v.tolist() for k, v in result.keep.items()},
+        "summary": result.summary,
+        "history": result.history,
+    }
+
+
+def _state(apply_fn: Any, variables: Any) -> train.TrainState:
+    """A train state to evaluate a model with (no optimizer)."""
+    return train.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=(),
+        rng=jax.random.key_data(jax.random.key(0)),
+        apply_fn=apply_fn,
+        tx=None,
+    )
+
+
+def _run_oneshot(job: PruneJob, name: str, model: Any, variables: Any, dataset: Any, workdir):
+    settings = job.oneshot
+    x = jnp.zeros((1, *dataset.image_shape), jnp.float32)
+    graph = channel_graph(model.apply, variables, x)
+    pruned_file = workdir / "pruned.msgpack"
+    if not pruned_file.is_file():
+        scores = _oneshot_scores(settings, model, graph, variables, dataset)
+        if settings.selection.ranking == "global":
+            scores = criteria.normalize_l2(scores)
+        keep = keep_from_scores(graph, scores, settings.selection)
+        pruned = prune(variables, graph, keep)
+        checkpoint.save_model_file(
+            pruned_file,
+            model_name=name,
+            num_classes=dataset.num_classes,
+            widths=pruned.widths,
+            variables=pruned.variables,
+            input_shape=dataset.image_shape,
+            meta={
+                "method": "oneshot",
+                "criterion": settings.criterion,
+                "keep": {k: v.tolist() for k, v in pruned.keep.items()},
+            },
+        )
+    small, small_variables, meta = checkpoint.load_model_file(pruned_file)
+    mesh = train.make_mesh()
+    base_cost = cost.count(model.apply, variables, x)
+    final_cost = cost.count(small.apply, small_variables, x)
+    scope = select_groups(graph, settings.selection.scope)
+    kept = sum(len(meta["keep"].get(g, range(graph[g].size))) for g in scope)
+
+    def measure(apply_fn: Any, values: Any) -> dict[str, dict[str, float]]:
+        state = _state(apply_fn, values)
+        return {
+            split: evaluate_split(
+                state, dataset, split, batch_size=settings.batch_size, limit=None, mesh=mesh
+            )
+            for split in ("validation", "test")
+        }
+
+    before = measure(small.apply, small_variables)
+    summary = {
+        "base": {"flops": base_cost.flops, "macs": base_cost.macs, "params": base_cost.params},
+        "final": {
+            "flops": final_cost.flops,
+            "macs": final_cost.macs,
+            "params": final_cost.params,
+            "remaining": {
+                "flops": final_cost.flops / base_cost.flops,
+                "macs": final_cost.macs / base_cost.macs,
+                "params": final_cost.params / base_cost.params,
+                "channels": kept / sum(graph[g].size for g in scope),
+            },
+        },
+        **before,
+    }
+    if settings.finetune_epochs > 0:
+        tuned = _oneshot_finetune(job, name, small_variables, pruned_file, workdir)
+        summary["before_finetune"] = before
+        summary.update(measure(small.apply, tuned))
+    return {
+        "widths": widths_from_params(small_variables["params"]),
+        "keep": meta["keep"],
+        "summary": summary,
+    }
+
+
+def _oneshot_scores(settings: OneShotJob, model: Any, graph: Any, variables: Any, dataset: Any):
+    context = criteria.ScoringContext(model.apply, graph)
+    options = {"seed": settings.seed} if settings.criterion == "random" else {}
+
+    def batches():
+        seen = 0
+        for batch in dataset.iterate(
+            "validation", settings.batch_size, shuffle=False, drop_remainder=False
+        ):
+            if seen >= settings.score_examples:
+                return
+            images, labels = dataset.preprocess(batch["image"], batch["label"], train=False)
+            seen += len(labels)
+            yield {"image": images, "label": labels}
+
+    return criteria.score(settings.criterion, context, variables, batches(), **options)
+
+
+def _oneshot_finetune(job: PruneJob, name: str, small_variables: Any, pruned_file: Path, workdir):
+    settings = job.oneshot
+    config = train.TrainConfig(
+        model=name,
+        widths=widths_from_params(small_variables["params"]),
+        data=dataclasses.replace(job.data, seed=settings.seed),
+        optimizer=train.OptimizerConfig(
+            name="sgd",
+            learning_rate=settings.finetune_lr,
+            momentum=0.9,
+            schedule="cosine",
+            weight_decay=5e-4,
+        ),
+        epochs=settings.finetune_epochs,
+        seed=settings.seed,
+        checkpoint_every_steps=100,
+        init_from=str(pruned_file),
+    )
+    train.train_and_evaluate(config, workdir / "finetune")
+    tuned = workdir / "finetuned.msgpack"
+    checkpoint.export_latest(workdir / "finetune", tuned)
+    _, tuned_variables, _ = checkpoint.load_model_file(tuned)
+    return tuned_variables
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    summary = report["summary"]
+    base, final = summary["base"], summary["final"]
+    job = report["job"]
+    criterion = job[report["job"]["method"]]["criterion"]
+    print(f"\n{report['model']} pruned by {job['method']} / {criterion}")
+    print(f"{'':<22}{'base':>14}{'pruned':>14}{'left':>9}")
+    for key, label in (("flops", "FLOPs"), ("macs", "MACs"), ("params", "parameters")):
+        print(
+            f"{label:<22}{base[key] / 1e6:>13.3f}M{final[key] / 1e6:>13.3f}M"
+            f"{100 * final[key] / base[key]:>8.1f}%"
+        )
+    for split in ("validation", "test"):
+        if summary.get(split):
+            print(f"{split + ' accuracy':<22}{'':>14}{100 * summary[split]['accuracy']:>13.2f}%")
+    if "pruning_steps" in summary:
+        seconds = summary["time"]
+        print(
+            f"{summary['pruning_steps']} pruning steps, {summary['updates']} updates, stopped "
+            f"by {summary['stop_reason']}; {seconds.get('step_s', 0.0):.1f} s in pruning steps, "
+            f"of which {seconds.get('compile_s', 0.0):.1f} s compiling"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+# flag -> (type, help, config paths it sets)
+_FLAGS: dict[str, tuple[Any, str, tuple[str, ...]]] = {
+    "model_file": (str, "the trained model file (default: the shipped base)", ("model_file",)),
+    "model": (str, "zoo model whose shipped base to prune (default vgg_small)", ("model",)),
+    "dataset": (str, "dataset name (default fashion_mnist)", ("data.name",)),
+    "train_examples": (int, "fine-tune on a fixed subset of this many images", ()),
+    "target_flops": (float, "stop at this fraction of the FLOPs", ("iterative.target_flops",)),
+    "target_macs": (float, "stop at this fraction of the MACs", ("iterative.target_macs",)),
+    "target_params": (float, "stop at this fraction of the parameters", ()),
+    "target_channels": (float, "stop at this fraction of the channels", ()),
+    "min_accuracy": (float, "stop before validation accuracy falls below this", ()),
+    "max_steps": (int, "stop after this many pruning steps", ()),
+    "channels_per_step": (int, "channels removed per pruning step (k; the paper: 1)", ()),
+    "updates_per_step": (int, "fine-tuning updates between pruning steps (u)", ()),
+    "score_updates": (int, "criterion reads only the last this-many updates' batches", ()),
+    "batch_size": (int, "fine-tuning batch size", ()),
+    "learning_rate": (float, "fine-tuning learning rate", ("iterative.optimizer.learning_rate",)),
+    "weight_decay": (float, "fine-tuning weight decay", ("iterative.optimizer.weight_decay",)),
+    "shrink_every": (int, "physical shrink every this many steps (0: at the end)", ()),
+    "final_updates": (int, "fine-tuning updates after pruning", ()),
+    "flops_regularization": (float, "FLOPs regularisation strength lambda", ()),
+    "eval_examples": (int, "validation images per evaluation (default: all)", ()),
+    "scope": (str, "'conv' or 'all' (dense layers too)", ()),
+    "seed": (int, "seed of data order, dropout and the random criterion", ()),
+    "ratio": (float, "one-shot: fraction of channels removed", ("oneshot.selection.ratio",)),
+    "ranking": (str, "one-shot: 'per_layer' or 'global'", ("oneshot.selection.ranking",)),
+    "score_examples": (int, "one-shot: validation images scored", ("oneshot.score_examples",)),
+    "finetune_epochs": (int, "one-shot: fine-tuning epochs", ("oneshot.finetune_epochs",)),
+}
+# Flags whose config paths follow from their names.
+_DEFAULT_PATHS = {
+    "train_examples": ("data.train_examples",),
+    "scope": ("iterative.scope", "oneshot.selection.scope"),
+    "seed": ("iterative.seed", "oneshot.seed"),
+}
+
+
+def _paths(flag: str) -> tuple[str, ...]:
+    paths = _FLAGS[flag][2] or _DEFAULT_PATHS.get(flag)
+    return paths or (f"iterative.{flag}",)
+
+
+def add_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Adds the ``prune`` subcommand to the `jaxprune` command's subparsers.
+
+    Args:
+      subparsers: what ``parser.add_subparsers()`` returned.
+
+    Returns:
+      The ``prune`` parser.
+    """
+    parser = subparsers.add_parser(
+        "prune",
+        help="prune a trained model (iterative Molchanov 2017 or one-shot); resumes its workdir",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("--workdir", required=True, help="checkpoints and results go here")
+    parser.add_argument("--method", choices=METHODS, help="default: iterative")
+    parser.add_argument("--criterion", help="relevance criterion (see jaxprune.criteria)")
+    parser.add_argument("--config", help="a config file whose get_config() returns a PruneJob")
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a PruneJob field, e.g. --set iterative.eval_examples=1000",
+    )
+    for flag, (kind, help_text, _) in _FLAGS.items():
+        parser.add_argument("--" + flag.replace("_", "-"), type=kind, help=help_text)
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (e.g. in log files)"
+    )
+    parser.set_defaults(func=cmd_prune)
+    return parser
+
+
+def job_from_args(args: argparse.Namespace) -> PruneJob:
+    """The job a command line describes: defaults < config file < flags < --set."""
+    from jaxprune.cli import apply_overrides, load_config  # the cli imports this module
+
+    job = load_config(args.config) if args.config else PruneJob()
+    if not isinstance(job, PruneJob):
+        raise SystemExit(
+            f"error: {args.config}'s get_config() returns a {type(job).__name__}, not a PruneJob."
+        )
+    overrides = []
+    if args.method:
+        overrides.append(f"method={args.method!r}")
+    method = args.method or job.method
+    if args.criterion:
+        overrides.append(f"{method}.criterion={args.criterion!r}")
+    for flag in _FLAGS:
+        value = getattr(args, flag)
+        if value is not None:
+            overrides += [f"{path}={value!r}" for path in _paths(flag)]
+    overrides.append(f"iterative.progress={not args.no_progress!r}")
+    return apply_overrides(job, overrides + list(args.set or []))
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Runs ``jaxprune prune``."""
+    job = job_from_args(args)
+    run_job(job, args.workdir)
+    print(
+        f"\nwrote {Path(args.workdir) / 'pruned.msgpack'} and {Path(args.workdir) / 'result.json'}"
+    )
+    return 0

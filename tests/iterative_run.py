@@ -1,0 +1,94 @@
+"""Runs a tiny iterative pruning for tests/test_iterative.py's kill-and-resume test.
+
+Usage: python tests/iterative_run.py WORKDIR
+
+LeNet-5 on 320 Fashion-MNIST training images, 2 channels per step, 4 updates between steps, a
+physical shrink every 2 steps, 6 fine-tuning updates at the end. Every training batch is
+delayed by `STEP_DELAY_S`, so the test can kill the process (SIGKILL) between checkpoints; the
+delay is part of every run, killed or not. The result goes to WORKDIR/result.json (history and
+summary without timings) and WORKDIR/final.npz (the pruned variables).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from jaxprune.runtime import enable_compilation_cache
+
+STEP_DELAY_S = 0.05
+BASE = Path(__file__).resolve().parent.parent / "jaxprune/pretrained/lenet5_fashion_mnist.msgpack"
+
+
+class DelayedDataset:
+    """Wraps a dataset; each training batch arrives `delay_s` seconds late."""
+
+    def __init__(self, dataset, delay_s: float) -> None:
+        self._dataset = dataset
+        self._delay_s = delay_s
+
+    def __getattr__(self, name):
+        return getattr(self._dataset, name)
+
+    def iterate(self, split, *args, **kwargs):
+        for batch in self._dataset.iterate(split, *args, **kwargs):
+            if split == "train":
+                time.sleep(self._delay_s)
+            yield batch
+
+
+def config():
+    from jaxprune.methods.iterative import IterativeConfig
+
+    return IterativeConfig(
+        criterion="taylor",
+        channels_per_step=2,
+        updates_per_step=4,
+        target_flops=0.5,
+        shrink_every=2,
+        final_updates=6,
+        batch_size=32,
+        eval_batch_size=64,
+    )
+
+
+def without_times(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "time"} for r in records]
+
+
+def main(workdir: str) -> None:
+    enable_compilation_cache()
+    import jax
+    import numpy as np
+
+    from jaxprune import checkpoint, data
+    from jaxprune.methods.iterative import iterative_prune
+
+    _, variables, _ = checkpoint.load_model_file(BASE)
+    dataset = data.load(
+        data.DataConfig(train_examples=320, validation_examples=128, test_examples=128)
+    )
+    result = iterative_prune(
+        config(), "lenet5", variables, DelayedDataset(dataset, STEP_DELAY_S), workdir=workdir
+    )
+    leaves = jax.tree_util.tree_leaves_with_path(result.variables)
+    np.savez(
+        Path(workdir, "final.npz"), **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+    )
+    summary = {k: v for k, v in result.summary.items() if k != "time"}
+    Path(workdir, "result.json").write_text(
+        json.dumps(
+            {
+                "history": without_times(result.history),
+                "summary": summary,
+                "keep": {k: v.tolist() for k, v in result.keep.items()},
+                "widths": result.widths,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
