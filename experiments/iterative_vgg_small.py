@@ -17,7 +17,11 @@ u = 10 fine-tuning updates of batch 64 (SGD, momentum 0.9, learning rate 1e-3, w
 1e-4), with a physical shrink every 5 steps. Every criterion reads the batches of all 10 updates,
 the oracle (the exact loss change of removing each channel alone, for every channel) too.
 
-Result: see experiments/results/iterative/README.md (written by hand from the files above).
+Result (17 minutes for all six on the shared 2-core CPU; details, timings and compile times in
+experiments/results/iterative/README.md): test accuracy at the end, from 92.31%, with the
+FLOPs left: taylor 84.93% (37.8%), oracle_abs 81.64% (39.8%), min_weight 81.26% (38.6%),
+activation_mean 77.41% (35.1%), random 71.92% (37.5%), apoz 70.67% (36.6%). Taylor stays
+above the others at equal FLOPs, as the paper found.
 """
 
 from __future__ import annotations
