@@ -3,6 +3,7 @@
     jaxprune demo                       # the quick start's main job (see `jaxprune.demo`)
     jaxprune train --config experiments/base_vgg_small.py --workdir workdirs/vgg_small
     jaxprune data prepare               # prepare Fashion-MNIST from the Debian package, once
+    jaxprune prune --method iterative --criterion taylor --target-flops 0.5 --workdir w
     jaxprune graph --model resnet20     # the prunable channel groups of a zoo model
     jaxprune score                      # criterion quality vs the oracle (Molchanov's Table 1)
 
@@ -148,8 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--source-dir", help="Fashion-MNIST idx files (default: Debian's)")
     prepare.set_defaults(func=cmd_data_prepare)
 
+    from jaxprune.commands import prune as prune_command
     from jaxprune.criteria.report import add_score_command
 
+    prune_command.add_command(sub)
     add_score_command(sub)
 
     graph = sub.add_parser("graph", help="print the prunable channel groups of a zoo model")
