@@ -366,7 +366,8 @@ def restore_checkpoint(
       sharding: where the restored arrays go; default the first local device.
 
     Returns:
-      `Restored` (state, model built from the stored spec, JSON document).
+      `Restored` (state, model built from the stored spec or None for a model outside the
+      zoo restored into `target`, JSON document).
 
     Raises:
       CheckpointError: no checkpoint; unreadable or corrupted files; arrays that differ in
@@ -375,21 +376,25 @@ def restore_checkpoint(
     step = _resolve_step(manager, step)
     path = _step_path(manager, step)
     meta = restore_meta(manager, step)
+    model = None
     try:
         spec = spec_from_meta(meta)
         model = build_model(spec.model_name, spec.num_classes, meta["widths"])
-        if target is None:
-            if tx is None:
-                tx = make_optimizer(spec.optimizer, spec.steps_per_epoch, spec.epochs)
-            target = abstract_train_state(
-                model, tx, spec.input_shape, masks=_masks_target(meta.get("masks"))
-            )
     except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(
-            f"checkpoint {path} holds a spec that cannot be rebuilt: {error!r}"
-        ) from error
+        # A user's own model (not in the zoo) restores into the target it passes.
+        if target is None:
+            raise CheckpointError(
+                f"checkpoint {path} holds a spec that cannot be rebuilt: {error!r}; pass "
+                "target= (the abstract TrainState of your model) to restore it."
+            ) from error
+    if target is None:
+        if tx is None:
+            tx = make_optimizer(spec.optimizer, spec.steps_per_epoch, spec.epochs)
+        target = abstract_train_state(
+            model, tx, spec.input_shape, masks=_masks_target(meta.get("masks"))
+        )
     stored = meta["arrays"]
-    described = f"checkpoint {path} (model {spec.model_name!r}, widths {meta['widths']})"
+    described = f"checkpoint {path} (model {meta.get('model_name')!r}, widths {meta['widths']})"
     _check_listing(described, stored, _listing(target, with_hashes=False))
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(
