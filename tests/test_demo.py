@@ -31,3 +31,21 @@ def test_demo_prunes_finetunes_reports_and_resumes(tmp_path):
     # Running the same command again reuses the pruned model and the fine-tuning checkpoints.
     second = run(config)
     assert second["results"]["pruned"]["test_accuracy"] == rows["pruned"]["test_accuracy"]
+
+
+def test_demo_reaches_the_iterative_method_by_a_flag(tmp_path):
+    config = DemoConfig(
+        model="lenet5",
+        workdir=str(tmp_path),
+        method="iterative",
+        criterion="taylor",
+        ratio=0.3,
+        channels_per_step=2,
+        updates_per_step=2,
+        finetune_epochs=0,
+    )
+    rows = run(config)["results"]
+    assert rows["pruned"]["macs"] < rows["base"]["macs"]
+    _, _, meta = checkpoint.load_model_file(tmp_path / "pruned.msgpack")
+    kept = sum(len(v) for k, v in meta["keep"].items() if k in ("conv1", "conv2"))
+    assert kept <= 22 - int(0.3 * 22)
