@@ -923,3 +923,34 @@ def _choose_records(
         else fixed_subset(indices, limits[name], seed=config.validation_seed)
         for name, indices in records.items()
     }
+
+
+def preprocessed_batches(
+    dataset: Dataset, split: str, batch_size: int, examples: int | None = None
+) -> Iterator[dict[str, jax.Array]]:
+    """The first `examples` of a split (all when None), in order, preprocessed for evaluation.
+
+    What criteria, oracles and evaluations read: no shuffling, no augmentation, the last batch
+    kept even when short. Criteria must be given the "validation" split, never "test".
+
+    Raises:
+      ValueError: a bad count, or more examples than the split holds.
+    """
+    available = dataset.num_examples[split]
+    if batch_size < 1 or (examples is not None and examples < 1):
+        raise ValueError(f"examples and batch_size must be >= 1, got {examples}, {batch_size}.")
+    if examples is not None and examples > available:
+        raise ValueError(
+            f"{examples} examples asked of the {available} in the {split} split; ask for fewer."
+        )
+    wanted = available if examples is None else examples
+    seen = 0
+    for raw in dataset.iterate(
+        split, min(batch_size, wanted), shuffle=False, drop_remainder=False
+    ):
+        take = min(len(raw["label"]), wanted - seen)
+        images, labels = dataset.preprocess(raw["image"][:take], raw["label"][:take], train=False)
+        yield {"image": images, "label": labels}
+        seen += take
+        if seen == wanted:
+            return

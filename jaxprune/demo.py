@@ -32,9 +32,8 @@ import numpy as np
 
 from jaxprune import checkpoint, cost, data, train
 from jaxprune.graph import channel_graph
-from jaxprune.methods.oneshot import OneShotConfig, keep_from_scores
+from jaxprune.methods.oneshot import OneShotConfig, oneshot_prune
 from jaxprune.models import widths_from_params
-from jaxprune.surgery import prune
 
 PRETRAINED = Path(__file__).parent / "pretrained"
 
@@ -125,9 +124,16 @@ def run(config: DemoConfig) -> dict[str, Any]:
         if config.method == "iterative":
             pruned = _iterative(config, variables, dataset, workdir)
         else:
-            scores = _scores(config, model, graph, variables, dataset)
-            keep = keep_from_scores(graph, scores, OneShotConfig(ratio=config.ratio, scope="conv"))
-            pruned = prune(variables, graph, keep)
+            batches = data.preprocessed_batches(dataset, "validation", 128, config.score_examples)
+            pruned = oneshot_prune(
+                model.apply,
+                graph,
+                variables,
+                batches,
+                criterion=config.criterion,
+                config=OneShotConfig(ratio=config.ratio, scope="conv"),
+                seed=config.seed,
+            )
         keep = pruned.keep
         checkpoint.save_model_file(
             pruned_file,
@@ -146,7 +152,15 @@ def run(config: DemoConfig) -> dict[str, Any]:
     rows = {"base": _measure(model, variables, dataset)}
     if config.finetune_epochs > 0:
         rows["pruned, before fine-tuning"] = _measure(small, small_variables, dataset, timing=False)
-        small_variables = _finetune(config, small_variables, pruned_file, dataset, workdir)
+        small_variables = train.fine_tune(
+            config.model,
+            pruned_file,
+            data.DataConfig(name=config.dataset, train_examples=config.finetune_examples or None),
+            workdir / "finetune",
+            epochs=config.finetune_epochs,
+            learning_rate=config.finetune_lr,
+            seed=config.seed,
+        )
     rows["pruned"] = _measure(small, small_variables, dataset)
     report = {
         "config": dataclasses.asdict(config),
@@ -182,50 +196,6 @@ def _iterative(config: DemoConfig, variables, dataset, workdir: Path):
     )
 
 
-def _scores(config, model, graph, variables, dataset) -> dict[str, np.ndarray]:
-    from jaxprune import criteria
-
-    context = criteria.ScoringContext(apply_fn=model.apply, graph=graph)
-    batches = _preprocessed(dataset, "validation", 128, config.score_examples)
-    options = {"seed": config.seed} if config.criterion == "random" else {}
-    return criteria.score(config.criterion, context, variables, batches, **options)
-
-
-def _preprocessed(dataset, split: str, batch_size: int, limit: int | None = None):
-    seen = 0
-    for batch in dataset.iterate(split, batch_size, shuffle=False, drop_remainder=False):
-        if limit is not None and seen >= limit:
-            return
-        images, labels = dataset.preprocess(batch["image"], batch["label"], train=False)
-        seen += len(labels)
-        yield {"image": images, "label": labels}
-
-
-def _finetune(config, small_variables, pruned_file: Path, dataset, workdir: Path):
-    train_config = train.TrainConfig(
-        model=config.model,
-        widths=widths_from_params(small_variables["params"]),
-        data=data.DataConfig(
-            name=config.dataset, seed=config.seed, train_examples=config.finetune_examples or None
-        ),
-        optimizer=train.OptimizerConfig(
-            name="sgd",
-            learning_rate=config.finetune_lr,
-            momentum=0.9,
-            schedule="cosine",
-            weight_decay=5e-4,
-        ),
-        epochs=config.finetune_epochs,
-        seed=config.seed,
-        checkpoint_every_steps=100,
-        init_from=str(pruned_file),
-    )
-    train.train_and_evaluate(train_config, workdir / "finetune")
-    with checkpoint.open_checkpoints(workdir / "finetune" / "checkpoints") as manager:
-        state = checkpoint.restore_checkpoint(manager).state
-    return {"params": state.params, "batch_stats": state.batch_stats}
-
-
 def _measure(model, variables, dataset, timing: bool = True) -> dict[str, float]:
     x1 = jnp.zeros((1, *dataset.image_shape), jnp.float32)
     counted = cost.count(model.apply, variables, x1)
@@ -238,7 +208,7 @@ def _measure(model, variables, dataset, timing: bool = True) -> dict[str, float]
         apply_fn=model.apply,
         tx=None,
     )
-    test = train.evaluate(state, _preprocessed(dataset, "test", 500))
+    test = train.evaluate(state, data.preprocessed_batches(dataset, "test", 500))
     row = {
         "test_accuracy": test["accuracy"],
         "test_kappa": test["kappa"],

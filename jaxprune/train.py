@@ -965,3 +965,56 @@ def train_and_evaluate(
             log.close()
         manager.wait_until_finished()
         manager.close()
+
+
+def fine_tune(
+    model: str,
+    model_file: str | Path,
+    data_config: data_lib.DataConfig,
+    workdir: str | Path,
+    *,
+    epochs: int = 1,
+    learning_rate: float = 0.01,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Fine-tunes a (pruned) model file with SGD (momentum 0.9, cosine, weight decay 5e-4).
+
+    Resumable like `train_and_evaluate` (checkpoints in `workdir`).
+
+    Args:
+      model: the zoo name of the model in `model_file`.
+      model_file: the starting variables (`checkpoint.save_model_file`); their width spec is
+        the model's.
+      data_config: the training data.
+      workdir: checkpoints and metrics of the fine-tuning.
+      epochs: passes over the training split.
+      learning_rate: the peak learning rate.
+      seed: data order and dropout seed.
+
+    Returns:
+      The fine-tuned variables ``{"params", "batch_stats"}``.
+    """
+    from jaxprune import checkpoint as ckpt  # checkpoint.py imports this module
+
+    _, variables, _ = ckpt.load_model_file(model_file)
+    config = TrainConfig(
+        model=model,
+        widths=widths_from_params(variables["params"]),
+        data=dataclasses.replace(data_config, seed=seed),
+        optimizer=OptimizerConfig(
+            name="sgd",
+            learning_rate=learning_rate,
+            momentum=0.9,
+            schedule="cosine",
+            weight_decay=5e-4,
+        ),
+        epochs=epochs,
+        seed=seed,
+        checkpoint_every_steps=100,
+        init_from=str(model_file),
+    )
+    train_and_evaluate(config, workdir)
+    with ckpt.open_checkpoints(Path(workdir) / "checkpoints") as manager:
+        state = ckpt.restore_checkpoint(manager).state
+    return {"params": state.params, "batch_stats": state.batch_stats}
+

@@ -259,7 +259,7 @@ def test_validation_batches_read_exactly_the_asked_validation_examples():
     assert dataset.splits_read == ["validation"]
     assert [len(b["label"]) for b in batches] == [20, 20, 5]
     np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches]), np.arange(45))
-    with pytest.raises(ValueError, match="exceeds the 50 validation examples"):
+    with pytest.raises(ValueError, match="51 examples asked of the 50 in the validation split"):
         validation_batches(dataset, 51, 20)
 
 

@@ -25,12 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import checkpoint, cost, criteria, data, train
+from jaxprune import checkpoint, cost, data, train
 from jaxprune.graph import channel_graph
 from jaxprune.methods.iterative import IterativeConfig, evaluate_split, iterative_prune
-from jaxprune.methods.oneshot import OneShotConfig, keep_from_scores, select_groups
+from jaxprune.methods.oneshot import OneShotConfig, oneshot_prune, select_groups
 from jaxprune.models import MODELS, build_model, widths_from_params
-from jaxprune.surgery import prune
 
 METHODS = ("iterative", "oneshot")
 PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"
@@ -196,11 +195,18 @@ def _run_oneshot(job: PruneJob, name: str, model: Any, variables: Any, dataset: 
     graph = channel_graph(model.apply, variables, x)
     pruned_file = workdir / "pruned.msgpack"
     if not pruned_file.is_file():
-        scores = _oneshot_scores(settings, model, graph, variables, dataset)
-        if settings.selection.ranking == "global":
-            scores = criteria.normalize_l2(scores)
-        keep = keep_from_scores(graph, scores, settings.selection)
-        pruned = prune(variables, graph, keep)
+        batches = data.preprocessed_batches(
+            dataset, "validation", settings.batch_size, settings.score_examples
+        )
+        pruned = oneshot_prune(
+            model.apply,
+            graph,
+            variables,
+            batches,
+            criterion=settings.criterion,
+            config=settings.selection,
+            seed=settings.seed,
+        )
         checkpoint.save_model_file(
             pruned_file,
             model_name=name,
@@ -247,7 +253,7 @@ def _run_oneshot(job: PruneJob, name: str, model: Any, variables: Any, dataset: 
         **before,
     }
     if settings.finetune_epochs > 0:
-        tuned = _oneshot_finetune(job, name, small_variables, pruned_file, workdir)
+        tuned = _oneshot_finetune(job, name, pruned_file, workdir)
         summary["before_finetune"] = before
         summary.update(measure(small.apply, tuned))
     return {
@@ -257,47 +263,17 @@ def _run_oneshot(job: PruneJob, name: str, model: Any, variables: Any, dataset: 
     }
 
 
-def _oneshot_scores(settings: OneShotJob, model: Any, graph: Any, variables: Any, dataset: Any):
-    context = criteria.ScoringContext(model.apply, graph)
-    options = {"seed": settings.seed} if settings.criterion == "random" else {}
-
-    def batches():
-        seen = 0
-        for batch in dataset.iterate(
-            "validation", settings.batch_size, shuffle=False, drop_remainder=False
-        ):
-            if seen >= settings.score_examples:
-                return
-            images, labels = dataset.preprocess(batch["image"], batch["label"], train=False)
-            seen += len(labels)
-            yield {"image": images, "label": labels}
-
-    return criteria.score(settings.criterion, context, variables, batches(), **options)
-
-
-def _oneshot_finetune(job: PruneJob, name: str, small_variables: Any, pruned_file: Path, workdir):
+def _oneshot_finetune(job: PruneJob, name: str, pruned_file: Path, workdir: Path) -> Any:
     settings = job.oneshot
-    config = train.TrainConfig(
-        model=name,
-        widths=widths_from_params(small_variables["params"]),
-        data=dataclasses.replace(job.data, seed=settings.seed),
-        optimizer=train.OptimizerConfig(
-            name="sgd",
-            learning_rate=settings.finetune_lr,
-            momentum=0.9,
-            schedule="cosine",
-            weight_decay=5e-4,
-        ),
+    return train.fine_tune(
+        name,
+        pruned_file,
+        job.data,
+        workdir / "finetune",
         epochs=settings.finetune_epochs,
+        learning_rate=settings.finetune_lr,
         seed=settings.seed,
-        checkpoint_every_steps=100,
-        init_from=str(pruned_file),
     )
-    train.train_and_evaluate(config, workdir / "finetune")
-    tuned = workdir / "finetuned.msgpack"
-    checkpoint.export_latest(workdir / "finetune", tuned)
-    _, tuned_variables, _ = checkpoint.load_model_file(tuned)
-    return tuned_variables
 
 
 def _print_report(report: dict[str, Any]) -> None:

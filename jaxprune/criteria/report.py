@@ -624,23 +624,9 @@ def validation_batches(dataset: Any, examples: int, batch_size: int) -> list[dic
     Raises:
       ValueError: a bad count, or more examples than the validation split holds.
     """
-    if examples < 1 or batch_size < 1:
-        raise ValueError(f"examples and batch_size must be >= 1, got {examples}, {batch_size}.")
-    available = dataset.num_examples["validation"]
-    if examples > available:
-        raise ValueError(
-            f"--examples {examples} exceeds the {available} validation examples; ask for fewer."
-        )
-    batches, seen = [], 0
-    size = min(batch_size, examples)
-    for raw in dataset.iterate("validation", size, shuffle=False, drop_remainder=False):
-        take = min(len(raw["label"]), examples - seen)
-        images, labels = dataset.preprocess(raw["image"][:take], raw["label"][:take], train=False)
-        batches.append({"image": images, "label": labels})
-        seen += take
-        if seen == examples:
-            break
-    return batches
+    from jaxprune.data import preprocessed_batches
+
+    return list(preprocessed_batches(dataset, "validation", batch_size, examples))
 
 
 class ScoringSetup(NamedTuple):

@@ -9,11 +9,14 @@ fraction, optionally fine-tune. This module turns scores into keep indices; scor
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
+from jaxprune import criteria
 from jaxprune.graph import ChannelGraph
+from jaxprune.surgery import Pruned, prune
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,3 +95,37 @@ def _top(values: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest values, sorted; ties go to the lower index."""
     order = np.argsort(-np.asarray(values, dtype=np.float64), kind="stable")
     return np.sort(order[:k]).astype(np.int64)
+
+
+def oneshot_prune(
+    apply_fn: Callable[..., Any],
+    graph: ChannelGraph,
+    variables: Any,
+    batches: Iterable[Mapping[str, Any]] | None,
+    *,
+    criterion: str = "l1",
+    config: OneShotConfig = OneShotConfig(),
+    seed: int = 0,
+) -> Pruned:
+    """Scores every channel once, keeps the best of each group, and removes the rest.
+
+    Args:
+      apply_fn: the model function the graph was built from.
+      graph: its channel graph.
+      variables: the trained variables.
+      batches: preprocessed validation batches for data-driven criteria (None for weight
+        criteria); never the test split.
+      criterion: a registered criterion name (`jaxprune.criteria.CRITERIA`).
+      config: ratio, scope and ranking; a global ranking compares L2-normalised scores
+        (Molchanov et al. 2017's per-layer normalisation).
+      seed: the seed of the random criterion.
+
+    Returns:
+      `surgery.Pruned`: the smaller variables, the new width spec and the keep indices.
+    """
+    context = criteria.ScoringContext(apply_fn=apply_fn, graph=graph)
+    options = {"seed": seed} if criterion == "random" else {}
+    scores = criteria.score(criterion, context, variables, batches, **options)
+    if config.ranking == "global":
+        scores = criteria.normalize_l2(scores)
+    return prune(variables, graph, keep_from_scores(graph, scores, config))
