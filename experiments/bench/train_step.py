@@ -1,0 +1,497 @@
+"""Training-step and inference speed of the zoo on a CPU: jaxprune's variants against PyTorch.
+
+Command (about 6 minutes on a 2-core CPU; add ``--allocator inherit`` to halve it):
+
+    python experiments/bench/train_step.py        # prints tables, writes
+                                                  # results/bench_train_step.json
+
+What it measures, for LeNet-5 and VGG-small on 28x28x1 and ResNet-20 on 32x32x3:
+
+* the train step (forward, softmax cross-entropy, backward, SGD with momentum 0.9) at batch
+  128, ``jaxprune.train.train_step`` on the zoo models, in these variants:
+
+  - ``stock``: `jax.lax.conv_general_dilated`, `flax.linen.max_pool`, default compiler;
+  - ``gemm-conv``: the weight gradient as shifted matrix products
+    (`jaxprune.ops.conv_general_dilated_gemm`);
+  - ``pool``: `jaxprune.ops.max_pool` (reshape + max) for the pooling layers;
+  - ``no-ynn``: compiled with `jaxprune.ops.cpu_compiler_options` (XLA's Eigen convolutions
+    instead of YNNPACK fusions);
+  - ``pool+no-ynn`` and ``gemm+pool``: the promising combinations;
+
+  ResNet-20 has no max pooling, so it skips the pool variants;
+* inference throughput (``train=False``) at batch 1 and 128 of the variants whose forward
+  pass differs (the gemm ones have the stock forward pass);
+* the same networks in PyTorch when it is installed (``pip install torch==2.13.0``), in the
+  ``channels_last`` memory format, which matches JAX's NHWC layout (PyTorch's default NCHW
+  was about 1.2x slower here). Without PyTorch its columns are skipped with a message.
+
+Every variant of a model is compiled first, then the variants take turns, a few steps each,
+for several rounds: the machine is shared, and taking turns exposes every variant to the same
+load, so the ratios (median over median, from one run) stay meaningful when the absolute
+times drift. Each run also records the CPU pressure (/proc/pressure/cpu) around it.
+
+The whole set runs twice, in fresh processes: with the environment as it is (``inherit``)
+and with glibc's malloc tuned by `jaxprune.ops.GLIBC_TUNABLES` (``tuned``), which stops
+XLA:CPU from page-faulting its temporary buffers at every step; PyTorch runs under the same
+settings in each process.
+
+The variants are selected without editing the zoo: the convolution by a flax method
+interceptor that sets ``conv_general_dilated`` on every ``nn.Conv`` while the model is
+traced, the pooling by standing in for ``flax.linen.max_pool`` during tracing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxprune import ops, train
+from jaxprune.models import build_model
+from jaxprune.runtime import enable_compilation_cache
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+MODELS = ("lenet5", "vgg_small", "resnet20")
+IMAGE_SHAPES = {"lenet5": (28, 28, 1), "vgg_small": (28, 28, 1), "resnet20": (32, 32, 3)}
+GEMM = ops.conv_general_dilated_gemm
+# name -> (conv function or None for stock, use jaxprune.ops.max_pool, use cpu_compiler_options)
+JAX_VARIANTS = {
+    "stock": (None, False, False),
+    "gemm-conv": (GEMM, False, False),
+    "pool": (None, True, False),
+    "no-ynn": (None, False, True),
+    "pool+no-ynn": (None, True, True),
+    "gemm+pool": (GEMM, True, False),
+}
+HAS_MAX_POOL = {"lenet5", "vgg_small"}  # elsewhere the pool variants equal their twins
+NUM_CLASSES = 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+def cpu_pressure() -> float | None:
+    """The share of the last 10 s in which some task waited for a CPU (Linux PSI), in %."""
+    try:
+        first = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except OSError:
+        return None
+    fields = dict(part.split("=") for part in first.split()[1:])
+    return float(fields["avg10"])
+
+
+def take_turns(
+    runners: dict[str, Callable[[], None]], rounds: int, per_round: int
+) -> dict[str, dict[str, float]]:
+    """Times each runner `rounds * per_round` times, the runners taking turns every round.
+
+    Returns:
+      Per runner: median and min wall time and median CPU time (user + system of this
+      process, 10 ms resolution) of one call, in ms.
+    """
+    wall: dict[str, list[float]] = {name: [] for name in runners}
+    cpu: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            for _ in range(per_round):
+                before, start = os.times(), time.perf_counter()
+                run()
+                end, after = time.perf_counter(), os.times()
+                wall[name].append(end - start)
+                cpu[name].append(after.user + after.system - before.user - before.system)
+    return {
+        name: {
+            "median_ms": float(np.median(wall[name]) * 1e3),
+            "min_ms": float(np.min(wall[name]) * 1e3),
+            "cpu_median_ms": float(np.median(cpu[name]) * 1e3),
+        }
+        for name in runners
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# JAX variants
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _pool_standin(enabled: bool) -> Iterator[None]:
+    """Makes `flax.linen.max_pool` resolve to `jaxprune.ops.max_pool` inside the block."""
+    if not enabled:
+        yield
+        return
+    original = nn.max_pool
+    nn.max_pool = ops.max_pool
+    try:
+        yield
+    finally:
+        nn.max_pool = original
+
+
+def with_ops(apply_fn: Callable[..., Any], conv: Callable | None, pool: bool) -> Callable:
+    """Wraps a flax apply function so that its convs use `conv` and its pools `ops.max_pool`.
+
+    The wrapper is a new function object, so `jax.jit` (which keys on the static apply_fn of
+    the train state) compiles each variant separately.
+    """
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if conv is None or not isinstance(module, nn.Conv) or context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        previous = module.conv_general_dilated
+        # The field is read while the module is traced; restore it right after.
+        object.__setattr__(module, "conv_general_dilated", conv)
+        try:
+            return next_fun(*args, **kwargs)
+        finally:
+            object.__setattr__(module, "conv_general_dilated", previous)
+
+    def apply(*args, **kwargs):
+        with _pool_standin(pool), nn.intercept_methods(interceptor):
+            return apply_fn(*args, **kwargs)
+
+    return apply
+
+
+def variants_of(name: str) -> list[str]:
+    """The JAX variants worth timing for a model (pool variants only where it pools)."""
+    return [v for v, (_, pool, _) in JAX_VARIANTS.items() if not pool or name in HAS_MAX_POOL]
+
+
+def jax_runners(name: str, batch: int, rng: np.random.Generator) -> dict[str, Any]:
+    """Compiled train-step and inference callables of every JAX variant of one model."""
+    model = build_model(name, NUM_CLASSES)
+    images = jnp.asarray(rng.normal(size=(batch, *IMAGE_SHAPES[name])), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, NUM_CLASSES, batch), jnp.int32)
+    base = train.create_train_state(
+        model, optax.sgd(0.01, momentum=0.9), jax.random.key(0), images[:1]
+    )
+    steps, losses, infer = {}, {}, {}
+    for variant in variants_of(name):
+        conv, pool, no_ynn = JAX_VARIANTS[variant]
+        options = ops.cpu_compiler_options() if no_ynn else None
+        train_step = jax.jit(train.train_step.__wrapped__, compiler_options=options)
+        apply_fn = with_ops(model.apply, conv, pool)
+        box = {"state": base.replace(apply_fn=apply_fn)}
+        batch_dict = {"image": images, "label": labels}
+        for _ in range(3):  # compile, then steps with warm caches
+            box["state"], metrics = train_step(box["state"], batch_dict)
+        losses[variant] = float(metrics["loss"])
+
+        def step(box=box, batch_dict=batch_dict, train_step=train_step):
+            box["state"], metrics = train_step(box["state"], batch_dict)
+            jax.block_until_ready(metrics)
+
+        steps[variant] = step
+        if conv is None:  # the gemm variants have the stock forward pass
+            predict = jax.jit(
+                lambda v, x, apply_fn=apply_fn: apply_fn(v, x, train=False),
+                compiler_options=options,
+            )
+            variables = box["state"].variables()
+            infer[variant] = (predict, variables)
+    return {"steps": steps, "losses": losses, "infer": infer, "images": images}
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch equivalents (built only when torch is importable)
+# ---------------------------------------------------------------------------------------------
+
+
+def torch_models() -> dict[str, Callable[[], Any]]:
+    """Constructors of the three nets in PyTorch, layer for layer as in jaxprune.models."""
+    import torch.nn as tnn
+    import torch.nn.functional as F  # noqa: N812
+
+    class LeNet5(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = tnn.Conv2d(1, 6, 5, padding=2)
+            self.conv2 = tnn.Conv2d(6, 16, 5)
+            self.fc1, self.fc2 = tnn.Linear(400, 120), tnn.Linear(120, 84)
+            self.head = tnn.Linear(84, NUM_CLASSES)
+
+        def forward(self, x):
+            x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+            x = F.max_pool2d(F.relu(self.conv2(x)), 2).flatten(1)
+            return self.head(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+    class VGGSmall(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            layers, width = [], 1
+            for stage in ((32, 32), (64, 64), (128, 128)):
+                for out in stage:
+                    layers += [
+                        tnn.Conv2d(width, out, 3, padding=1, bias=False),
+                        tnn.BatchNorm2d(out, momentum=0.1, eps=1e-5),
+                        tnn.ReLU(),
+                    ]
+                    width = out
+                layers.append(tnn.MaxPool2d(2))
+            self.features = tnn.Sequential(*layers)
+            self.fc1, self.dropout = tnn.Linear(128 * 3 * 3, 512), tnn.Dropout(0.5)
+            self.head = tnn.Linear(512, NUM_CLASSES)
+
+        def forward(self, x):
+            x = self.features(x).flatten(1)
+            return self.head(self.dropout(F.relu(self.fc1(x))))
+
+    class BasicBlock(tnn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = tnn.BatchNorm2d(cout)
+            self.conv2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = tnn.BatchNorm2d(cout)
+            self.shortcut = None
+            if stride != 1 or cin != cout:  # option B, as in jaxprune.models.resnet
+                self.shortcut = tnn.Sequential(
+                    tnn.Conv2d(cin, cout, 1, stride, bias=False), tnn.BatchNorm2d(cout)
+                )
+
+        def forward(self, x):
+            y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+            return F.relu((x if self.shortcut is None else self.shortcut(x)) + y)
+
+    class ResNet20(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = tnn.Sequential(
+                tnn.Conv2d(3, 16, 3, padding=1, bias=False), tnn.BatchNorm2d(16), tnn.ReLU()
+            )
+            blocks, width = [], 16
+            for stage, out in enumerate((16, 32, 64)):
+                for block in range(3):
+                    stride = 2 if stage > 0 and block == 0 else 1
+                    blocks.append(BasicBlock(width, out, stride))
+                    width = out
+            self.blocks = tnn.Sequential(*blocks)
+            self.head = tnn.Linear(64, NUM_CLASSES)
+
+        def forward(self, x):
+            return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+    return {"lenet5": LeNet5, "vgg_small": VGGSmall, "resnet20": ResNet20}
+
+
+def torch_runners(name: str, batch: int, rng: np.random.Generator) -> dict[str, Any]:
+    """Train-step and inference callables of the PyTorch twin of one model."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    torch.manual_seed(0)
+    fmt = torch.channels_last  # NHWC in memory, like the JAX models
+    model = torch_models()[name]().to(memory_format=fmt)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    height, width, channels = IMAGE_SHAPES[name]
+    images = torch.as_tensor(
+        rng.normal(size=(batch, channels, height, width)), dtype=torch.float32
+    ).contiguous(memory_format=fmt)
+    labels = torch.as_tensor(rng.integers(0, NUM_CLASSES, batch))
+
+    def step():
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+
+    for _ in range(3):
+        step()
+
+    def predictor(size: int) -> Callable[[], None]:
+        x = images[:size].contiguous(memory_format=fmt)
+
+        def predict():
+            model.eval()
+            with torch.inference_mode():
+                model(x)
+
+        return predict
+
+    return {"step": step, "predictor": predictor}
+
+
+# ---------------------------------------------------------------------------------------------
+# One full measurement in this process
+# ---------------------------------------------------------------------------------------------
+
+
+def measure(models: list[str], batch: int, rounds: int, per_round: int, use_torch: bool) -> dict:
+    """Runs every measurement in this process and returns the results as a dict."""
+    have_torch = False
+    if use_torch:
+        try:
+            import torch
+
+            torch.set_num_threads(os.cpu_count() or 1)
+            have_torch = True
+        except ImportError:
+            print("PyTorch is not installed: its columns are skipped (pip install torch==2.13.0)")
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "cpu_pressure_before": cpu_pressure(),
+        "torch": have_torch,
+        "train": {},
+        "inference": {},
+    }
+    for name in models:
+        runs = jax_runners(name, batch, rng)
+        runners = {f"jax {v}": runs["steps"][v] for v in variants_of(name)}
+        tw = torch_runners(name, batch, rng) if have_torch else None
+        if tw is not None:
+            runners["torch"] = tw["step"]
+        timing = take_turns(runners, rounds, per_round)
+        if tw is not None:
+            for key in runners:
+                timing[key]["vs_torch"] = timing[key]["median_ms"] / timing["torch"]["median_ms"]
+        for variant in variants_of(name):
+            timing[f"jax {variant}"]["loss_after_3_steps"] = runs["losses"][variant]
+            timing[f"jax {variant}"]["vs_stock"] = (
+                timing[f"jax {variant}"]["median_ms"] / timing["jax stock"]["median_ms"]
+            )
+        out["train"][name] = timing
+        out["inference"][name] = {}
+        for size in (1, batch):
+            predictors = {}
+            for variant, (predict, variables) in runs["infer"].items():
+                x = runs["images"][:size]
+                jax.block_until_ready(predict(variables, x))  # compile
+
+                def call(predict=predict, variables=variables, x=x):
+                    jax.block_until_ready(predict(variables, x))
+
+                predictors[f"jax {variant}"] = call
+            if tw is not None:
+                predictors["torch"] = tw["predictor"](size)
+                for _ in range(3):
+                    predictors["torch"]()
+            # Batch-1 calls are short: time more of them so the medians settle.
+            repeats = per_round * (10 if size == 1 else 1)
+            timing = take_turns(predictors, rounds, repeats)
+            for row in timing.values():
+                row["images_per_s"] = size / (row["median_ms"] / 1e3)
+            out["inference"][name][str(size)] = timing
+        print(f"  {name} done (cpu pressure {cpu_pressure()})", flush=True)
+    out["cpu_pressure_after"] = cpu_pressure()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def print_tables(label: str, result: dict) -> None:
+    """Prints the train-step and inference tables of one environment."""
+    print(f"\n== {label}: GLIBC_TUNABLES={result['glibc_tunables'] or '(unset)'}")
+    print(
+        f"   cpu pressure avg10 {result['cpu_pressure_before']} -> "
+        f"{result['cpu_pressure_after']} (% of time some task waited for a CPU)"
+    )
+    print(f"\ntrain step, batch {result['batch']} (ms: median / min / cpu-median; ratios)")
+    for name, timing in result["train"].items():
+        for key, row in timing.items():
+            ratios = f"  x{row['vs_stock']:.2f} of stock" if "vs_stock" in row else ""
+            if "vs_torch" in row:
+                ratios += f"  x{row['vs_torch']:.2f} of torch"
+            print(
+                f"  {name:10s} {key:15s} {row['median_ms']:8.1f} {row['min_ms']:8.1f} "
+                f"{row['cpu_median_ms']:8.1f}{ratios}"
+            )
+    print("\ninference throughput (images/s, from the median call)")
+    for name, sizes in result["inference"].items():
+        for size, timing in sizes.items():
+            cells = "  ".join(f"{key} {row['images_per_s']:9.1f}" for key, row in timing.items())
+            print(f"  {name:10s} batch {size:>4s}  {cells}")
+
+
+def run_child(allocator: str, argv: list[str]) -> dict:
+    """Runs this script's measurement in a fresh process with the chosen malloc settings."""
+    env = ops.tuned_environ() if allocator == "tuned" else dict(os.environ)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "result.json"
+        cmd = [sys.executable, __file__, *argv, "--child-out", str(path)]
+        subprocess.run(cmd, env=env, check=True)
+        return json.loads(path.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3, help="turns each variant takes")
+    parser.add_argument("--per-round", type=int, default=2, help="timed steps per turn")
+    parser.add_argument(
+        "--allocator",
+        choices=("both", "inherit", "tuned"),
+        default="both",
+        help="malloc settings: this environment, jaxprune.ops.GLIBC_TUNABLES, or both",
+    )
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch columns")
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_train_step.json")
+    parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    models = [m for m in args.models.split(",") if m]
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    enable_compilation_cache()
+
+    if args.child_out is not None:  # one measurement, in this process
+        result = measure(models, args.batch, args.rounds, args.per_round, not args.no_torch)
+        result["batch"] = args.batch
+        args.child_out.write_text(json.dumps(result))
+        return
+
+    passthrough = [
+        f"--models={','.join(models)}",
+        f"--batch={args.batch}",
+        f"--rounds={args.rounds}",
+        f"--per-round={args.per_round}",
+        *(["--no-torch"] if args.no_torch else []),
+    ]
+    allocators = ("inherit", "tuned") if args.allocator == "both" else (args.allocator,)
+    results = {}
+    for allocator in allocators:
+        print(f"measuring with allocator={allocator} ...", flush=True)
+        results[allocator] = run_child(allocator, passthrough)
+        print_tables(allocator, results[allocator])
+    report = {
+        "command": " ".join(["python", "experiments/bench/train_step.py", *sys.argv[1:]]),
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "jax": jax.__version__,
+            "note": "shared machine: compare ratios within one environment, not absolute ms",
+        },
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
