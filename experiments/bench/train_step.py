@@ -1,6 +1,6 @@
 """Training-step and inference speed of the zoo on a CPU: jaxprune's variants against PyTorch.
 
-Command (about 6 minutes on a 2-core CPU; add ``--allocator inherit`` to halve it):
+Command (5.5 minutes on a 2-core CPU; ``--allocator inherit`` halves it):
 
     python experiments/bench/train_step.py        # prints tables, writes
                                                   # results/bench_train_step.json
@@ -34,6 +34,25 @@ The whole set runs twice, in fresh processes: with the environment as it is (``i
 and with glibc's malloc tuned by `jaxprune.ops.GLIBC_TUNABLES` (``tuned``), which stops
 XLA:CPU from page-faulting its temporary buffers at every step; PyTorch runs under the same
 settings in each process.
+
+Result (2-core AMD EPYC, jax 0.10.2, torch 2.13.0, idle machine: CPU pressure < 7%; two runs
+a few minutes apart; train step ms at batch 128, median; x = ratio to PyTorch in the same run):
+
+    allocator  model       jax stock        best jax variant                    torch
+    inherit    lenet5      20.4 / 23.1      pool+no-ynn  13.8 / 15.7            7.2 / 15.0
+    inherit    vgg_small   360 / 333        pool+no-ynn  266 / 236 (x1.55/1.48) 172 / 159
+    inherit    resnet20    685 / 715        no-ynn       674 / 685 (x2.98/3.03) 226 / 226
+    tuned      lenet5      21.7 / 19.9      pool+no-ynn  16.2 / 14.5            9.1 / 6.9
+    tuned      vgg_small   271 / 260        pool+no-ynn  204 / 216 (x1.48/1.69) 138 / 128
+    tuned      resnet20    557 / 639        gemm-conv    476 / 574 (x2.28/2.57) 209 / 223
+
+So the step is 1.5x (VGG-small: 333 -> 216 ms) and 1.25x (ResNet-20: 715 -> 571 ms) faster
+than stock, but still 1.5-1.7x (VGG-small) and 2.3-3x (ResNet-20) slower than PyTorch. Under
+load (other processes on the cores) ``no-ynn`` and ``gemm-conv`` turned into losses of
+1.1-1.3x, while ``pool`` and the tuned malloc stayed gains. Inference: JAX matches or beats
+PyTorch at batch 1 (VGG-small 1.2-1.4k vs 1.1k images/s, ResNet-20 0.7-0.9k vs 0.4-0.6k) and
+trails it at batch 128 on LeNet-5 (11-20k vs 29-48k) and ResNet-20 (1.1-1.4k vs 1.6-1.9k).
+results/bench_train_step.json holds the second run.
 
 The variants are selected without editing the zoo: the convolution by a flax method
 interceptor that sets ``conv_general_dilated`` on every ``nn.Conv`` while the model is
