@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import flax.linen as nn
 import jax
 
+from jaxprune import ops
 from jaxprune.models.widths import (
     FrozenWidths,
     check_num_classes,
@@ -68,9 +69,9 @@ class LeNet5(nn.Module):
             raise ValueError(f"lenet5 expects NHWC images of rank 4, got shape {x.shape}.")
         widths = self.full_widths()
         x = nn.Conv(widths["conv1"], (5, 5), padding="SAME", name="conv1")(x)
-        x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+        x = ops.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
         x = nn.Conv(widths["conv2"], (5, 5), padding="VALID", name="conv2")(x)
-        x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+        x = ops.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(widths["fc1"], name="fc1")(x))
         x = nn.relu(nn.Dense(widths["fc2"], name="fc2")(x))

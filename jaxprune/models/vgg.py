@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import flax.linen as nn
 import jax
 
+from jaxprune import ops
 from jaxprune.models.widths import (
     FrozenWidths,
     check_num_classes,
@@ -125,7 +126,7 @@ class VGG(nn.Module):
                         name=f"bn{index}",
                     )(x)
                 x = nn.relu(x)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2), padding=self.pool_padding)
+            x = ops.max_pool(x, (2, 2), strides=(2, 2), padding=self.pool_padding)
         x = x.reshape((x.shape[0], -1))
         for index in range(1, len(self.hidden) + 1):
             dense = nn.Dense(widths[f"fc{index}"], kernel_init=_relu_init, name=f"fc{index}")
