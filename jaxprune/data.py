@@ -945,9 +945,7 @@ def preprocessed_batches(
         )
     wanted = available if examples is None else examples
     seen = 0
-    for raw in dataset.iterate(
-        split, min(batch_size, wanted), shuffle=False, drop_remainder=False
-    ):
+    for raw in dataset.iterate(split, min(batch_size, wanted), shuffle=False, drop_remainder=False):
         take = min(len(raw["label"]), wanted - seen)
         images, labels = dataset.preprocess(raw["image"][:take], raw["label"][:take], train=False)
         yield {"image": images, "label": labels}

@@ -1017,4 +1017,3 @@ def fine_tune(
     with ckpt.open_checkpoints(Path(workdir) / "checkpoints") as manager:
         state = ckpt.restore_checkpoint(manager).state
     return {"params": state.params, "batch_stats": state.batch_stats}
-
