@@ -28,24 +28,11 @@ from jaxprune import cost, criteria
 from jaxprune.graph import channel_graph
 from jaxprune.methods.oneshot import OneShotConfig, keep_from_scores
 from jaxprune.models import build_model
+from jaxprune.models.random_init import random_variables
 from jaxprune.runtime import enable_compilation_cache
 from jaxprune.surgery import prune
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def random_variables(model, x, seed=0):
-    """Random weights of the right shapes without compiling `init` (slow for deep models)."""
-    rng = np.random.default_rng(seed)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), x)
-
-    def fill(path, s):
-        if path[-1].key == "var":
-            return jnp.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype)
-        fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
-        return jnp.asarray(rng.normal(0, 1 / np.sqrt(fan_in), s.shape), s.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
 def half_by_l1(graph, variables):

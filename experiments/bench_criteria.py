@@ -56,24 +56,11 @@ from jaxprune.data import read_idx
 from jaxprune.gates import gated_call
 from jaxprune.graph import channel_graph
 from jaxprune.models import build_model
+from jaxprune.models.random_init import random_variables
 from jaxprune.runtime import enable_compilation_cache
 
 RESULTS = Path(__file__).parent / "results"
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
-def random_variables(model, x, seed=0):
-    """Random weights of the right shapes without compiling `init`."""
-    rng = np.random.default_rng(seed)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), x)
-
-    def fill(path, s):
-        if path[-1].key == "var":
-            return jnp.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype)
-        fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
-        return jnp.asarray(rng.normal(0, np.sqrt(2 / fan_in), s.shape), s.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
 def images(count: int) -> tuple[jax.Array, jax.Array, str]:
@@ -186,7 +173,7 @@ def main(argv=None):
 
     model = build_model("vgg_small", 10)
     x, y, source = images(max(args.images, args.taylor_batch))
-    variables = random_variables(model, x[:1])
+    variables = random_variables(model, x[:1], gain=np.sqrt(2.0))
     graph = channel_graph(model.apply, variables, x[:1])
     modes = args.modes.split(",")
 

@@ -2,14 +2,13 @@
 
 import chex
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 from core_helpers import random_keep
 
 from jaxprune.gates import gated_call
 from jaxprune.graph import channel_graph
 from jaxprune.models import build_model, default_widths
+from jaxprune.models.random_init import random_variables
 from jaxprune.surgery import keep_to_masks, prune
 
 # (model, input shape, widths scale): the big VGGs run narrower to keep the test fast; the
@@ -33,17 +32,7 @@ def make(name):
     }
     model = build_model(name, NUM_CLASSES, widths)
     x = jax.random.normal(jax.random.key(0), shape)
-    # Real random values without compiling init (slow on CPU for the deep models).
-    rng = np.random.default_rng(0)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), x)
-
-    def fill(path, s):
-        if path[-1].key == "var":
-            return jnp.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype)
-        fan_in = np.prod(s.shape[:-1]) if len(s.shape) > 1 else 1
-        return jnp.asarray(rng.normal(0, 1 / np.sqrt(fan_in), s.shape), s.dtype)
-
-    return model, jax.tree_util.tree_map_with_path(fill, abstract), x
+    return model, random_variables(model, x), x
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
