@@ -414,3 +414,27 @@ def test_bad_num_classes_is_refused():
 def test_registry_is_read_only():
     with pytest.raises(TypeError):
         MODELS["mine"] = build_model  # type: ignore[index]
+
+
+@pytest.mark.parametrize("name, shape", [("lenet5", (2, 28, 28, 1)), ("resnet20", (2, 16, 16, 3))])
+def test_conv_impl_switch_changes_speed_not_results(name, shape):
+    from jaxprune.models.random_init import random_variables
+
+    x = jax.random.normal(jax.random.key(0), shape)
+    stock = build_model(name, 10, conv_impl="xla")
+    variables = random_variables(stock, x)
+
+    def loss(model, params):
+        out = model.apply({**variables, "params": params}, x, train=False)
+        return jnp.sum(out**2)
+
+    for impl in ("auto", "gemm"):
+        other = build_model(name, 10, conv_impl=impl)
+        np.testing.assert_allclose(
+            other.apply(variables, x), stock.apply(variables, x), rtol=1e-5, atol=1e-5
+        )
+        grads = jax.grad(lambda p, m=other: loss(m, p))(variables["params"])
+        expected = jax.grad(lambda p: loss(stock, p))(variables["params"])
+        chex.assert_trees_all_close(grads, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises((ValueError, KeyError)):
+        build_model(name, 10, conv_impl="fastest").apply(variables, x)

@@ -52,7 +52,13 @@ def _constructor(name: str) -> ModelConstructor:
     return MODELS[name]
 
 
-def build_model(name: str, num_classes: int, widths: Mapping[str, int] | None = None) -> nn.Module:
+def build_model(
+    name: str,
+    num_classes: int,
+    widths: Mapping[str, int] | None = None,
+    *,
+    conv_impl: str = "auto",
+) -> nn.Module:
     """Builds a zoo model by name.
 
     Args:
@@ -60,6 +66,8 @@ def build_model(name: str, num_classes: int, widths: Mapping[str, int] | None = 
       num_classes: outputs of the logits layer.
       widths: optional (partial) width spec, e.g. ``widths_from_params(pruned_params)``;
         missing layers keep their default width.
+      conv_impl: the convolution implementation (`jaxprune.ops.conv_impl`: "auto", "xla",
+        "gemm"); it changes the speed of training, not the results.
 
     Returns:
       The unbound linen module.
@@ -68,7 +76,7 @@ def build_model(name: str, num_classes: int, widths: Mapping[str, int] | None = 
       ValueError: unknown name, or a spec naming a layer the model lacks, holding a
         non-positive width, or breaking a residual coupling.
     """
-    return _constructor(name)(num_classes=num_classes, widths=widths)
+    return _constructor(name)(num_classes=num_classes, widths=widths, conv_impl=conv_impl)
 
 
 def default_widths(name: str, num_classes: int) -> dict[str, int]:

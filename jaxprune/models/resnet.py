@@ -8,6 +8,7 @@ projection, and each block's ``conv2``) is coupled: they must keep one common wi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -15,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxprune import ops
 from jaxprune.models.widths import (
     FrozenWidths,
     check_num_classes,
@@ -55,12 +57,14 @@ class BasicBlock(nn.Module):
     """
 
     layout: BlockLayout
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Applies the block to NHWC features."""
         strides = (self.layout.strides, self.layout.strides)
-        y = nn.Conv(
+        conv = functools.partial(nn.Conv, conv_general_dilated=ops.conv_impl(self.conv_impl))
+        y = conv(
             self.layout.conv1,
             (3, 3),
             strides=strides,
@@ -70,7 +74,7 @@ class BasicBlock(nn.Module):
             name="conv1",
         )(x)
         y = nn.relu(_batch_norm(train, "bn1")(y))
-        y = nn.Conv(
+        y = conv(
             self.layout.conv2,
             (3, 3),
             padding=_PAD_1,
@@ -80,7 +84,7 @@ class BasicBlock(nn.Module):
         )(y)
         y = _batch_norm(train, "bn2")(y)
         if self.layout.shortcut is not None:
-            x = nn.Conv(
+            x = conv(
                 self.layout.shortcut,
                 (1, 1),
                 strides=strides,
@@ -101,12 +105,13 @@ class ResNetStage(nn.Module):
     """
 
     blocks: tuple[BlockLayout, ...]
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Applies the blocks in order."""
         for index, layout in enumerate(self.blocks):
-            x = BasicBlock(layout, name=f"block{index}")(x, train)
+            x = BasicBlock(layout, self.conv_impl, name=f"block{index}")(x, train)
         return x
 
 
@@ -125,12 +130,15 @@ class ResNet(nn.Module):
       stage_widths: default widths of the stages; the stem takes the first.
       widths: width spec (layer path -> output features); missing layers take the defaults.
         Stored as sorted pairs.
+      conv_impl: the convolution implementation (`jaxprune.ops.conv_impl`): "auto", "xla" or
+        "gemm"; it changes the speed of training, not the results.
     """
 
     num_classes: int
     blocks_per_stage: int = 3
     stage_widths: tuple[int, ...] = (16, 32, 64)
     widths: Mapping[str, int] | FrozenWidths | None = None
+    conv_impl: str = "auto"
 
     def __post_init__(self) -> None:
         # Linen fields must be hashable, so keep the spec as sorted pairs; validate it now so a
@@ -216,7 +224,8 @@ class ResNet(nn.Module):
         if x.ndim != 4:
             raise ValueError(f"ResNet expects NHWC images of rank 4, got shape {x.shape}.")
         widths = self.full_widths()
-        x = nn.Conv(
+        conv = functools.partial(nn.Conv, conv_general_dilated=ops.conv_impl(self.conv_impl))
+        x = conv(
             widths["stem"],
             (3, 3),
             padding=_PAD_1,
@@ -237,25 +246,30 @@ class ResNet(nn.Module):
                 )
                 for block, layout in enumerate(blocks)
             )
-            x = ResNetStage(layouts, name=f"stage{stage}")(x, train)
+            x = ResNetStage(layouts, self.conv_impl, name=f"stage{stage}")(x, train)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(widths["head"], name="head")(x)
 
 
-def resnet20(num_classes: int, widths: Mapping[str, int] | None = None) -> ResNet:
+def resnet20(
+    num_classes: int, widths: Mapping[str, int] | None = None, *, conv_impl: str = "auto"
+) -> ResNet:
     """ResNet-20 for CIFAR: 3 blocks per stage, 16-32-64 channels, option-B projections.
 
     Args:
       num_classes: outputs of the logits layer.
       widths: optional (partial) width spec.
+      conv_impl: the convolution implementation (`jaxprune.ops.conv_impl`).
 
     Returns:
       The unbound module.
     """
-    return ResNet(num_classes=num_classes, blocks_per_stage=3, widths=widths)
+    return ResNet(num_classes=num_classes, blocks_per_stage=3, widths=widths, conv_impl=conv_impl)
 
 
-def resnet56(num_classes: int, widths: Mapping[str, int] | None = None) -> ResNet:
+def resnet56(
+    num_classes: int, widths: Mapping[str, int] | None = None, *, conv_impl: str = "auto"
+) -> ResNet:
     """ResNet-56 for CIFAR: 9 blocks per stage, 16-32-64 channels, option-B projections.
 
     With 10 classes it has 855,770 parameters and about 125.7 M MACs per 32x32 image.
@@ -263,8 +277,9 @@ def resnet56(num_classes: int, widths: Mapping[str, int] | None = None) -> ResNe
     Args:
       num_classes: outputs of the logits layer.
       widths: optional (partial) width spec.
+      conv_impl: the convolution implementation (`jaxprune.ops.conv_impl`).
 
     Returns:
       The unbound module.
     """
-    return ResNet(num_classes=num_classes, blocks_per_stage=9, widths=widths)
+    return ResNet(num_classes=num_classes, blocks_per_stage=9, widths=widths, conv_impl=conv_impl)

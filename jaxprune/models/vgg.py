@@ -8,6 +8,7 @@ layers with dropout).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import flax.linen as nn
@@ -51,6 +52,8 @@ class VGG(nn.Module):
         Both agree on even sizes, e.g. every pool of a 32x32 or 224x224 input.
       widths: width spec (layer path -> output features); missing layers take the defaults.
         Stored as sorted pairs.
+      conv_impl: the convolution implementation (`jaxprune.ops.conv_impl`): "auto", "xla" or
+        "gemm"; it changes the speed of training, not the results.
     """
 
     num_classes: int
@@ -60,6 +63,7 @@ class VGG(nn.Module):
     dropout_rate: float = 0.0
     pool_padding: str = "VALID"
     widths: Mapping[str, int] | FrozenWidths | None = None
+    conv_impl: str = "auto"
 
     def __post_init__(self) -> None:
         # Linen fields must be hashable, so keep the spec as sorted pairs; validate it now so a
@@ -106,11 +110,12 @@ class VGG(nn.Module):
         if x.ndim != 4:
             raise ValueError(f"VGG expects NHWC images of rank 4, got shape {x.shape}.")
         widths = self.full_widths()
+        conv = functools.partial(nn.Conv, conv_general_dilated=ops.conv_impl(self.conv_impl))
         index = 0
         for stage in self.stages:
             for _ in stage:
                 index += 1
-                x = nn.Conv(
+                x = conv(
                     widths[f"conv{index}"],
                     (3, 3),
                     padding=((1, 1), (1, 1)),
@@ -136,7 +141,9 @@ class VGG(nn.Module):
         return nn.Dense(widths["head"], name="head")(x)
 
 
-def vgg_small(num_classes: int, widths: Mapping[str, int] | None = None) -> VGG:
+def vgg_small(
+    num_classes: int, widths: Mapping[str, int] | None = None, *, conv_impl: str = "auto"
+) -> VGG:
     """VGG-small: 32-32-M-64-64-M-128-128-M, each conv + BN + ReLU, dense 512, dropout 0.5.
 
     About 29.7 M multiply-accumulates per 28x28x1 image (the 7x7 maps are pooled to 3x3).
@@ -144,6 +151,7 @@ def vgg_small(num_classes: int, widths: Mapping[str, int] | None = None) -> VGG:
     Args:
       num_classes: outputs of the logits layer.
       widths: optional (partial) width spec.
+      conv_impl: the convolution implementation (`jaxprune.ops.conv_impl`).
 
     Returns:
       The unbound module.
@@ -156,10 +164,13 @@ def vgg_small(num_classes: int, widths: Mapping[str, int] | None = None) -> VGG:
         dropout_rate=0.5,
         pool_padding="VALID",
         widths=widths,
+        conv_impl=conv_impl,
     )
 
 
-def vgg16_bn(num_classes: int, widths: Mapping[str, int] | None = None) -> VGG:
+def vgg16_bn(
+    num_classes: int, widths: Mapping[str, int] | None = None, *, conv_impl: str = "auto"
+) -> VGG:
     """CIFAR VGG-16 with BatchNorm: 13 conv + BN + ReLU layers, dense 512 + ReLU, logits.
 
     Pooling rounds odd sizes up (see `VGG.pool_padding`), so 28x28 inputs work too.
@@ -167,6 +178,7 @@ def vgg16_bn(num_classes: int, widths: Mapping[str, int] | None = None) -> VGG:
     Args:
       num_classes: outputs of the logits layer.
       widths: optional (partial) width spec.
+      conv_impl: the convolution implementation (`jaxprune.ops.conv_impl`).
 
     Returns:
       The unbound module.
@@ -179,10 +191,13 @@ def vgg16_bn(num_classes: int, widths: Mapping[str, int] | None = None) -> VGG:
         dropout_rate=0.0,
         pool_padding="SAME",
         widths=widths,
+        conv_impl=conv_impl,
     )
 
 
-def vgg16(num_classes: int, widths: Mapping[str, int] | None = None) -> VGG:
+def vgg16(
+    num_classes: int, widths: Mapping[str, int] | None = None, *, conv_impl: str = "auto"
+) -> VGG:
     """The original VGG-16 (configuration D): 13 convs with bias and no BatchNorm, then
     dense 4096 + ReLU + dropout 0.5, dense 4096 + ReLU + dropout 0.5, logits.
 
@@ -192,6 +207,7 @@ def vgg16(num_classes: int, widths: Mapping[str, int] | None = None) -> VGG:
     Args:
       num_classes: outputs of the logits layer.
       widths: optional (partial) width spec.
+      conv_impl: the convolution implementation (`jaxprune.ops.conv_impl`).
 
     Returns:
       The unbound module.
@@ -204,4 +220,5 @@ def vgg16(num_classes: int, widths: Mapping[str, int] | None = None) -> VGG:
         dropout_rate=0.5,
         pool_padding="SAME",
         widths=widths,
+        conv_impl=conv_impl,
     )
