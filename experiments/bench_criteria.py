@@ -33,7 +33,7 @@ about 3.5, so single timings are noisy):
     taylor, batch 128: 318 ms; train step 700 ms; ratio 0.45
 
 The loop is 358.6 ms per masked forward of 512 images. The exact oracle over the conv groups is
-4.0x faster than the loop (the issue's target was 5x); the arithmetic floor of this scheme is
+4.0x faster than the loop (the target was 5x); the arithmetic floor of this scheme is
 about 4.9x (per image, 2.7 G MACs of suffixes against 13.3 G for the loop), and the early groups
 cannot do better because almost the whole network lies after them (conv1: 1.33x, its floor).
 Taylor costs 0.45 of a train step (target <= 1.3).
