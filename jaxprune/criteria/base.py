@@ -160,3 +160,35 @@ def iter_batches(batches: Iterable[Batch] | Batch | None) -> Iterable[Batch]:
     if isinstance(batches, Mapping):
         return (batches,)
     return batches
+
+
+def summed_criterion(
+    name: str,
+    batch_stats: Callable[..., Mapping[str, Any]],
+    finish: Callable[[Any, ScoringContext, Any, Masks | None], Scores],
+) -> Criterion:
+    """A criterion whose per-batch statistics add up over batches, then turn into scores.
+
+    Args:
+      name: the criterion's name.
+      batch_stats: ``(context, variables, image, label, masks) -> stats`` for one batch.
+      finish: ``(summed stats, context, variables, masks) -> {group: scores}``.
+
+    Returns:
+      The criterion; finalising it without any batch is a clear error.
+    """
+
+    def update(
+        state: Any, context: ScoringContext, variables: Any, batch: Batch, masks: Masks | None
+    ) -> dict:
+        image, label = batch_arrays(batch)
+        return add_stats(state, batch_stats(context, variables, image, label, masks))
+
+    def finalize(
+        state: Any, context: ScoringContext, variables: Any, masks: Masks | None
+    ) -> Scores:
+        if state is None:
+            raise ValueError(f"Criterion {name!r} needs at least one batch of data.")
+        return finish(state, context, variables, masks)
+
+    return Criterion(name, no_state, update, finalize)

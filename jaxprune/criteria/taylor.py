@@ -21,13 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.criteria.base import (
-    Batch,
     Criterion,
     Masks,
     Scores,
     ScoringContext,
-    add_stats,
-    batch_arrays,
+    summed_criterion,
 )
 from jaxprune.criteria.layout import (
     batch_norm_paths,
@@ -113,23 +111,11 @@ def taylor(*, variant: str = "mean_then_abs") -> Criterion:
         raise ValueError(f"Unknown Taylor variant {variant!r}; choose one of {TAYLOR_VARIANTS}.")
     name = "taylor" if variant == "mean_then_abs" else f"taylor_{variant}"
 
-    def init(context: ScoringContext, variables: Any, masks: Masks | None) -> None:
-        return None
-
-    def update(
-        state: Any, context: ScoringContext, variables: Any, batch: Batch, masks: Masks | None
-    ) -> dict:
-        image, label = batch_arrays(batch)
-        return add_stats(state, _activation_taylor_batch(context, variables, image, label, masks))
-
-    def finalize(
-        state: Any, context: ScoringContext, variables: Any, masks: Masks | None
-    ) -> Scores:
-        if state is None:
-            raise ValueError(f"Criterion {name!r} needs at least one batch of data.")
-        return {n: np.abs(s[variant] / s["count"]) for n, s in state.items()}
-
-    return Criterion(name, init, update, finalize)
+    return summed_criterion(
+        name,
+        _activation_taylor_batch,
+        lambda state, *_: {n: np.abs(st[variant] / st["count"]) for n, st in state.items()},
+    )
 
 
 def _all_batch_norm_paths(graph: Any, which: str) -> dict[str, list[Path]]:
@@ -163,24 +149,15 @@ def _batch_norm_taylor_batch(
 def _batch_norm_taylor(which: str) -> Criterion:
     name = "taylor_bn_gamma" if which == "scale" else "taylor_bn_beta"
 
-    def init(context: ScoringContext, variables: Any, masks: Masks | None) -> None:
-        return None
-
-    def update(
-        state: Any, context: ScoringContext, variables: Any, batch: Batch, masks: Masks | None
-    ) -> dict:
-        image, label = batch_arrays(batch)
+    def batch_stats(context, variables, image, label, masks) -> dict:
         per_batch = _batch_norm_taylor_batch(context, variables, image, label, masks, which)
-        return add_stats(state, {"sum": per_batch, "batches": np.float64(1.0)})
+        return {"sum": per_batch, "batches": np.float64(1.0)}
 
-    def finalize(
-        state: Any, context: ScoringContext, variables: Any, masks: Masks | None
-    ) -> Scores:
-        if state is None:
-            raise ValueError(f"Criterion {name!r} needs at least one batch of data.")
-        return {n: s / state["batches"] for n, s in state["sum"].items()}
-
-    return Criterion(name, init, update, finalize)
+    return summed_criterion(
+        name,
+        batch_stats,
+        lambda state, *_: {n: s / state["batches"] for n, s in state["sum"].items()},
+    )
 
 
 def taylor_bn_gamma() -> Criterion:
@@ -236,20 +213,7 @@ def _kernel_gradient_batch(
 def _weight_taylor(order: int) -> Criterion:
     name = f"taylor_weight_l{order}"
 
-    def init(context: ScoringContext, variables: Any, masks: Masks | None) -> None:
-        return None
-
-    def update(
-        state: Any, context: ScoringContext, variables: Any, batch: Batch, masks: Masks | None
-    ) -> dict:
-        image, label = batch_arrays(batch)
-        return add_stats(state, _kernel_gradient_batch(context, variables, image, label, masks))
-
-    def finalize(
-        state: Any, context: ScoringContext, variables: Any, masks: Masks | None
-    ) -> Scores:
-        if state is None:
-            raise ValueError(f"Criterion {name!r} needs at least one batch of data.")
+    def finish(state: Any, context: ScoringContext, variables: Any, masks: Any) -> Scores:
         scores = {}
         for group in context.graph.groups:
             rows = []
@@ -261,7 +225,7 @@ def _weight_taylor(order: int) -> Criterion:
             scores[group.name] = np.linalg.norm(product, ord=order, axis=1)
         return scores
 
-    return Criterion(name, init, update, finalize)
+    return summed_criterion(name, _kernel_gradient_batch, finish)
 
 
 def taylor_weight_l1() -> Criterion:
