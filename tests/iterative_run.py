@@ -13,30 +13,14 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
+
+from slow_data import DelayedDataset
 
 from jaxprune.runtime import enable_compilation_cache
 
 STEP_DELAY_S = 0.05
 BASE = Path(__file__).resolve().parent.parent / "jaxprune/pretrained/lenet5_fashion_mnist.msgpack"
-
-
-class DelayedDataset:
-    """Wraps a dataset; each training batch arrives `delay_s` seconds late."""
-
-    def __init__(self, dataset, delay_s: float) -> None:
-        self._dataset = dataset
-        self._delay_s = delay_s
-
-    def __getattr__(self, name):
-        return getattr(self._dataset, name)
-
-    def iterate(self, split, *args, **kwargs):
-        for batch in self._dataset.iterate(split, *args, **kwargs):
-            if split == "train":
-                time.sleep(self._delay_s)
-            yield batch
 
 
 def config():
