@@ -21,13 +21,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxprune import checkpoint, cost, data, train
+from jaxprune import checkpoint, data, train
+from jaxprune.commands import reporting
 from jaxprune.graph import channel_graph
-from jaxprune.methods.iterative import IterativeConfig, evaluate_split, iterative_prune
+from jaxprune.methods.iterative import IterativeConfig, iterative_prune
 from jaxprune.methods.oneshot import OneShotConfig, oneshot_prune, select_groups
 from jaxprune.models import MODELS, build_model, widths_from_params
 
@@ -139,34 +138,25 @@ def run_job(job: PruneJob, workdir: str | Path) -> dict[str, Any]:
     else:
         report = _run_oneshot(job, name, model, variables, dataset, workdir)
     report = {"job": job.to_dict(), "model": name, "model_file": str(path), **report}
-    (workdir / "result.json").write_text(json.dumps(report, indent=1, default=_json_default))
+    (workdir / "result.json").write_text(
+        json.dumps(report, indent=1, default=reporting.json_default)
+    )
     _print_report(report)
     return report
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
 def _run_iterative(job: PruneJob, name: str, variables: Any, dataset: Any, workdir: Path):
     result = iterative_prune(job.iterative, name, variables, dataset, workdir=workdir)
-    checkpoint.save_model_file(
+    reporting.save_pruned(
         workdir / "pruned.msgpack",
         model_name=name,
-        num_classes=dataset.num_classes,
+        dataset=dataset,
         widths=result.widths,
         variables=result.variables,
-        input_shape=dataset.image_shape,
-        meta={
-            "method": "iterative",
-            "criterion": job.iterative.criterion,
-            "keep": {k: v.tolist() for k, v in result.keep.items()},
-            "summary": json.loads(json.dumps(result.summary, default=_json_default)),
-        },
+        method="iterative",
+        criterion=job.iterative.criterion,
+        keep=result.keep,
+        summary=json.loads(json.dumps(result.summary, default=reporting.json_default)),
     )
     return {
         "widths": result.widths,
@@ -174,19 +164,6 @@ def _run_iterative(job: PruneJob, name: str, variables: Any, dataset: Any, workd
         "summary": result.summary,
         "history": result.history,
     }
-
-
-def _state(apply_fn: Any, variables: Any) -> train.TrainState:
-    """A train state to evaluate a model with (no optimizer)."""
-    return train.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=variables["params"],
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=(),
-        rng=jax.random.key_data(jax.random.key(0)),
-        apply_fn=apply_fn,
-        tx=None,
-    )
 
 
 def _run_oneshot(job: PruneJob, name: str, model: Any, variables: Any, dataset: Any, workdir):
@@ -207,55 +184,35 @@ def _run_oneshot(job: PruneJob, name: str, model: Any, variables: Any, dataset: 
             config=settings.selection,
             seed=settings.seed,
         )
-        checkpoint.save_model_file(
+        reporting.save_pruned(
             pruned_file,
             model_name=name,
-            num_classes=dataset.num_classes,
+            dataset=dataset,
             widths=pruned.widths,
             variables=pruned.variables,
-            input_shape=dataset.image_shape,
-            meta={
-                "method": "oneshot",
-                "criterion": settings.criterion,
-                "keep": {k: v.tolist() for k, v in pruned.keep.items()},
-            },
+            method="oneshot",
+            criterion=settings.criterion,
+            keep=pruned.keep,
         )
     small, small_variables, meta = checkpoint.load_model_file(pruned_file)
-    mesh = train.make_mesh()
-    base_cost = cost.count(model.apply, variables, x)
-    final_cost = cost.count(small.apply, small_variables, x)
     scope = select_groups(graph, settings.selection.scope)
     kept = sum(len(meta["keep"].get(g, range(graph[g].size))) for g in scope)
-
-    def measure(apply_fn: Any, values: Any) -> dict[str, dict[str, float]]:
-        state = _state(apply_fn, values)
-        return {
-            split: evaluate_split(
-                state, dataset, split, batch_size=settings.batch_size, limit=None, mesh=mesh
-            )
-            for split in ("validation", "test")
-        }
-
-    before = measure(small.apply, small_variables)
-    summary = {
-        "base": {"flops": base_cost.flops, "macs": base_cost.macs, "params": base_cost.params},
-        "final": {
-            "flops": final_cost.flops,
-            "macs": final_cost.macs,
-            "params": final_cost.params,
-            "remaining": {
-                "flops": final_cost.flops / base_cost.flops,
-                "macs": final_cost.macs / base_cost.macs,
-                "params": final_cost.params / base_cost.params,
-                "channels": kept / sum(graph[g].size for g in scope),
-            },
-        },
-        **before,
-    }
+    summary = reporting.cost_summary(
+        (model.apply, variables),
+        (small.apply, small_variables),
+        dataset.image_shape,
+        channels_remaining=kept / sum(graph[g].size for g in scope),
+    )
+    before = reporting.measure(
+        small.apply, small_variables, dataset, batch_size=settings.batch_size
+    )
+    summary.update(before)
     if settings.finetune_epochs > 0:
         tuned = _oneshot_finetune(job, name, pruned_file, workdir)
         summary["before_finetune"] = before
-        summary.update(measure(small.apply, tuned))
+        summary.update(
+            reporting.measure(small.apply, tuned, dataset, batch_size=settings.batch_size)
+        )
     return {
         "widths": widths_from_params(small_variables["params"]),
         "keep": meta["keep"],

@@ -1,0 +1,154 @@
+"""What every pruning job reports: cost before and after, metrics per split, the pruned model file.
+
+The methods of `jaxprune prune` (and the demo) share these so that their ``result.json`` files
+have one shape: ``summary = {"base": cost, "final": cost + remaining fractions, "validation":
+metrics, "test": metrics, ...}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune import checkpoint, cost, train
+from jaxprune.methods.iterative import evaluate_split
+
+
+def json_default(value: Any) -> Any:
+    """`json.dumps` fallback for NumPy arrays and scalars."""
+    if isinstance(value, np.ndarray | jax.Array):
+        return np.asarray(value).tolist()
+    if isinstance(value, np.integer | np.floating):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def eval_state(apply_fn: Any, variables: Mapping[str, Any]) -> train.TrainState:
+    """A train state that only evaluates (no optimizer) `apply_fn` with `variables`."""
+    return train.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=(),
+        rng=jax.random.key_data(jax.random.key(0)),
+        apply_fn=apply_fn,
+        tx=None,
+    )
+
+
+def measure(
+    apply_fn: Any,
+    variables: Mapping[str, Any],
+    dataset: Any,
+    *,
+    batch_size: int = 128,
+    splits: Iterable[str] = ("validation", "test"),
+    limit: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Loss, accuracy and Cohen's kappa of a model on whole splits (or their first `limit` images).
+
+    Args:
+      apply_fn: the model's apply function.
+      variables: its variables.
+      dataset: a `jaxprune.data.Dataset`.
+      batch_size: evaluation batch size (the last batch is padded, so every image counts once).
+      splits: the splits to evaluate.
+      limit: evaluate only this many images of each split (None: all).
+
+    Returns:
+      ``{split: {"loss", "accuracy", "kappa", ...}}``.
+    """
+    state = eval_state(apply_fn, variables)
+    mesh = train.make_mesh()
+    return {
+        split: evaluate_split(state, dataset, split, batch_size=batch_size, limit=limit, mesh=mesh)
+        for split in splits
+    }
+
+
+def cost_summary(
+    base: tuple[Any, Mapping[str, Any]],
+    pruned: tuple[Any, Mapping[str, Any]],
+    input_shape: tuple[int, ...],
+    *,
+    channels_remaining: float | None = None,
+) -> dict[str, dict[str, Any]]:
+    """FLOPs, MACs and parameters of a base and a pruned model, and the fractions that remain.
+
+    Args:
+      base: ``(apply_fn, variables)`` of the model before pruning.
+      pruned: ``(apply_fn, variables)`` after pruning.
+      input_shape: one example's shape (no batch axis).
+      channels_remaining: the fraction of prunable channels kept, when the caller knows it.
+
+    Returns:
+      ``{"base": {"flops", "macs", "params"}, "final": {..., "remaining": {...}}}``.
+    """
+    x = jnp.zeros((1, *input_shape), jnp.float32)
+    before = cost.count(base[0], base[1], x)
+    after = cost.count(pruned[0], pruned[1], x)
+    remaining: dict[str, float] = {
+        "flops": after.flops / before.flops,
+        "macs": after.macs / before.macs,
+        "params": after.params / before.params,
+    }
+    if channels_remaining is not None:
+        remaining["channels"] = float(channels_remaining)
+    return {
+        "base": {"flops": before.flops, "macs": before.macs, "params": before.params},
+        "final": {
+            "flops": after.flops,
+            "macs": after.macs,
+            "params": after.params,
+            "remaining": remaining,
+        },
+    }
+
+
+def save_pruned(
+    path: str | Path,
+    *,
+    model_name: str,
+    dataset: Any,
+    widths: Mapping[str, int],
+    variables: Mapping[str, Any],
+    method: str,
+    criterion: str,
+    keep: Mapping[str, Any],
+    **meta: Any,
+) -> Path:
+    """Writes a pruned zoo model as a model file (`checkpoint.load_model_file` reads it back).
+
+    Args:
+      path: the file to write.
+      model_name: zoo name of the model.
+      dataset: the `jaxprune.data.Dataset` it was pruned on (classes and image shape).
+      widths: the pruned width spec.
+      variables: the pruned variables.
+      method: the pruning method's name, recorded in the file's metadata.
+      criterion: the criterion's name, recorded too.
+      keep: kept channel indices per group, recorded too.
+      **meta: further JSON-serialisable metadata.
+
+    Returns:
+      The path written.
+    """
+    return checkpoint.save_model_file(
+        path,
+        model_name=model_name,
+        num_classes=dataset.num_classes,
+        widths=dict(widths),
+        variables=variables,
+        input_shape=dataset.image_shape,
+        meta={
+            "method": method,
+            "criterion": criterion,
+            "keep": {group: np.asarray(indices).tolist() for group, indices in keep.items()},
+            **meta,
+        },
+    )
