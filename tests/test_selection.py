@@ -1,0 +1,64 @@
+"""Kernel selection files: round trip, directories, and the errors that name the fix."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxprune.inspect.selection import (
+    FORMAT,
+    SelectionError,
+    check_against,
+    read_selection,
+    selection_document,
+    write_selection,
+)
+
+
+def test_a_written_selection_reads_back_sorted(tmp_path):
+    document = selection_document({"conv1": [7, 3]}, {"conv1": 8}, chosen_by="stand-in:empty")
+    path = write_selection(tmp_path / "s.json", document)
+    layers = read_selection(path)
+    np.testing.assert_array_equal(layers["conv1"]["remove"], [3, 7])
+    assert layers["conv1"]["num_kernels"] == 8
+    assert layers["conv1"]["chosen_by"] == "stand-in:empty"
+
+
+def test_a_directory_reads_as_the_union_of_its_files(tmp_path):
+    write_selection(tmp_path / "a.json", selection_document({"a": [0]}, {"a": 4}))
+    write_selection(tmp_path / "b.json", selection_document({"b": [1, 2]}, {"b": 4}))
+    assert sorted(read_selection(tmp_path)) == ["a", "b"]
+    write_selection(tmp_path / "c.json", selection_document({"a": [1]}, {"a": 4}))
+    with pytest.raises(SelectionError, match="chosen twice"):
+        read_selection(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("remove", "message"),
+    [([4], r"in \[0, 4\)"), ([-1], r"in \[0, 4\)"), ([1, 1], "repeated"), ([0, 1, 2, 3], "all 4")],
+)
+def test_bad_indices_are_refused(tmp_path, remove, message):
+    path = tmp_path / "s.json"
+    path.write_text(
+        json.dumps({"format": FORMAT, "layers": {"c": {"num_kernels": 4, "remove": remove}}})
+    )
+    with pytest.raises(SelectionError, match=message):
+        read_selection(path)
+
+
+def test_files_that_are_no_selection_are_refused(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"layers": {}}))
+    with pytest.raises(SelectionError, match="not a kernel selection"):
+        read_selection(path)
+    with pytest.raises(FileNotFoundError, match="jaxprune inspect"):
+        read_selection(tmp_path / "missing.json")
+
+
+def test_a_selection_must_fit_the_model():
+    layers = {"c": {"num_kernels": 4, "remove": np.array([1])}}
+    check_against(layers, {"c": 4})
+    with pytest.raises(SelectionError, match="make the selection again"):
+        check_against(layers, {"c": 3})
+    with pytest.raises(SelectionError, match="another model"):
+        check_against(layers, {"d": 4})
