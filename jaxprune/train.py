@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from jaxprune import data as data_lib
+from jaxprune import ops
 from jaxprune.models import build_model, widths_from_params
 
 PyTree = Any
@@ -571,6 +572,9 @@ class TrainConfig:
     # Start from the variables of this model file (`checkpoint.save_model_file`), e.g. a pruned
     # model to fine-tune, instead of a random initialisation; its widths must match `widths`.
     init_from: str | None = None
+    # Convolution implementation of the model (`jaxprune.ops.conv_impl`): "auto", "xla" or
+    # "gemm". It changes the speed of a step, not its results, so a resume may change it.
+    conv_impl: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the config as JSON-compatible nested dicts."""
@@ -719,7 +723,7 @@ _POSITION_FIELDS = (
     "data.validation_seed",
 )
 # Config fields that do not affect the run's result: changing them needs no warning.
-_COSMETIC_FIELDS = ("progress", "resume")
+_COSMETIC_FIELDS = ("progress", "resume", "conv_impl")
 
 
 def _check_resumable(
@@ -857,6 +861,11 @@ def train_and_evaluate(
     for name in ("epochs", "checkpoint_every_steps", "log_every_steps", "eval_batch_size"):
         if getattr(config, name) < 1:
             raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(config, name)}.")
+    if config.conv_impl != "auto" and config.conv_impl not in ops.CONV_IMPLS:
+        raise ValueError(
+            f"TrainConfig.conv_impl {config.conv_impl!r} is unknown; use 'auto' or one of "
+            f"{', '.join(ops.CONV_IMPLS)}."
+        )
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     dataset = dataset if dataset is not None else data_lib.load(config.data)
@@ -865,7 +874,9 @@ def train_and_evaluate(
     check_batch_size(batch_size, mesh)
     steps_per_epoch = dataset.num_batches("train", batch_size, drop_remainder=True)
     input_shape = tuple(dataset.image_shape)
-    model = build_model(config.model, dataset.num_classes, config.widths)
+    model = build_model(
+        config.model, dataset.num_classes, config.widths, conv_impl=config.conv_impl
+    )
     tx = make_optimizer(config.optimizer, steps_per_epoch, config.epochs)
     schedule = make_schedule(config.optimizer, steps_per_epoch, config.epochs)
     spec = ckpt.RunSpec(
