@@ -6,9 +6,9 @@ import chex
 import jax
 import numpy as np
 import pytest
+from test_train import SyntheticDataset, loop_config
 
 from jaxprune import checkpoint, cli, train
-from test_train import SyntheticDataset, loop_config
 
 
 def _final_params(config: train.TrainConfig, workdir) -> dict:
