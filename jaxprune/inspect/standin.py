@@ -1,0 +1,152 @@
+"""A scripted stand-in for the person at the kernel page: NOT the subjective criterion itself.
+
+Osaku et al.'s subjective criterion is a person looking at each kernel's activation maps. For
+automated runs (tests, experiments, CI) this module plays that part with a fixed rule a person
+might follow, and labels its choices ``"chosen_by": "stand-in:dead-then-duplicate"`` so a
+stand-in's selection is never mistaken for a human one.
+
+The rule, greedy until `count` kernels are chosen:
+
+1. *Dead* kernels first: those whose peak activation over the sample images is zero or below
+   ``dead_fraction`` times the layer's typical peak (the median over its kernels), weakest first.
+2. Then *duplicates*: among the kernels still kept, the one whose flattened maps have the
+   highest cosine similarity with another kept kernel's; of two equally similar kernels the
+   weaker (lower peak) goes, then the higher index. Similarities are recomputed among the kept
+   kernels after every removal, so of a pair of duplicates one stays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from jaxprune.graph import ChannelGraph
+from jaxprune.inspect.maps import activation_maps
+from jaxprune.inspect.selection import selection_document
+
+RULE = "dead-then-duplicate"
+CHOSEN_BY = f"stand-in:{RULE}"
+# A kernel is dead when its peak is below this fraction of the layer's median peak.
+DEAD_FRACTION = 0.05
+
+
+def standin_removals(
+    apply_fn: Callable[..., Any],
+    variables: Any,
+    graph: ChannelGraph,
+    group: str,
+    images: Any,
+    count: int,
+    *,
+    dead_fraction: float = DEAD_FRACTION,
+) -> np.ndarray:
+    """The kernels a scripted stand-in for the person removes from one conv layer.
+
+    A stand-in, not the human criterion: see the module docstring for the rule.
+
+    Args:
+      apply_fn: the model function the graph was built from.
+      variables: the model variables.
+      graph: the channel graph.
+      group: the conv group.
+      images: float32 NHWC sample images (those the page would show).
+      count: how many kernels to remove, in [0, number of kernels).
+      dead_fraction: the peak, as a fraction of the layer's median peak, under which a kernel
+        counts as dead.
+
+    Returns:
+      Exactly `count` kernel indices, sorted (int64).
+
+    Raises:
+      ValueError: a count out of range, a bad dead_fraction, or a dense group.
+    """
+    maps = activation_maps(apply_fn, variables, graph, group, images)
+    return removals_from_maps(maps, count, dead_fraction=dead_fraction)
+
+
+def standin_selection(
+    apply_fn: Callable[..., Any],
+    variables: Any,
+    graph: ChannelGraph,
+    group: str,
+    images: Any,
+    count: int,
+    *,
+    dead_fraction: float = DEAD_FRACTION,
+) -> dict[str, Any]:
+    """`standin_removals` as a selection document, ``"chosen_by": "stand-in:<rule>"``.
+
+    Args:
+      apply_fn, variables, graph, group, images, count, dead_fraction: as for
+        `standin_removals`.
+
+    Returns:
+      The document (`jaxprune.inspect.selection.write_selection` writes it).
+    """
+    removals = standin_removals(
+        apply_fn, variables, graph, group, images, count, dead_fraction=dead_fraction
+    )
+    return selection_document(
+        {group: removals.tolist()}, {group: graph[group].size}, chosen_by=CHOSEN_BY
+    )
+
+
+def removals_from_maps(
+    maps: np.ndarray, count: int, *, dead_fraction: float = DEAD_FRACTION
+) -> np.ndarray:
+    """The stand-in's rule on activation maps already computed.
+
+    Args:
+      maps: (num_images, H, W, num_kernels) activation maps (`activation_maps`).
+      count: how many kernels to remove, in [0, num_kernels).
+      dead_fraction: see `standin_removals`.
+
+    Returns:
+      Exactly `count` kernel indices, sorted (int64).
+
+    Raises:
+      ValueError: maps that are not 4-D, a count out of range, or a bad dead_fraction.
+    """
+    maps = np.asarray(maps, np.float64)
+    if maps.ndim != 4:
+        raise ValueError(
+            f"maps must be (num_images, H, W, num_kernels), got shape {maps.shape}; compute them "
+            "with activation_maps."
+        )
+    num_kernels = maps.shape[-1]
+    if not isinstance(count, int | np.integer) or not 0 <= count < num_kernels:
+        raise ValueError(
+            f"count must be an integer in [0, {num_kernels}) (a layer keeps at least one "
+            f"kernel), got {count!r}."
+        )
+    if not 0.0 <= dead_fraction < 1.0:
+        raise ValueError(f"dead_fraction must lie in [0, 1), got {dead_fraction}.")
+    vectors = maps.reshape(-1, num_kernels).T  # (num_kernels, images * H * W)
+    peaks = np.max(np.abs(vectors), axis=1)
+    typical = float(np.median(peaks))
+    chosen: list[int] = []
+    # Weakest first; stable, so equal peaks go by index.
+    for k in np.argsort(peaks, kind="stable"):
+        if len(chosen) == count or not (peaks[k] == 0 or peaks[k] < dead_fraction * typical):
+            break
+        chosen.append(int(k))
+    norms = np.linalg.norm(vectors, axis=1)
+    unit = vectors / np.where(norms > 0, norms, 1.0)[:, None]
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    kept = np.ones(num_kernels, bool)
+    kept[chosen] = False
+    while len(chosen) < count:
+        among_kept = np.where(kept[None, :] & kept[:, None], similarity, -np.inf)
+        closest = np.max(among_kept, axis=1)
+        closest[~kept] = -np.inf
+        best = np.max(closest)
+        # A small tolerance: the two sides of a pair may differ in the last bits.
+        candidates = np.flatnonzero(closest >= best - 1e-9)
+        # Of equally similar kernels the weaker goes, then the later one.
+        victim = int(max(candidates, key=lambda k: (-peaks[k], k)))
+        chosen.append(victim)
+        kept[victim] = False
+    return np.sort(np.asarray(chosen, np.int64))
