@@ -265,7 +265,7 @@ def _card(
         f'role="button" tabindex="0" aria-pressed="{"true" if removed else "false"}">'
         f'<div class="head"><span class="name">kernel {index}</span>{score_html}'
         f'<span class="state">{"remove" if removed else "keep"}</span></div>'
-        f'<div class="body">{weights_img}{maps_img}</div>'
+        f'<div class="body">{maps_img}{weights_img}</div>'
         f'<div class="peak" title="peak activation {peak:.4g}; the bar is its share of the '
         f'layer\'s highest peak"><div class="bar" style="width:{share:.1f}%"></div></div>'
         f"</div>"
@@ -290,20 +290,20 @@ def _legend(signed: bool, has_scores: bool) -> str:
 
 _CSS = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 0; color: #222; background: #fafafa; }
-header { position: sticky; top: 0; background: #fff; border-bottom: 1px solid #ccc;
-  padding: 8px 16px; z-index: 1; }
+header { background: #fff; padding: 8px 16px 0; }
 h1 { font-size: 18px; margin: 0 0 4px; }
 .facts, .legend { color: #555; font-size: 12px; }
-.controls { display: flex; flex-wrap: wrap; gap: 12px; align-items: center; margin-top: 6px; }
+.controls { position: sticky; top: 0; z-index: 1; display: flex; flex-wrap: wrap; gap: 12px;
+  align-items: center; background: #fff; border-bottom: 1px solid #ccc; padding: 6px 16px; }
 .controls .stat b { font-size: 16px; }
 button { font: inherit; padding: 3px 10px; cursor: pointer; }
 #export { font-weight: bold; }
 #message { color: #a40; }
-.samples { padding: 8px 16px; }
+.samples { padding: 8px 24px; }
 img { image-rendering: pixelated; }
 main { display: flex; flex-wrap: wrap; gap: 8px; padding: 8px 16px; }
 .kernel { background: #fff; border: 2px solid #ddd; border-radius: 6px; padding: 4px 6px;
-  cursor: pointer; user-select: none; }
+  cursor: pointer; user-select: none; scroll-margin-top: 48px; }
 .kernel:focus { outline: 2px solid #48c; }
 .kernel.removed { border-color: #c33; background: #fee; opacity: 0.75; }
 .kernel .head { display: flex; gap: 10px; font-size: 12px; margin-bottom: 3px; }
@@ -430,7 +430,8 @@ _TEMPLATE = """<!DOCTYPE html>
 <h1>{title}</h1>
 <div class="facts">{facts}</div>
 <div class="legend">{legend}</div>
-<div class="controls">
+</header>
+<nav class="controls">
 <span class="stat">removed <b id="removed-count">0</b></span>
 <span class="stat">kept <b id="kept-count">0</b></span>
 <span class="stat">MACs saved per image <b id="macs-saved" data-macs="0">0</b></span>
@@ -441,8 +442,7 @@ _TEMPLATE = """<!DOCTYPE html>
 <a id="download" href="#" hidden>download</a>
 <span id="export-status"></span>
 <span id="message" role="status"></span>
-</div>
-</header>
+</nav>
 <div class="samples"><div class="legend">Sample images</div>{samples}</div>
 <main>
 {cards}
