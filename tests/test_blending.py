@@ -1,0 +1,266 @@
+"""Blending pruning criteria (He et al. 2021): blended scores, population fitness, the search,
+resume after a kill, devices, and the `run` entry of `jaxprune prune`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from jaxprune import checkpoint, data
+from jaxprune.commands import run_blending
+from jaxprune.criteria.base import softmax_cross_entropy
+from jaxprune.gates import gated_call
+from jaxprune.graph import channel_graph
+from jaxprune.methods.blending import (
+    PAPER_POOL,
+    BlendingConfig,
+    GenomeLayout,
+    blend,
+    blending_prune,
+    check_config,
+    pool_names,
+    population_masks,
+    select_groups_config,
+)
+from jaxprune.methods.blending_fitness import make_chunk_fn, population_fitness
+from jaxprune.methods.evolution import EvolutionConfig
+from jaxprune.models import build_model
+from jaxprune.surgery import prune
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+LENET = REPO_ROOT / "jaxprune/pretrained/lenet5_fashion_mnist.msgpack"
+SMALL = BlendingConfig(
+    evolution=EvolutionConfig(population=6, generations=3),
+    batch_size=64,
+    chunk_size=4,
+    finetune_epochs=0,
+)
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    model, variables, _ = checkpoint.load_model_file(LENET)
+    return model, variables
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return data.load(
+        data.DataConfig(train_examples=320, validation_examples=128, test_examples=128)
+    )
+
+
+@pytest.fixture(scope="module")
+def setup(lenet, tiny_data):
+    model, variables = lenet
+    graph = channel_graph(model.apply, variables, jnp.zeros((1, *tiny_data.image_shape)))
+    batches = list(data.preprocessed_batches(tiny_data, "validation", 64, 128))
+    return model, variables, graph, batches
+
+
+def test_blend_is_the_factor_weighted_sum_of_rank_normalised_candidates():
+    rng = np.random.default_rng(0)
+    raw = {name: rng.normal(size=(3, 9)) for name in ("g", "h")}
+    raw["g"][1, :4] = 0.5  # ties share their mean rank
+    candidates = {
+        g: np.stack([(stats.rankdata(row) - 1) / (row.size - 1) for row in s])
+        for g, s in raw.items()
+    }
+    layout = GenomeLayout(groups=("g", "h"), candidates=(("a", "b", "c"), ("a", "b", "c")))
+    genomes = rng.random((4, 6))
+    blended = blend(candidates, layout, genomes)
+    for p in range(4):
+        for k, g in enumerate(("g", "h")):
+            expected = sum(genomes[p, 3 * k + j] * candidates[g][j] for j in range(3))
+            np.testing.assert_allclose(blended[g][p], expected, rtol=1e-12)
+    np.testing.assert_array_equal(blend(candidates, layout, genomes[2])["h"], blended["h"][2])
+    assert layout.factors(genomes[0])["h"]["b"] == genomes[0, 4]
+
+
+def test_vmapped_population_fitness_equals_separately_pruned_networks(setup):
+    model, variables, graph, batches = setup
+    rng = np.random.default_rng(1)
+    scores = {g: rng.random((7, graph[g].size)) for g in ("conv1", "conv2")}
+    scores["conv1"][3] = scores["conv1"][0]  # a duplicate candidate
+    scores["conv2"][3] = scores["conv2"][0]
+    selection = select_groups_config(BlendingConfig(ratio=0.5))
+    masks = population_masks(graph, scores, selection)
+    chunk_fn = make_chunk_fn(model.apply, graph)
+    found = population_fitness(chunk_fn, variables, masks, batches, chunk_size=3)
+    assert found.evaluated == 6
+    whole = population_fitness(chunk_fn, variables, masks, batches, deduplicate=False)
+    np.testing.assert_array_equal(found.accuracy, whole.accuracy)
+    np.testing.assert_allclose(found.loss, whole.loss, rtol=1e-6)
+    images = jnp.concatenate([b["image"] for b in batches])
+    labels = jnp.concatenate([b["label"] for b in batches])
+    for p in range(7):
+        keep = {g: np.flatnonzero(masks[g][p]) for g in masks}
+        pruned = prune(variables, graph, keep)
+        small = build_model("lenet5", 10, pruned.widths)
+        logits = small.apply(pruned.variables, images, train=False)
+        accuracy = float(jnp.mean(jnp.argmax(logits, -1) == labels))
+        loss = float(jnp.mean(softmax_cross_entropy(logits, labels)))
+        assert found.accuracy[p] == pytest.approx(accuracy, abs=1e-9)
+        assert found.loss[p] == pytest.approx(loss, rel=1e-4)
+        gated = gated_call(model.apply, graph, variables, images, {g: masks[g][p] for g in masks},
+                           train=False)  # fmt: skip
+        assert found.accuracy[p] == pytest.approx(
+            float(jnp.mean(jnp.argmax(gated, -1) == labels)), abs=1e-9
+        )
+
+
+def test_search_prunes_to_the_ratio_and_its_best_is_the_pruned_accuracy(setup):
+    model, variables, graph, batches = setup
+    result = blending_prune(model.apply, graph, variables, batches, batches, config=SMALL)
+    assert result.pruned.widths["conv1"] == 3 and result.pruned.widths["conv2"] == 8
+    assert set(result.factors) == {"conv1", "conv2"}
+    for group, layer in result.clusters.items():
+        assert set(result.factors[group]) == set(layer.representatives)
+        assert all(0.0 <= f <= 1.0 for f in result.factors[group].values())
+        # LeNet has no BatchNorm: the BN criteria of the pool do not score it.
+        assert layer.criteria == tuple(
+            c for c in PAPER_POOL if not c.startswith(("bn", "taylor_bn"))
+        )
+    assert len(result.history) == 3
+    best_so_far = [r["best_so_far"] for r in result.history]
+    assert best_so_far == sorted(best_so_far) and best_so_far[-1] == result.best["accuracy"]
+    small = build_model("lenet5", 10, result.pruned.widths)
+    images = jnp.concatenate([b["image"] for b in batches])
+    labels = jnp.concatenate([b["label"] for b in batches])
+    logits = small.apply(result.pruned.variables, images, train=False)
+    accuracy = float(jnp.mean(jnp.argmax(logits, -1) == labels))
+    assert result.best["accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    again = blending_prune(model.apply, graph, variables, batches, batches, config=SMALL)
+    assert again.factors == result.factors and again.best == result.best
+
+
+def test_a_finished_workdir_is_reused_and_another_config_is_refused(setup, tmp_path):
+    model, variables, graph, batches = setup
+    first = blending_prune(model.apply, graph, variables, batches, batches, config=SMALL,
+                           workdir=tmp_path)  # fmt: skip
+    assert (tmp_path / "pool_scores.npz").is_file()
+    began = time.perf_counter()
+    second = blending_prune(
+        model.apply, graph, variables, batches, batches, config=SMALL, workdir=tmp_path
+    )
+    assert time.perf_counter() - began < 10  # nothing left to score or evaluate
+    assert second.factors == first.factors
+    with pytest.raises(ValueError, match="other settings"):
+        blending_prune(model.apply, graph, variables, batches, batches,
+                       config=dataclasses.replace(SMALL, seed=1), workdir=tmp_path)  # fmt: skip
+
+
+def finished_generations(workdir: Path) -> list[int]:
+    directory = workdir / "search"
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.stem.split("_")[1]) for p in directory.glob("generation_*.json"))
+
+
+RUN = [sys.executable, str(TESTS_DIR / "blending_run.py")]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The result of tests/blending_run.py run through on one device."""
+    workdir = tmp_path_factory.mktemp("whole")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    subprocess.run([*RUN, str(workdir), "0"], check=True, cwd=REPO_ROOT, env=env, timeout=300)
+    return json.loads((workdir / "result.json").read_text())
+
+
+def test_a_killed_search_resumes_and_ends_like_an_uninterrupted_one(tmp_path, uninterrupted):
+    resumed = tmp_path / "resumed"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    command = RUN
+
+    process = subprocess.Popen([*command, str(resumed), "0.15"], cwd=REPO_ROOT, env=env)
+    deadline = time.monotonic() + 240
+    while not finished_generations(resumed) and process.poll() is None:
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("no generation checkpoint appeared within 240 s")
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (resumed / "result.json").exists(), "the search finished before it was killed"
+    assert max(finished_generations(resumed)) < 6
+
+    subprocess.run([*command, str(resumed), "0"], check=True, cwd=REPO_ROOT, env=env, timeout=300)
+    expected = uninterrupted
+    got = json.loads((resumed / "result.json").read_text())
+    assert got == expected
+    assert len(expected["history"]) == 6
+
+
+def test_the_population_is_sharded_over_devices_with_the_same_result(tmp_path, uninterrupted):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    subprocess.run([*RUN, str(tmp_path), "0"], check=True, cwd=REPO_ROOT, env=env, timeout=300)
+    a = uninterrupted
+    b = json.loads((tmp_path / "result.json").read_text())
+    assert (a["devices"], b["devices"]) == (1, 2)
+    assert [r["best_accuracy"] for r in a["history"]] == [r["best_accuracy"] for r in b["history"]]
+    np.testing.assert_allclose(
+        [r["mean_loss"] for r in a["history"]], [r["mean_loss"] for r in b["history"]], rtol=1e-5
+    )
+    assert a["keep"] == b["keep"]
+
+
+def test_run_prunes_reports_and_fine_tunes_a_zoo_model(lenet, tiny_data, tmp_path):
+    model, variables = lenet
+    config = dataclasses.replace(SMALL, finetune_epochs=1, finetune_examples=128, ratio=0.5)
+    report = run_blending.run(config, "lenet5", model, variables, tiny_data, tmp_path,
+                              progress=False)  # fmt: skip
+    small, small_variables, meta = checkpoint.load_model_file(tmp_path / "pruned.msgpack")
+    assert meta["method"] == "blending" and meta["criterion"] == "all"
+    assert report["widths"]["conv1"] == 3 and report["widths"]["conv2"] == 8
+    assert report["keep"] == meta["keep"]
+    summary = report["summary"]
+    assert summary["final"]["remaining"]["channels"] == pytest.approx(11 / 22)
+    assert summary["final"]["flops"] < summary["base"]["flops"]
+    for split in ("validation", "test"):
+        assert 0.0 < summary[split]["accuracy"] <= 1.0
+        assert 0.0 < summary["before_finetune"][split]["accuracy"] <= 1.0
+    assert summary["blending"]["generations"] == 3 == len(report["history"])
+    assert set(summary["blending"]["factors"]) == {"conv1", "conv2"}
+    json.dumps(report)
+    for flag, (kind, text, paths) in run_blending.FLAGS.items():
+        assert kind in (int, float, str) and text and paths
+        assert all(p.startswith("blending.") for p in paths), flag
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"criterion": "l1"}, "at least two distinct criteria"),
+        ({"criterion": "l1,nope"}, "Unknown criteria"),
+        ({"ratio": 0.0}, "ratio must be in"),
+        ({"normalization": "zscore"}, "normalization must be one of"),
+        ({"fitness": "kappa"}, "fitness must be one of"),
+        ({"ranking": "by_flops"}, "ranking must be"),
+        ({"chunk_size": 0}, "chunk_size must be"),
+    ],
+)
+def test_bad_configs_are_refused_with_the_fix(changes, message):
+    with pytest.raises(ValueError, match=message):
+        check_config(dataclasses.replace(BlendingConfig(), **changes))
+
+
+def test_pool_names():
+    assert pool_names(BlendingConfig()) == PAPER_POOL and len(PAPER_POOL) == 12
+    assert pool_names(BlendingConfig(criterion="l1, fpgm,l1")) == ("l1", "fpgm")
+    assert jax.device_count() >= 1
