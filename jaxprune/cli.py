@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune_command.add_command(sub)
     add_score_command(sub)
+    importlib.import_module("jaxprune.commands.inspect").add_command(sub)
 
     graph = sub.add_parser("graph", help="print the prunable channel groups of a zoo model")
     graph.add_argument("--model", default="vgg_small")
