@@ -2,7 +2,7 @@
 
 Command (about 3 minutes on a 2-core CPU):
 
-    python experiments/bench_core.py            # prints a table, writes results/bench_core.json
+    python -m experiments.bench_core       # prints a table, writes results/bench_core.json
 
 What it measures, all in one process so the ratios share one machine state:
 
@@ -17,83 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from jaxprune import cost, criteria
-from jaxprune.graph import channel_graph
-from jaxprune.methods.oneshot import OneShotConfig, keep_from_scores
-from jaxprune.models import build_model
-from jaxprune.models.random_init import random_variables
+from experiments.bench.core import graph_and_surgery, jax_speedup
 from jaxprune.runtime import enable_compilation_cache
-from jaxprune.surgery import prune
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def half_by_l1(graph, variables):
-    """Keep the half of each group's channels with the largest L1 norm (Li et al. 2017)."""
-    context = criteria.ScoringContext(apply_fn=None, graph=graph)
-    scores = criteria.score("l1", context, variables)
-    return keep_from_scores(graph, scores, OneShotConfig(ratio=0.5, scope="all"))
-
-
-def timed(fn, repeats=5):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        jax.block_until_ready(jax.tree_util.tree_leaves(out))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)), out
-
-
-def bench_graph_and_surgery(name, shape, num_classes):
-    model = build_model(name, num_classes)
-    x = jnp.zeros(shape)
-    variables = random_variables(model, x)
-    graph_s, graph = timed(lambda: channel_graph(model.apply, variables, x), repeats=3)
-    keep = half_by_l1(graph, variables)
-    surgery_s, _ = timed(lambda: prune(variables, graph, keep).variables, repeats=3)
-    return {
-        "model": name,
-        "input": list(shape),
-        "groups": len(graph),
-        "graph_s": graph_s,
-        "surgery_s": surgery_s,
-    }
-
-
-def bench_speedup(name, image_shape, num_classes, repeats):
-    model = build_model(name, num_classes)
-    x1 = jnp.zeros((1, *image_shape))
-    variables = random_variables(model, x1)
-    graph = channel_graph(model.apply, variables, x1)
-    pruned = prune(variables, graph, half_by_l1(graph, variables))
-    small = build_model(name, num_classes, pruned.widths)
-    before = cost.count(model.apply, variables, x1)
-    after = cost.count(small.apply, pruned.variables, x1)
-    row = {
-        "model": name,
-        "macs_before": before.macs,
-        "macs_after": after.macs,
-        "macs_ratio": before.macs / after.macs,
-        "params_before": before.params,
-        "params_after": after.params,
-    }
-    for batch in (1, 128):
-        x = jax.random.normal(jax.random.key(0), (batch, *image_shape))
-        t_full = cost.latency(model.apply, variables, x, repeats=repeats).median
-        t_small = cost.latency(small.apply, pruned.variables, x, repeats=repeats).median
-        row[f"latency_b{batch}_before_ms"] = 1e3 * t_full
-        row[f"latency_b{batch}_after_ms"] = 1e3 * t_small
-        row[f"speedup_b{batch}"] = t_full / t_small
-        row[f"speedup_b{batch}_over_macs_ratio"] = (t_full / t_small) / row["macs_ratio"]
-    return row
 
 
 def main() -> None:
@@ -104,12 +35,12 @@ def main() -> None:
     enable_compilation_cache()
 
     structure = [
-        bench_graph_and_surgery("vgg16", (1, 224, 224, 3), 1000),
-        bench_graph_and_surgery("resnet56", (1, 32, 32, 3), 10),
+        graph_and_surgery("vgg16", (1, 224, 224, 3), 1000, repeats=3),
+        graph_and_surgery("resnet56", (1, 32, 32, 3), 10, repeats=3),
     ]
     speed = [
-        bench_speedup("vgg_small", (28, 28, 1), 10, args.repeats),
-        bench_speedup("resnet56", (32, 32, 3), 10, args.repeats),
+        jax_speedup("vgg_small", args.repeats, (1, 128)),
+        jax_speedup("resnet56", args.repeats, (1, 128)),
     ]
     print("graph + surgery (50% of every group, L1)")
     print(f"{'model':<10} {'groups':>6} {'graph s':>8} {'surgery s':>9}")

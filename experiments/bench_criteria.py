@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxprune import train
 from jaxprune.criteria import ScoringContext, removal_losses, score
 from jaxprune.data import read_idx
 from jaxprune.gates import gated_call
@@ -129,29 +130,12 @@ def bench_taylor(model, variables, graph, x, y):
         np.median([timed(lambda: score("taylor", context, variables, batch)) for _ in range(3)])
     )
 
-    optimizer = optax.sgd(0.01, momentum=0.9)
-
-    @jax.jit
-    def train_step(params, batch_stats, opt_state, rng):
-        def loss(p):
-            out, updates = model.apply(
-                {"params": p, "batch_stats": batch_stats},
-                x,
-                train=True,
-                mutable=["batch_stats"],
-                rngs={"dropout": rng},
-            )
-            return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(out, y)), updates
-
-        (value, updates), grads = jax.value_and_grad(loss, has_aux=True)(params)
-        changes, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, changes), updates["batch_stats"], opt_state, value
-
-    params, stats = variables["params"], variables["batch_stats"]
-    opt_state = optimizer.init(params)
-    rng = jax.random.key(0)
-    step_first = timed(train_step, params, stats, opt_state, rng)
-    step_s = float(np.median([timed(train_step, params, stats, opt_state, rng) for _ in range(3)]))
+    # The library's own train step (forward, backward with respect to the parameters, SGD
+    # update, batch statistics in training mode) on the same batch.
+    tx = optax.sgd(0.01, momentum=0.9)
+    state = train.create_train_state(model, tx, jax.random.key(0), x[:1])
+    step_first = timed(train.train_step, state, batch)
+    step_s = float(np.median([timed(train.train_step, state, batch) for _ in range(3)]))
     return {
         "taylor_s": taylor_s,
         "taylor_first_call_s": first,

@@ -2,7 +2,7 @@
 
 Command (5.5 minutes on a 2-core CPU; ``--allocator inherit`` halves it):
 
-    python experiments/bench/train_step.py        # prints tables, writes
+    python -m experiments.bench.train_step        # prints tables, writes
                                                   # results/bench_train_step.json
 
 What it measures, for LeNet-5 and VGG-small on 28x28x1 and ResNet-20 on 32x32x3:
@@ -69,7 +69,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -80,13 +79,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.bench import torch_zoo
+from experiments.bench.timing import cpu_pressure, take_turns
 from jaxprune import ops, train
 from jaxprune.models import build_model
 from jaxprune.runtime import enable_compilation_cache
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 MODELS = ("lenet5", "vgg_small", "resnet20")
-IMAGE_SHAPES = {"lenet5": (28, 28, 1), "vgg_small": (28, 28, 1), "resnet20": (32, 32, 3)}
+IMAGE_SHAPES = torch_zoo.IMAGE_SHAPES
 GEMM = ops.conv_general_dilated_gemm
 # name -> (conv function or None for stock, use jaxprune.ops.max_pool, use cpu_compiler_options)
 JAX_VARIANTS = {
@@ -98,51 +99,7 @@ JAX_VARIANTS = {
     "gemm+pool": (GEMM, True, False),
 }
 HAS_MAX_POOL = {"lenet5", "vgg_small"}  # elsewhere the pool variants equal their twins
-NUM_CLASSES = 10
-
-
-# ---------------------------------------------------------------------------------------------
-# Timing
-# ---------------------------------------------------------------------------------------------
-
-
-def cpu_pressure() -> float | None:
-    """The share of the last 10 s in which some task waited for a CPU (Linux PSI), in %."""
-    try:
-        first = Path("/proc/pressure/cpu").read_text().splitlines()[0]
-    except OSError:
-        return None
-    fields = dict(part.split("=") for part in first.split()[1:])
-    return float(fields["avg10"])
-
-
-def take_turns(
-    runners: dict[str, Callable[[], None]], rounds: int, per_round: int
-) -> dict[str, dict[str, float]]:
-    """Times each runner `rounds * per_round` times, the runners taking turns every round.
-
-    Returns:
-      Per runner: median and min wall time and median CPU time (user + system of this
-      process, 10 ms resolution) of one call, in ms.
-    """
-    wall: dict[str, list[float]] = {name: [] for name in runners}
-    cpu: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
-            for _ in range(per_round):
-                before, start = os.times(), time.perf_counter()
-                run()
-                end, after = time.perf_counter(), os.times()
-                wall[name].append(end - start)
-                cpu[name].append(after.user + after.system - before.user - before.system)
-    return {
-        name: {
-            "median_ms": float(np.median(wall[name]) * 1e3),
-            "min_ms": float(np.min(wall[name]) * 1e3),
-            "cpu_median_ms": float(np.median(cpu[name]) * 1e3),
-        }
-        for name in runners
-    }
+NUM_CLASSES = torch_zoo.NUM_CLASSES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,125 +188,6 @@ def jax_runners(name: str, batch: int, rng: np.random.Generator) -> dict[str, An
 
 
 # ---------------------------------------------------------------------------------------------
-# PyTorch equivalents (built only when torch is importable)
-# ---------------------------------------------------------------------------------------------
-
-
-def torch_models() -> dict[str, Callable[[], Any]]:
-    """Constructors of the three nets in PyTorch, layer for layer as in jaxprune.models."""
-    import torch.nn as tnn
-    import torch.nn.functional as F  # noqa: N812
-
-    class LeNet5(tnn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = tnn.Conv2d(1, 6, 5, padding=2)
-            self.conv2 = tnn.Conv2d(6, 16, 5)
-            self.fc1, self.fc2 = tnn.Linear(400, 120), tnn.Linear(120, 84)
-            self.head = tnn.Linear(84, NUM_CLASSES)
-
-        def forward(self, x):
-            x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-            x = F.max_pool2d(F.relu(self.conv2(x)), 2).flatten(1)
-            return self.head(F.relu(self.fc2(F.relu(self.fc1(x)))))
-
-    class VGGSmall(tnn.Module):
-        def __init__(self):
-            super().__init__()
-            layers, width = [], 1
-            for stage in ((32, 32), (64, 64), (128, 128)):
-                for out in stage:
-                    layers += [
-                        tnn.Conv2d(width, out, 3, padding=1, bias=False),
-                        tnn.BatchNorm2d(out, momentum=0.1, eps=1e-5),
-                        tnn.ReLU(),
-                    ]
-                    width = out
-                layers.append(tnn.MaxPool2d(2))
-            self.features = tnn.Sequential(*layers)
-            self.fc1, self.dropout = tnn.Linear(128 * 3 * 3, 512), tnn.Dropout(0.5)
-            self.head = tnn.Linear(512, NUM_CLASSES)
-
-        def forward(self, x):
-            x = self.features(x).flatten(1)
-            return self.head(self.dropout(F.relu(self.fc1(x))))
-
-    class BasicBlock(tnn.Module):
-        def __init__(self, cin, cout, stride):
-            super().__init__()
-            self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = tnn.BatchNorm2d(cout)
-            self.conv2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = tnn.BatchNorm2d(cout)
-            self.shortcut = None
-            if stride != 1 or cin != cout:  # option B, as in jaxprune.models.resnet
-                self.shortcut = tnn.Sequential(
-                    tnn.Conv2d(cin, cout, 1, stride, bias=False), tnn.BatchNorm2d(cout)
-                )
-
-        def forward(self, x):
-            y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-            return F.relu((x if self.shortcut is None else self.shortcut(x)) + y)
-
-    class ResNet20(tnn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = tnn.Sequential(
-                tnn.Conv2d(3, 16, 3, padding=1, bias=False), tnn.BatchNorm2d(16), tnn.ReLU()
-            )
-            blocks, width = [], 16
-            for stage, out in enumerate((16, 32, 64)):
-                for block in range(3):
-                    stride = 2 if stage > 0 and block == 0 else 1
-                    blocks.append(BasicBlock(width, out, stride))
-                    width = out
-            self.blocks = tnn.Sequential(*blocks)
-            self.head = tnn.Linear(64, NUM_CLASSES)
-
-        def forward(self, x):
-            return self.head(self.blocks(self.stem(x)).mean((2, 3)))
-
-    return {"lenet5": LeNet5, "vgg_small": VGGSmall, "resnet20": ResNet20}
-
-
-def torch_runners(name: str, batch: int, rng: np.random.Generator) -> dict[str, Any]:
-    """Train-step and inference callables of the PyTorch twin of one model."""
-    import torch
-    import torch.nn.functional as F  # noqa: N812
-
-    torch.manual_seed(0)
-    fmt = torch.channels_last  # NHWC in memory, like the JAX models
-    model = torch_models()[name]().to(memory_format=fmt)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    height, width, channels = IMAGE_SHAPES[name]
-    images = torch.as_tensor(
-        rng.normal(size=(batch, channels, height, width)), dtype=torch.float32
-    ).contiguous(memory_format=fmt)
-    labels = torch.as_tensor(rng.integers(0, NUM_CLASSES, batch))
-
-    def step():
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(images), labels).backward()
-        optimizer.step()
-
-    for _ in range(3):
-        step()
-
-    def predictor(size: int) -> Callable[[], None]:
-        x = images[:size].contiguous(memory_format=fmt)
-
-        def predict():
-            model.eval()
-            with torch.inference_mode():
-                model(x)
-
-        return predict
-
-    return {"step": step, "predictor": predictor}
-
-
-# ---------------------------------------------------------------------------------------------
 # One full measurement in this process
 # ---------------------------------------------------------------------------------------------
 
@@ -377,8 +215,15 @@ def measure(models: list[str], batch: int, rounds: int, per_round: int, use_torc
     for name in models:
         runs = jax_runners(name, batch, rng)
         runners = {f"jax {v}": runs["steps"][v] for v in variants_of(name)}
-        tw = torch_runners(name, batch, rng) if have_torch else None
-        if tw is not None:
+        tw = None
+        if have_torch:
+            twin = torch_zoo.torch_model(name)
+            tw = {
+                "step": torch_zoo.train_step_runner(name, batch, rng),
+                "predictor": lambda size, twin=twin, name=name: torch_zoo.predictor(
+                    twin, torch_zoo.torch_images(name, size, rng)
+                ),
+            }
             runners["torch"] = tw["step"]
         timing = take_turns(runners, rounds, per_round)
         if tw is not None:
@@ -403,8 +248,6 @@ def measure(models: list[str], batch: int, rounds: int, per_round: int, use_torc
                 predictors[f"jax {variant}"] = call
             if tw is not None:
                 predictors["torch"] = tw["predictor"](size)
-                for _ in range(3):
-                    predictors["torch"]()
             # Batch-1 calls are short: time more of them so the medians settle.
             repeats = per_round * (10 if size == 1 else 1)
             timing = take_turns(predictors, rounds, repeats)
@@ -450,7 +293,14 @@ def run_child(allocator: str, argv: list[str]) -> dict:
     env = ops.tuned_environ() if allocator == "tuned" else dict(os.environ)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "result.json"
-        cmd = [sys.executable, __file__, *argv, "--child-out", str(path)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "experiments.bench.train_step",
+            *argv,
+            "--child-out",
+            str(path),
+        ]
         subprocess.run(cmd, env=env, check=True)
         return json.loads(path.read_text())
 
@@ -497,7 +347,7 @@ def main() -> None:
         results[allocator] = run_child(allocator, passthrough)
         print_tables(allocator, results[allocator])
     report = {
-        "command": " ".join(["python", "experiments/bench/train_step.py", *sys.argv[1:]]),
+        "command": " ".join(["python -m experiments.bench.train_step", *sys.argv[1:]]),
         "machine": {
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),

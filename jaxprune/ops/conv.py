@@ -8,9 +8,10 @@ of ``y = conv(x, w)`` is, for every kernel offset ``(kh, kw)``::
 where ``X(kh, kw)`` holds, for every output position, the padded input pixel that the offset
 reads (``x_pad[n, kh + sh * i, kw + sw * j, :]``) and ``dY`` is the output gradient with its
 positions flattened. `conv_general_dilated_gemm` computes the forward pass and the input
-gradient with XLA's own convolutions and the weight gradient with these ``KH * KW`` products
-(one product for a 1x1 kernel). The input is transposed once to channel-major order, so each
-product reads its operands in the layout CPU matrix kernels are fastest with.
+gradient with XLA's own convolutions and the weight gradient with these ``KH * KW`` products,
+stacked into one matrix product over an im2col of the input. The input is transposed once to
+channel-major order, so the product reads its operands in the layout CPU matrix kernels are
+fastest with.
 
 Anything else (other layouts, dilation, feature or batch groups, a different output dtype,
 mixed operand dtypes, ranks other than 2 spatial dims) goes to `jax.lax.conv_general_dilated`
@@ -100,7 +101,14 @@ def _channel_major(x: jax.Array) -> jax.Array:
 def _weight_grad(
     x_cmajor: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...], spec: _ConvSpec
 ) -> jax.Array:
-    """dL/dW as one (C_in x P) @ (P x C_out) product per kernel offset, P = N * OH * OW."""
+    """dL/dW as one (KH*KW*C_in x P) @ (P x C_out) product over a channel-major im2col.
+
+    P = N * OH * OW. Row ``(kh * KW + kw) * C_in + c`` of the im2col holds input channel c as
+    read by kernel offset (kh, kw) at every output position, so the product's rows come out in
+    the HWIO order of the kernel and one reshape gives dW. One large product keeps the CPU's
+    matrix kernel busier than KH*KW small ones (ResNet-20 step 0.78x of stock against 0.94x
+    for one product per offset, measured under load).
+    """
     kh_size, kw_size, c_in, c_out = kernel_shape
     _, out_h, out_w, _ = dy.shape
     sh, sw = spec.strides
@@ -108,27 +116,26 @@ def _weight_grad(
     zero = jnp.zeros((), x_cmajor.dtype)
     # lax.pad, unlike jnp.pad, accepts negative padding (a crop), as the convolution does.
     padded = lax.pad(x_cmajor, zero, ((0, 0, 0), (0, 0, 0), (pt, pb, 0), (pl, pr, 0)))
-    dy_rows = dy.reshape(-1, c_out)
+    taps = [
+        lax.slice(
+            padded,
+            (0, 0, kh, kw),
+            (c_in, padded.shape[1], kh + sh * (out_h - 1) + 1, kw + sw * (out_w - 1) + 1),
+            (1, 1, sh, sw),
+        ).reshape(c_in, -1)
+        for kh in range(kh_size)
+        for kw in range(kw_size)
+    ]
+    columns = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=0)
     # Accumulate low-precision inputs in float32, like XLA's convolution does.
     acc_type = jnp.promote_types(dy.dtype, jnp.float32)
-    grads = []
-    for kh in range(kh_size):
-        for kw in range(kw_size):
-            taps = lax.slice(
-                padded,
-                (0, 0, kh, kw),
-                (c_in, padded.shape[1], kh + sh * (out_h - 1) + 1, kw + sw * (out_w - 1) + 1),
-                (1, 1, sh, sw),
-            )
-            grads.append(
-                lax.dot(
-                    taps.reshape(c_in, -1),
-                    dy_rows,
-                    precision=spec.precision,
-                    preferred_element_type=acc_type,
-                )
-            )
-    return jnp.stack(grads).reshape(kernel_shape).astype(dy.dtype)
+    grad = lax.dot(
+        columns,
+        dy.reshape(-1, c_out),
+        precision=spec.precision,
+        preferred_element_type=acc_type,
+    )
+    return grad.reshape(kernel_shape).astype(dy.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

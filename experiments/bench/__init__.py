@@ -1,0 +1,1 @@
+"""jaxprune's benchmarks against PyTorch and Torch-Pruning; ``python -m experiments.bench``."""
