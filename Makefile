@@ -13,6 +13,6 @@ lint:
 	scripts/install.sh --dev
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .
 
-bench:  ## the benchmark tables (minutes; not part of the tests)
+bench:  ## every benchmark row beside PyTorch / Torch-Pruning, one table (minutes; not a test)
 	scripts/install.sh
-	.venv/bin/python experiments/bench_core.py
+	.venv/bin/python -m experiments.bench
