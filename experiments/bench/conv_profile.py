@@ -1,0 +1,144 @@
+"""Where the VGG-small train step spends its convolution time: each conv's three passes alone.
+
+Command (about 2 minutes on the 2-core CPU):
+
+    python -m experiments.bench.conv_profile    # prints a table, writes
+                                                # results/bench/conv_profile.{md,json}
+
+For each 3x3 convolution of VGG-small at batch 128 (28x28x1 input), the forward convolution,
+the input gradient and the weight gradient are jitted and timed separately (median, the
+runners taking turns): XLA's own (`jax.vjp` of `jax.lax.conv_general_dilated`, split into its
+two cotangents), jaxprune's GEMM weight gradient (`jaxprune.ops.conv`, im2col + one matrix
+product, channel-major input) and PyTorch's (``torch.nn.grad.conv2d_input`` /
+``conv2d_weight``, channels_last) when PyTorch is installed.
+
+Result: see results/bench/conv_profile.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from experiments.bench import torch_zoo
+from experiments.bench.timing import take_turns
+from jaxprune.ops import conv as gemm_conv
+from jaxprune.runtime import enable_compilation_cache
+
+RESULTS = Path(__file__).resolve().parent.parent / "results" / "bench"
+# (spatial size, C_in, C_out) of VGG-small's convolutions on 28x28x1 (pools after 2, 4, 6).
+VGG_SMALL_CONVS = [
+    (28, 1, 32),
+    (28, 32, 32),
+    (14, 32, 64),
+    (14, 64, 64),
+    (7, 64, 128),
+    (7, 128, 128),
+]
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def jax_runners(batch: int, size: int, c_in: int, c_out: int, rng: np.random.Generator) -> dict:
+    """Blocking callables of the three passes of one SAME 3x3 convolution, XLA and GEMM."""
+    x = jnp.asarray(rng.normal(size=(batch, size, size, c_in)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, c_in, c_out)), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(batch, size, size, c_out)), jnp.float32)
+    spec = gemm_conv._ConvSpec(strides=(1, 1), padding=((1, 1), (1, 1)), precision=None)
+
+    def conv(x, w):
+        return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
+
+    forward = jax.jit(conv)
+    input_grad = jax.jit(lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0])
+    weight_grad = jax.jit(lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0])
+    x_cmajor = jax.block_until_ready(gemm_conv._channel_major(x))
+    gemm_weight = jax.jit(lambda xc, dy: gemm_conv._weight_grad(xc, dy, w.shape, spec))
+    np.testing.assert_allclose(
+        gemm_weight(x_cmajor, dy), weight_grad(x, w, dy), rtol=2e-3, atol=2e-2
+    )
+    calls = {
+        "xla forward": lambda: forward(x, w),
+        "xla input grad": lambda: input_grad(x, w, dy),
+        "xla weight grad": lambda: weight_grad(x, w, dy),
+        "gemm weight grad": lambda: gemm_weight(x_cmajor, dy),
+        "gemm channel-major copy": lambda: jax.jit(gemm_conv._channel_major)(x),
+    }
+    return {name: (lambda fn=fn: jax.block_until_ready(fn())) for name, fn in calls.items()}
+
+
+def torch_runners(batch: int, size: int, c_in: int, c_out: int, rng: np.random.Generator):
+    """The same three passes in PyTorch (channels_last)."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    last = torch.channels_last
+    x = torch.as_tensor(rng.normal(size=(batch, c_in, size, size)), dtype=torch.float32)
+    x = x.contiguous(memory_format=last)
+    w = torch.as_tensor(rng.normal(size=(c_out, c_in, 3, 3)), dtype=torch.float32)
+    w = w.contiguous(memory_format=last)
+    dy = torch.as_tensor(rng.normal(size=(batch, c_out, size, size)), dtype=torch.float32)
+    dy = dy.contiguous(memory_format=last)
+    return {
+        "torch forward": lambda: F.conv2d(x, w, padding=1),
+        "torch input grad": lambda: torch.nn.grad.conv2d_input(x.shape, w, dy, padding=1),
+        "torch weight grad": lambda: torch.nn.grad.conv2d_weight(x, w.shape, dy, padding=1),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--per-round", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    enable_compilation_cache()
+    have_torch = torch_zoo.peers()["torch"]
+    if have_torch:
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+    else:
+        print("PyTorch not installed: its columns are skipped")
+    rng = np.random.default_rng(0)
+    layers = []
+    for size, c_in, c_out in VGG_SMALL_CONVS:
+        runners = jax_runners(args.batch, size, c_in, c_out, rng)
+        if have_torch:
+            runners.update(torch_runners(args.batch, size, c_in, c_out, rng))
+        for run in runners.values():
+            run()  # compile / warm up
+        timing = take_turns(runners, args.rounds, args.per_round)
+        layers.append(
+            {"layer": f"{size}x{size} {c_in}->{c_out}"}
+            | {name: row["median_ms"] for name, row in timing.items()}
+        )
+        print(f"  {layers[-1]['layer']} done", flush=True)
+    columns = [key for key in layers[0] if key != "layer"]
+    totals = {key: sum(layer[key] for layer in layers) for key in columns}
+    lines = [
+        f"VGG-small convolutions, batch {args.batch}, ms (median)\n",
+        "| layer | " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for layer in [*layers, {"layer": "total"} | totals]:
+        lines.append(
+            f"| {layer['layer']} | " + " | ".join(f"{layer[c]:.1f}" for c in columns) + " |"
+        )
+    table = "\n".join(lines) + "\n"
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "conv_profile.md").write_text(table)
+    record = {"batch": args.batch, "jax": jax.__version__, "layers": layers, "totals": totals}
+    (args.out / "conv_profile.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
