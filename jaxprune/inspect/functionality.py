@@ -1,0 +1,243 @@
+"""The functionality report: each conv layer's activation-maximisation images, grouped by cluster.
+
+`write_functionality_report` (what ``jaxprune inspect --functionality`` calls) writes, per conv
+group, a PNG grid with one row per functionality cluster (largest clusters first, filters in
+index order, clusters separated by a blank line) and, given real images, a second grid of every
+filter's mean response pattern over them in the same layout; then one self-contained HTML page
+(PNG data URIs, no network) with the same pictures, each filter labelled and each cluster's
+representative marked. Images come from `jaxprune.criteria.functionality`; clusters and
+representatives from `jaxprune.methods.functional` with the given (or default) config.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxprune.criteria.functionality import (
+    cosine_similarity,
+    image_descriptors,
+    response_patterns,
+)
+from jaxprune.graph import ChannelGraph
+from jaxprune.inspect.render import colormap, data_uri, display_images, png_bytes
+from jaxprune.methods.functional import (
+    FunctionalConfig,
+    choose_representatives,
+    cluster_filters,
+    kept_count,
+    layer_images,
+)
+from jaxprune.methods.oneshot import select_groups
+
+# Each picture cell is enlarged to about this many pixels on its longer side in the PNG files.
+CELL_SIDE = 56
+GAP = 2
+# Response maps run from dark (no response) to bright orange (the filter's strongest).
+_RESPONSE_STOPS = np.array([[10, 10, 30], [120, 40, 110], [240, 120, 30], [255, 240, 170]], float)
+
+
+def cluster_order(labels: np.ndarray) -> list[np.ndarray]:
+    """Filter indices per cluster, largest clusters first (ties: the lower first filter)."""
+    labels = np.asarray(labels)
+    clusters = [np.nonzero(labels == c)[0] for c in np.unique(labels)]
+    return sorted(clusters, key=lambda members: (-len(members), int(members[0])))
+
+
+def _enlarge(rgb: np.ndarray) -> np.ndarray:
+    """(N, h, w, 3) floats in [0, 1] -> uint8 cells enlarged by an integer factor."""
+    h, w = rgb.shape[1:3]
+    factor = max(1, CELL_SIDE // max(h, w))
+    big = np.repeat(np.repeat(rgb, factor, axis=1), factor, axis=2)
+    return np.round(np.clip(big, 0, 1) * 255).astype(np.uint8)
+
+
+def grid_by_cluster(cells: np.ndarray, clusters: Sequence[np.ndarray]) -> np.ndarray:
+    """One row of cells per cluster on a white background.
+
+    Args:
+      cells: (filters, H, W, 3) uint8 pictures, one per filter.
+      clusters: the filter indices of each row.
+
+    Returns:
+      An (rows, columns) grid as one uint8 RGB image.
+    """
+    n_cols = max(len(c) for c in clusters)
+    h, w = cells.shape[1:3]
+    grid = np.full(
+        (len(clusters) * (h + 3 * GAP) + GAP, n_cols * (w + GAP) + GAP, 3), 255, np.uint8
+    )
+    for row, members in enumerate(clusters):
+        top = GAP + row * (h + 3 * GAP)
+        for col, f in enumerate(members):
+            left = GAP + col * (w + GAP)
+            grid[top : top + h, left : left + w] = cells[f]
+    return grid
+
+
+def _pattern_cells(patterns: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Mean response maps (filters, h, w) as heat-map cells on the input's grid."""
+    rows = np.linspace(0, patterns.shape[1] - 1e-9, height).astype(int)
+    cols = np.linspace(0, patterns.shape[2] - 1e-9, width).astype(int)
+    resized = patterns[:, rows][:, :, cols]
+    low = resized.min(axis=(1, 2), keepdims=True)
+    span = resized.max(axis=(1, 2), keepdims=True) - low
+    scaled = (resized - low) / np.where(span > 0, span, 1.0)
+    return colormap(scaled, _RESPONSE_STOPS) / 255.0
+
+
+def _input_shape(graph: ChannelGraph) -> tuple[int, ...]:
+    program = graph.program
+    for path, value_id in zip(program.input_paths, program.input_ids, strict=True):
+        if path == ("<input>",):
+            return tuple(program.shapes[value_id][1:])
+    raise ValueError("The graph's program has no model input; pass images to set the shape.")
+
+
+def _layer_section(
+    group: str,
+    clusters: Sequence[np.ndarray],
+    representatives: set[int],
+    image_cells: np.ndarray,
+    pattern_cells: np.ndarray | None,
+    threshold: float,
+    similarity: np.ndarray,
+) -> str:
+    rows = []
+    for number, members in enumerate(clusters):
+        cells = []
+        for f in members:
+            mark = " rep" if int(f) in representatives else ""
+            pictures = f'<img src="{data_uri(image_cells[f])}" alt="filter {f}">'
+            if pattern_cells is not None:
+                pictures += f'<img src="{data_uri(pattern_cells[f])}" alt="response {f}">'
+            cells.append(
+                f'<figure class="cell{mark}">{pictures}<figcaption>{f}</figcaption></figure>'
+            )
+        if len(members) > 1:
+            block = similarity[np.ix_(members, members)]
+            mean = (block.sum() - len(members)) / (len(members) * (len(members) - 1))
+            note = f"{len(members)} filters, mean similarity {mean:.2f}"
+        else:
+            note = "1 filter"
+        rows.append(
+            f'<div class="cluster"><div class="label">cluster {number}: {note}</div>'
+            f"{''.join(cells)}</div>"
+        )
+    cut = f"threshold {threshold:.3f}" if np.isfinite(threshold) else "no threshold"
+    return (
+        f"<section><h2>{html.escape(group)}</h2><p>{similarity.shape[0]} filters in "
+        f"{len(clusters)} clusters ({cut}); outlined: the filter each cluster keeps.</p>"
+        f"{''.join(rows)}</section>"
+    )
+
+
+_STYLE = """
+body { font-family: sans-serif; margin: 1.5em; }
+.cluster { display: flex; flex-wrap: wrap; align-items: flex-start; gap: 4px;
+           border-top: 1px solid #ccc; padding: 4px 0; }
+.label { width: 100%; font-size: 0.85em; color: #444; }
+.cell { margin: 0; text-align: center; font-size: 0.75em; padding: 2px;
+        border: 2px solid transparent; }
+.cell.rep { border-color: #d9480f; }
+.cell img { width: 56px; image-rendering: pixelated; display: block; }
+"""
+
+
+def write_functionality_report(
+    apply_fn: Callable[..., Any],
+    variables: Any,
+    graph: ChannelGraph,
+    out_dir: str | Path,
+    *,
+    groups: Sequence[str] | None = None,
+    images: np.ndarray | None = None,
+    config: FunctionalConfig | None = None,
+    workdir: str | Path | None = None,
+) -> dict[str, Path]:
+    """Writes each conv layer's activation-maximisation images grouped by cluster, PNG and HTML.
+
+    Args:
+      apply_fn: the model function the graph was built from.
+      variables: the model variables.
+      graph: its channel graph.
+      out_dir: the folder written (created if needed).
+      groups: the conv groups to draw (None: every conv group).
+      images: optional preprocessed real images [N, H, W, C]; adds each filter's mean
+        response pattern over them.
+      config: images, clustering and representatives (default `FunctionalConfig()`: similarity
+        threshold, "centroid" representatives when no data is given for the criterion).
+      workdir: optional checkpoint folder for the images (reruns reuse them).
+
+    Returns:
+      Name -> path: ``"<group>"`` (the image grid PNG), ``"<group>:responses"`` (the response
+      grid PNG, with `images`) and ``"html"`` (the page).
+
+    Raises:
+      ValueError: an unknown or non-conv group, or images of the wrong shape.
+    """
+    config = config if config is not None else FunctionalConfig(representative="centroid")
+    conv_groups = select_groups(graph, "conv")
+    chosen = list(conv_groups if groups is None else groups)
+    for group in chosen:
+        if group not in conv_groups:
+            raise ValueError(
+                f"{group!r} is not a conv group of this model; choose from {conv_groups}."
+            )
+    input_shape = _input_shape(graph) if images is None else tuple(np.shape(images)[1:])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    found = layer_images(
+        apply_fn, graph, variables, chosen, input_shape, config.visualization, workdir=workdir
+    )
+    written: dict[str, Path] = {}
+    sections = []
+    for group in chosen:
+        layer = np.asarray(found[group])
+        descriptors = image_descriptors(
+            layer, config.clustering.descriptor, config.clustering.normalization
+        )
+        similarity = cosine_similarity(descriptors)
+        labels, threshold = cluster_filters(
+            similarity,
+            descriptors,
+            config.clustering,
+            keep=kept_count(len(layer), config),
+            seed=config.seed,
+        )
+        representatives = set(choose_representatives(labels, descriptors=descriptors).tolist())
+        clusters = cluster_order(labels)
+        image_cells = _enlarge(display_images(layer))
+        stem = group.replace("/", "_")
+        written[group] = out / f"{stem}_images.png"
+        written[group].write_bytes(png_bytes(grid_by_cluster(image_cells, clusters)))
+        pattern_cells = None
+        if images is not None:
+            patterns = response_patterns(apply_fn, graph, variables, group, images)
+            pattern_cells = _enlarge(_pattern_cells(patterns, *input_shape[:2]))
+            written[f"{group}:responses"] = out / f"{stem}_responses.png"
+            written[f"{group}:responses"].write_bytes(
+                png_bytes(grid_by_cluster(pattern_cells, clusters))
+            )
+        sections.append(
+            _layer_section(
+                group, clusters, representatives, image_cells, pattern_cells, threshold, similarity
+            )
+        )
+    views = "activation-maximisation image" + (
+        " and mean response pattern over the given images" if images is not None else ""
+    )
+    page = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>Filter functionality</title>"
+        f"<style>{_STYLE}</style></head><body><h1>Filter functionality</h1>"
+        f"<p>Each filter's {views}; one row per cluster of filters whose images are alike "
+        "(cosine similarity of standardised images, average linkage).</p>"
+        f"{''.join(sections)}</body></html>"
+    )
+    written["html"] = out / "functionality.html"
+    written["html"].write_text(page)
+    return written
