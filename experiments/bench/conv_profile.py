@@ -12,6 +12,10 @@ two cotangents), jaxprune's GEMM weight gradient (`jaxprune.ops.conv`, im2col + 
 product, channel-major input) and PyTorch's (``torch.nn.grad.conv2d_input`` /
 ``conv2d_weight``, channels_last) when PyTorch is installed.
 
+It also splits the whole VGG-small step (``jaxprune.train.train_step``, ``conv_impl`` "xla" and
+"gemm") into the forward pass alone, forward + backward (``jax.value_and_grad`` of the loss)
+and the full step with the SGD update, so the convolutions' share of the step can be read off.
+
 Result: see results/bench/conv_profile.md.
 """
 
@@ -25,10 +29,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax import lax
 
 from experiments.bench import torch_zoo
 from experiments.bench.timing import take_turns
+from jaxprune import train
+from jaxprune.models import build_model
 from jaxprune.ops import conv as gemm_conv
 from jaxprune.runtime import enable_compilation_cache
 
@@ -92,6 +99,41 @@ def torch_runners(batch: int, size: int, c_in: int, c_out: int, rng: np.random.G
     }
 
 
+def step_runners(batch: int, conv_impl: str, rng: np.random.Generator) -> dict:
+    """Forward, forward + backward and the full train step of VGG-small, blocking."""
+    model = build_model("vgg_small", torch_zoo.NUM_CLASSES, conv_impl=conv_impl)
+    images = jnp.asarray(rng.normal(size=(batch, 28, 28, 1)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, torch_zoo.NUM_CLASSES, batch), jnp.int32)
+    state = train.create_train_state(
+        model, optax.sgd(0.01, momentum=0.9), jax.random.key(0), images[:1]
+    )
+    stats = state.variables()["batch_stats"]
+    rngs = {"dropout": jax.random.key(1)}
+
+    def loss(params):
+        logits, _ = model.apply(
+            {"params": params, "batch_stats": stats},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+            rngs=rngs,
+        )
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    forward = jax.jit(loss)
+    backward = jax.jit(jax.value_and_grad(loss))
+    batch_dict = {"image": images, "label": labels}
+    calls = {
+        "forward": lambda: forward(state.params),
+        "forward + backward": lambda: backward(state.params),
+        "train step": lambda: train.train_step(state, batch_dict),
+    }
+    return {
+        f"{conv_impl} {name}": (lambda fn=fn: jax.block_until_ready(fn()))
+        for name, fn in calls.items()
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
@@ -121,6 +163,13 @@ def main(argv: list[str] | None = None) -> None:
             | {name: row["median_ms"] for name, row in timing.items()}
         )
         print(f"  {layers[-1]['layer']} done", flush=True)
+    steps = {**step_runners(args.batch, "xla", rng), **step_runners(args.batch, "gemm", rng)}
+    for run in steps.values():
+        run()
+    step_ms = {
+        name: row["median_ms"]
+        for name, row in take_turns(steps, args.rounds, args.per_round).items()
+    }
     columns = [key for key in layers[0] if key != "layer"]
     totals = {key: sum(layer[key] for layer in layers) for key in columns}
     lines = [
@@ -132,11 +181,26 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(
             f"| {layer['layer']} | " + " | ".join(f"{layer[c]:.1f}" for c in columns) + " |"
         )
+    lines += [
+        "",
+        f"VGG-small step, batch {args.batch}, ms (median)",
+        "",
+        "| part | ms |",
+        "|---|---:|",
+    ]
+    lines += [f"| {name} | {ms:.1f} |" for name, ms in step_ms.items()]
     table = "\n".join(lines) + "\n"
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "conv_profile.md").write_text(table)
-    record = {"batch": args.batch, "jax": jax.__version__, "layers": layers, "totals": totals}
+    record = {
+        "batch": args.batch,
+        "jax": jax.__version__,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "layers": layers,
+        "totals": totals,
+        "step_ms": step_ms,
+    }
     (args.out / "conv_profile.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
