@@ -93,6 +93,25 @@ def test_bfloat16_is_handled_and_close_to_stock():
         assert np.max(np.abs(a - e)) <= 0.05 * np.max(np.abs(e))
 
 
+def test_weight_gradient_matches_a_numpy_sum_over_output_positions():
+    # A non-square kernel and unequal strides pin the im2col row order (kh, kw, c_in).
+    rng = np.random.default_rng(11)
+    x, w = _random(rng, (2, 7, 8, 3)), _random(rng, (2, 3, 3, 5))
+    strides, pads = (2, 1), ((1, 0), (1, 1))
+    y, vjp = jax.vjp(
+        lambda w: conv_general_dilated_gemm(x, w, strides, pads, dimension_numbers=NHWC), w
+    )
+    dy = np.asarray(_random(np.random.default_rng(1), y.shape), np.float64)
+    x_pad = np.pad(np.asarray(x, np.float64), ((0, 0), pads[0], pads[1], (0, 0)))
+    out_h, out_w = y.shape[1:3]
+    expected = np.zeros(w.shape)
+    for kh in range(w.shape[0]):
+        for kw in range(w.shape[1]):
+            taps = x_pad[:, kh : kh + 2 * out_h : 2, kw : kw + out_w, :]  # (N, OH, OW, C_in)
+            expected[kh, kw] = np.einsum("nijc,nijo->co", taps, dy)
+    np.testing.assert_allclose(vjp(jnp.asarray(dy, jnp.float32))[0], expected, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     "case",
     ["depthwise", "groups", "kernel_dilation", "input_dilation", "nchw", "one_d", "f32_output"],
