@@ -24,13 +24,17 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxprune import checkpoint, data, train
-from jaxprune.commands import reporting
+from jaxprune.commands import reporting, run_progressive
 from jaxprune.graph import channel_graph
 from jaxprune.methods.iterative import IterativeConfig, iterative_prune
 from jaxprune.methods.oneshot import OneShotConfig, oneshot_prune, select_groups
+from jaxprune.methods.progressive import ProgressiveConfig
 from jaxprune.models import MODELS, build_model, widths_from_params
 
-METHODS = ("iterative", "oneshot")
+# The methods whose runner module has `FLAGS` and `run(config, name, model, variables, dataset,
+# workdir, progress=...)`; the job's field of the method's name holds its config.
+RUNNERS: dict[str, Any] = {"progressive": run_progressive}
+METHODS = ("iterative", "oneshot", *RUNNERS)
 PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"
 
 
@@ -72,6 +76,8 @@ class PruneJob:
     iterative: IterativeConfig = dataclasses.field(default_factory=IterativeConfig)
     # The one-shot baseline's settings.
     oneshot: OneShotJob = dataclasses.field(default_factory=OneShotJob)
+    # Osaku et al. 2021: layer by layer, objective/subjective criterion, progressive retraining.
+    progressive: ProgressiveConfig = dataclasses.field(default_factory=ProgressiveConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The job as JSON-compatible nested dicts."""
@@ -111,12 +117,13 @@ def model_file(job: PruneJob) -> Path:
     return path
 
 
-def run_job(job: PruneJob, workdir: str | Path) -> dict[str, Any]:
+def run_job(job: PruneJob, workdir: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Runs a job; writes ``pruned.msgpack`` and ``result.json`` into `workdir`.
 
     Args:
       job: the job.
       workdir: the run's folder (checkpoints, results); rerunning resumes.
+      progress: show progress bars.
 
     Returns:
       The report written to ``result.json``: the job, the summary (base and final cost,
@@ -135,8 +142,12 @@ def run_job(job: PruneJob, workdir: str | Path) -> dict[str, Any]:
     dataset = data.load(job.data)
     if job.method == "iterative":
         report = _run_iterative(job, name, variables, dataset, workdir)
-    else:
+    elif job.method == "oneshot":
         report = _run_oneshot(job, name, model, variables, dataset, workdir)
+    else:
+        config = getattr(job, job.method)
+        runner = RUNNERS[job.method]
+        report = runner.run(config, name, model, variables, dataset, workdir, progress=progress)
     report = {"job": job.to_dict(), "model": name, "model_file": str(path), **report}
     (workdir / "result.json").write_text(
         json.dumps(report, indent=1, default=reporting.json_default)
@@ -285,7 +296,11 @@ _FLAGS: dict[str, tuple[Any, str, tuple[str, ...]]] = {
     "eval_examples": (int, "validation images per evaluation (default: all)", ()),
     "scope": (str, "'conv' or 'all' (dense layers too)", ()),
     "seed": (int, "seed of data order, dropout and the random criterion", ()),
-    "ratio": (float, "one-shot: fraction of channels removed", ("oneshot.selection.ratio",)),
+    "ratio": (
+        float,
+        "one-shot: fraction of channels removed; progressive: of each layer's",
+        ("oneshot.selection.ratio", "progressive.ratio"),
+    ),
     "ranking": (str, "one-shot: 'per_layer' or 'global'", ("oneshot.selection.ranking",)),
     "score_examples": (int, "one-shot: validation images scored", ("oneshot.score_examples",)),
     "finetune_epochs": (int, "one-shot: fine-tuning epochs", ("oneshot.finetune_epochs",)),
@@ -301,6 +316,21 @@ _DEFAULT_PATHS = {
 def _paths(flag: str) -> tuple[str, ...]:
     paths = _FLAGS[flag][2] or _DEFAULT_PATHS.get(flag)
     return paths or (f"iterative.{flag}",)
+
+
+def _all_flags() -> dict[str, tuple[Any, str, tuple[str, ...]]]:
+    """Every flag of the command: ours, and each runner's (a shared name sets every path)."""
+    flags = {name: (kind, text, _paths(name)) for name, (kind, text, _) in _FLAGS.items()}
+    for runner in RUNNERS.values():
+        for name, (kind, text, paths) in runner.FLAGS.items():
+            if name in flags:
+                known_kind, known_text, known_paths = flags[name]
+                if known_kind is not kind:
+                    raise TypeError(f"--{name} is a {known_kind} and a {kind} in two methods.")
+                flags[name] = (kind, known_text, known_paths + tuple(paths))
+            else:
+                flags[name] = (kind, text, tuple(paths))
+    return flags
 
 
 def add_command(subparsers: Any) -> argparse.ArgumentParser:
@@ -327,8 +357,12 @@ def add_command(subparsers: Any) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a PruneJob field, e.g. --set iterative.eval_examples=1000",
     )
-    for flag, (kind, help_text, _) in _FLAGS.items():
-        parser.add_argument("--" + flag.replace("_", "-"), type=kind, help=help_text)
+    for flag, (kind, help_text, _) in _all_flags().items():
+        name = "--" + flag.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(name, action="store_true", default=None, help=help_text)
+        else:
+            parser.add_argument(name, type=kind, help=help_text)
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar (e.g. in log files)"
     )
@@ -351,10 +385,10 @@ def job_from_args(args: argparse.Namespace) -> PruneJob:
     method = args.method or job.method
     if args.criterion:
         overrides.append(f"{method}.criterion={args.criterion!r}")
-    for flag in _FLAGS:
+    for flag, (_, _, paths) in _all_flags().items():
         value = getattr(args, flag)
         if value is not None:
-            overrides += [f"{path}={value!r}" for path in _paths(flag)]
+            overrides += [f"{path}={value!r}" for path in paths]
     overrides.append(f"iterative.progress={not args.no_progress!r}")
     return apply_overrides(job, overrides + list(args.set or []))
 
@@ -362,7 +396,7 @@ def job_from_args(args: argparse.Namespace) -> PruneJob:
 def cmd_prune(args: argparse.Namespace) -> int:
     """Runs ``jaxprune prune``."""
     job = job_from_args(args)
-    run_job(job, args.workdir)
+    run_job(job, args.workdir, progress=not args.no_progress)
     print(
         f"\nwrote {Path(args.workdir) / 'pruned.msgpack'} and {Path(args.workdir) / 'result.json'}"
     )
