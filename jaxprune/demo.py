@@ -3,6 +3,7 @@
     jaxprune demo                                    # VGG-small, one-shot L1, 50% of kernels
     jaxprune demo --criterion taylor --ratio 0.7     # any registered criterion and ratio
     jaxprune demo --method iterative --criterion taylor  # Molchanov et al. 2017, iterative
+    jaxprune demo --method progressive               # Osaku et al. 2021, objective criterion
 
 Steps, each resumable from the workdir (run the same command again to continue):
 
@@ -13,7 +14,9 @@ Steps, each resumable from the workdir (run the same command again to continue):
    every convolution's channels, and remove the rest physically (`surgery.prune`); with
    ``--method iterative``, remove `channels_per_step` kernels at a time over all convolutions,
    with `updates_per_step` fine-tuning updates in between, until `ratio` of them are gone
-   (`jaxprune.methods.iterative`, checkpointed in `workdir/iterative`);
+   (`jaxprune.methods.iterative`, checkpointed in `workdir/iterative`); with ``--method
+   progressive`` (or another paper method), the method's own procedure with demo-sized settings
+   (`METHOD_SETTINGS`), checkpointed in `workdir/<method>`;
 4. fine-tune the pruned model (`finetune_epochs`), checkpointed in `workdir/finetune`;
 5. evaluate both on the test split, count MACs and parameters, time CPU inference at batch 1
    and 128, and print a table; `workdir/summary.png` and `workdir/results.json` keep it.
@@ -34,6 +37,7 @@ from jaxprune import checkpoint, cost, data, train
 from jaxprune.graph import channel_graph
 from jaxprune.methods.oneshot import OneShotConfig, oneshot_prune
 from jaxprune.models import widths_from_params
+from jaxprune.surgery import Pruned
 
 PRETRAINED = Path(__file__).parent / "pretrained"
 
@@ -46,7 +50,7 @@ class DemoConfig:
     dataset: str = "fashion_mnist"
     workdir: str = "workdirs/demo"
     method: str = "oneshot"
-    criterion: str = "l1"
+    criterion: str = ""
     ratio: float = 0.5
     finetune_epochs: int = 1
     finetune_lr: float = 0.01
@@ -63,8 +67,9 @@ HELP = {
     "model": "zoo model (its base model must be shipped or trainable: lenet5, vgg_small)",
     "dataset": "dataset name (fashion_mnist is built in)",
     "workdir": "where checkpoints, results.json and summary.png go",
-    "method": "pruning method: oneshot or iterative",
-    "criterion": "relevance criterion by name (see jaxprune.criteria.CRITERIA)",
+    "method": "pruning method: oneshot, iterative, progressive",
+    "criterion": "relevance criterion by name (see jaxprune.criteria.CRITERIA); default: the "
+    "method's own (oneshot l1, iterative taylor, progressive oracle_loss)",
     "ratio": "fraction of every convolution's kernels to remove (iterative: of all of them)",
     "finetune_epochs": "epochs of fine-tuning after pruning (0: none)",
     "finetune_lr": "learning rate of the fine-tuning (SGD, momentum 0.9, cosine)",
@@ -75,7 +80,33 @@ HELP = {
     "channels_per_step": "iterative: kernels removed per pruning step (the paper: 1)",
     "updates_per_step": "iterative: fine-tuning updates between pruning steps",
 }
-METHODS = ("oneshot", "iterative")
+
+
+def _progressive_settings(config: DemoConfig) -> Any:
+    from jaxprune.methods.progressive import ProgressiveConfig
+
+    # Osaku et al.'s procedure at demo size: a few hundred images per layer, learning rates x100
+    # of the authors' (their 1e-5..1e-8 need a whole epoch of batch-8 updates per layer).
+    return ProgressiveConfig(
+        criterion=config.criterion,
+        ratio=config.ratio,
+        score_examples=256,
+        retrain_examples=512,
+        learning_rates=((0, 1e-3), (1, 1e-4), (3, 1e-5)),
+        eval_examples=1000,
+        seed=config.seed,
+    )
+
+
+# The paper methods run by their `jaxprune prune` runner: method -> (default criterion, the
+# demo's settings of the method's config).
+METHOD_SETTINGS: dict[str, tuple[str, Any]] = {
+    "progressive": ("oracle_loss", _progressive_settings),
+}
+DEFAULT_CRITERIA = {"oneshot": "l1", "iterative": "taylor"} | {
+    method: criterion for method, (criterion, _) in METHOD_SETTINGS.items()
+}
+METHODS = tuple(DEFAULT_CRITERIA)
 
 
 def base_model_file(config: DemoConfig) -> Path:
@@ -110,6 +141,8 @@ def run(config: DemoConfig) -> dict[str, Any]:
     """Runs the demo and returns its results (also written to `workdir/results.json`)."""
     if config.method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {config.method!r}.")
+    if not config.criterion:
+        config = dataclasses.replace(config, criterion=DEFAULT_CRITERIA[config.method])
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     data_config = data.DataConfig(name=config.dataset, seed=config.seed)
@@ -123,6 +156,8 @@ def run(config: DemoConfig) -> dict[str, Any]:
     if not pruned_file.is_file():
         if config.method == "iterative":
             pruned = _iterative(config, variables, dataset, workdir)
+        elif config.method in METHOD_SETTINGS:
+            pruned = _paper_method(config, model, variables, dataset, workdir)
         else:
             batches = data.preprocessed_batches(dataset, "validation", 128, config.score_examples)
             pruned = oneshot_prune(
@@ -196,6 +231,19 @@ def _iterative(config: DemoConfig, variables, dataset, workdir: Path):
     )
 
 
+def _paper_method(config: DemoConfig, model, variables, dataset, workdir: Path):
+    """A paper method through its `jaxprune prune` runner, in `workdir/<method>` (resumable)."""
+    from jaxprune.commands.prune import RUNNERS
+
+    settings = METHOD_SETTINGS[config.method][1](config)
+    runner = RUNNERS[config.method]
+    method_dir = workdir / config.method
+    report = runner.run(settings, config.model, model, variables, dataset, method_dir)
+    _, pruned_variables, _ = checkpoint.load_model_file(method_dir / "pruned.msgpack")
+    keep = {group: np.asarray(indices) for group, indices in report["keep"].items()}
+    return Pruned(pruned_variables, None, dict(report["widths"]), keep)
+
+
 def _measure(model, variables, dataset, timing: bool = True) -> dict[str, float]:
     x1 = jnp.zeros((1, *dataset.image_shape), jnp.float32)
     counted = cost.count(model.apply, variables, x1)
@@ -228,7 +276,7 @@ def _print_table(config, rows, layers: str) -> None:
     print(
         f"\n{config.model} on {config.dataset}: {config.method} pruning by "
         f"{config.criterion}, {config.ratio:.0%} of "
-        + ("every convolution's" if config.method == "oneshot" else "the convolution")
+        + ("the convolution" if config.method == "iterative" else "every convolution's")
         + " kernels removed, "
         f"{config.finetune_epochs} epoch(s) of fine-tuning\n"
     )

@@ -3,9 +3,10 @@
 import json
 
 import numpy as np
+import pytest
 
 from jaxprune import checkpoint
-from jaxprune.demo import DemoConfig, run
+from jaxprune.demo import METHOD_SETTINGS, DemoConfig, run
 
 
 def test_demo_prunes_finetunes_reports_and_resumes(tmp_path):
@@ -49,3 +50,18 @@ def test_demo_reaches_the_iterative_method_by_a_flag(tmp_path):
     _, _, meta = checkpoint.load_model_file(tmp_path / "pruned.msgpack")
     kept = sum(len(v) for k, v in meta["keep"].items() if k in ("conv1", "conv2"))
     assert kept <= 22 - int(0.3 * 22)
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_SETTINGS))
+def test_demo_reaches_each_paper_method_by_a_flag(tmp_path, method):
+    config = DemoConfig(
+        model="lenet5", workdir=str(tmp_path), method=method, ratio=0.25, finetune_epochs=0
+    )
+    report = run(config)
+    rows = report["results"]
+    assert report["config"]["criterion"] == METHOD_SETTINGS[method][0]
+    assert rows["pruned"]["macs"] < rows["base"]["macs"]
+    assert rows["pruned"]["test_accuracy"] > 0.5
+    _, _, meta = checkpoint.load_model_file(tmp_path / "pruned.msgpack")
+    assert len(meta["keep"]["conv2"]) < 16
+    assert (tmp_path / method / "pruned.msgpack").is_file()
