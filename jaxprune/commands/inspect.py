@@ -222,7 +222,8 @@ def _write_index(
         )
     links = []
     for name, path in extras.items():
-        target = path.relative_to(out) if path.is_relative_to(out) else path
+        where = path.resolve()
+        target = where.relative_to(out.resolve()) if where.is_relative_to(out.resolve()) else where
         links.append(f'<li><a href="{html.escape(str(target))}">{html.escape(name)}</a></li>')
     functionality = f"<h2>Functionality report</h2><ul>{''.join(links)}</ul>" if links else ""
     scores = f"Scores: {html.escape(scores_name)}." if scores_name else "No scores."
