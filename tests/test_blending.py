@@ -36,7 +36,7 @@ from jaxprune.methods.blending import (
 )
 from jaxprune.methods.blending_fitness import make_chunk_fn, population_fitness
 from jaxprune.methods.evolution import EvolutionConfig
-from jaxprune.models import build_model
+from jaxprune.models import build_model, widths_from_params
 from jaxprune.surgery import prune
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -264,3 +264,36 @@ def test_pool_names():
     assert pool_names(BlendingConfig()) == PAPER_POOL and len(PAPER_POOL) == 12
     assert pool_names(BlendingConfig(criterion="l1, fpgm,l1")) == ("l1", "fpgm")
     assert jax.device_count() >= 1
+
+
+def test_the_resnet56_cifar100_config_runs_two_generations_on_mock_data(tmp_path):
+    import importlib.util
+
+    import tensorflow_datasets as tfds
+
+    path = REPO_ROOT / "experiments" / "blending_resnet56_cifar100.py"
+    spec = importlib.util.spec_from_file_location("blending_resnet56_cifar100", path)
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    config = experiment.get_config()
+    assert config.criterion == "all" and config.evolution.population == 32
+    assert experiment.DATA.name == "cifar100"
+    widths = {name: 4 for name in build_model("resnet56", 100).full_widths() if name != "head"}
+    model = build_model("resnet56", 100, widths)
+    x = jnp.zeros((1, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x)
+    base = checkpoint.save_model_file(
+        tmp_path / "base.msgpack", model_name="resnet56", num_classes=100,
+        widths=widths_from_params(variables["params"]),
+        variables=variables, meta={}, input_shape=x.shape[1:],
+    )  # fmt: skip
+    argv = [
+        f"--model-file={base}", f"--workdir={tmp_path / 'run'}", f"--data-dir={tmp_path / 'data'}",
+        "--generations=2", "--population=4", "--finetune-epochs=0", "--no-progress",
+    ]  # fmt: skip
+    with tfds.testing.mock_data(num_examples=24):
+        experiment.DATA = dataclasses.replace(experiment.DATA, validation_size=8)
+        report = experiment.main(argv)
+    assert len(report["history"]) == 2
+    assert all(w == 2 for name, w in report["widths"].items() if name != "head")
+    assert (tmp_path / "run" / "result.json").is_file()
