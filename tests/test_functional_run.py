@@ -96,6 +96,10 @@ def test_run_writes_a_loadable_pruned_model_with_its_report(tmp_path):
     )
     assert rerun["keep"] == report["keep"]
     assert rerun["summary"]["test"] == summary["test"]
+    with pytest.raises(ValueError, match="other settings"):
+        run_functional.run(
+            small_config(ratio=0.25), "lenet5", model, variables, dataset, tmp_path, progress=False
+        )
 
 
 def test_flags_name_functional_config_fields():

@@ -58,6 +58,14 @@ FLAGS: dict[str, tuple[type, str, tuple[str, ...]]] = {
 }
 
 
+def pruning_settings(config: FunctionalConfig) -> dict[str, Any]:
+    """The fields of `config` that decide the pruned model (not fine-tuning, not progress)."""
+    settings = json.loads(json.dumps(dataclasses.asdict(config)))
+    for name in ("finetune_epochs", "finetune_lr", "progress"):
+        settings.pop(name)
+    return settings
+
+
 def run(
     config: FunctionalConfig,
     name: str,
@@ -125,8 +133,14 @@ def run(
             criterion=config.criterion,
             keep=result.pruned.keep,
             layers=json.loads(json.dumps(layers)),
+            config=pruning_settings(config),
         )
     small, small_variables, meta = checkpoint.load_model_file(before_file)
+    if meta.get("config") != pruning_settings(config):
+        raise ValueError(
+            f"{before_file} was pruned with other settings ({meta.get('config')}); use a fresh "
+            "workdir, or delete that file to prune again."
+        )
     scope = select_groups(graph, config.scope)
     kept = sum(len(meta["keep"].get(g, range(graph[g].size))) for g in scope)
     summary: dict[str, Any] = reporting.cost_summary(
