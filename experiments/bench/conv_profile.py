@@ -144,9 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     enable_compilation_cache()
     have_torch = torch_zoo.peers()["torch"]
     if have_torch:
-        import torch
-
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch_zoo.setup_torch()
     else:
         print("PyTorch not installed: its columns are skipped")
     rng = np.random.default_rng(0)

@@ -321,9 +321,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
     for message in skipped:
         print(message, flush=True)
     if found["torch"]:
-        import torch
-
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch_zoo.setup_torch()
     have_tp = found["torch"] and found["torch_pruning"]
     result: dict[str, Any] = {
         "config": dataclasses.asdict(config),

@@ -197,9 +197,7 @@ def measure(models: list[str], batch: int, rounds: int, per_round: int, use_torc
     have_torch = False
     if use_torch:
         try:
-            import torch
-
-            torch.set_num_threads(os.cpu_count() or 1)
+            torch_zoo.setup_torch()
             have_torch = True
         except ImportError:
             print("PyTorch is not installed: its columns are skipped (pip install torch==2.13.0)")
