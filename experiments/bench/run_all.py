@@ -8,8 +8,10 @@ Command (NN minutes on the 2-core CPU, idle; ``--quick``: a smoke run of a few s
 Rows, all measured in the same process so every ratio shares one machine state:
 
 * train step (forward, cross-entropy, backward, SGD momentum) at batch 128, LeNet-5, VGG-small
-  and ResNet-20: ``jaxprune.train.train_step`` on the zoo model with ``conv_impl="auto"`` (and
-  ``"gemm"``) against the PyTorch twin (channels_last); the runners take turns so the load is
+  and ResNet-20: ``jaxprune.train.train_step`` on the zoo model with ``conv_impl="auto"``, and
+  the variants ``gemm`` (``conv_impl="gemm"``) and ``no-ynn`` (compiled with
+  `jaxprune.ops.cpu_compiler_options`), against the PyTorch twin (channels_last, denormals
+  flushed like XLA:CPU does); the runners take turns so the load is
   shared alike;
 * inference throughput at batch 1 and 128, same models (eval mode);
 * the exact oracle (`removal_losses`, the shared-prefix "auto" mode, every group of VGG-small,
@@ -68,8 +70,9 @@ class BenchConfig:
     train_models: tuple[str, ...] = ("lenet5", "vgg_small", "resnet20")
     # Batch of the train step (and of the Taylor pass).
     batch: int = 128
-    # Convolutions timed in the train step besides "auto" (`jaxprune.ops.conv_impl`).
-    extra_conv_impls: tuple[str, ...] = ("gemm",)
+    # Train-step variants timed besides the default one: "gemm" (``conv_impl="gemm"``),
+    # "no-ynn" (the step compiled with `jaxprune.ops.cpu_compiler_options`).
+    extra_variants: tuple[str, ...] = ("gemm", "no-ynn")
     # Turns each runner takes, and timed calls per turn.
     rounds: int = 3
     per_round: int = 2
@@ -93,7 +96,7 @@ class BenchConfig:
 QUICK = BenchConfig(
     train_models=("lenet5",),
     batch=8,
-    extra_conv_impls=(),
+    extra_variants=(),
     rounds=1,
     per_round=1,
     inference_batches=(1, 8),
@@ -121,9 +124,17 @@ def _div(a: float | None, b: float | None) -> float | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def jax_train_runner(name: str, conv_impl: str, batch: int, rng: np.random.Generator):
+# variant -> (conv_impl of the model, whether to compile with ops.cpu_compiler_options)
+TRAIN_VARIANTS = {"auto": ("auto", False), "gemm": ("gemm", False), "no-ynn": ("auto", True)}
+
+
+def jax_train_runner(name: str, variant: str, batch: int, rng: np.random.Generator):
     """A warmed-up, blocking jaxprune train step of the zoo model, and its variables."""
+    conv_impl, tuned_compiler = TRAIN_VARIANTS[variant]
     model = build_model(name, NUM_CLASSES, conv_impl=conv_impl)
+    step_fn = train.train_step
+    if tuned_compiler:
+        step_fn = jax.jit(train.train_step.__wrapped__, compiler_options=ops.cpu_compiler_options())
     shape = torch_zoo.IMAGE_SHAPES[name]
     images = jnp.asarray(rng.normal(size=(batch, *shape)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, NUM_CLASSES, batch), jnp.int32)
@@ -133,7 +144,7 @@ def jax_train_runner(name: str, conv_impl: str, batch: int, rng: np.random.Gener
     box = {"state": state, "batch": {"image": images, "label": labels}}
 
     def step():
-        box["state"], metrics = train.train_step(box["state"], box["batch"])
+        box["state"], metrics = step_fn(box["state"], box["batch"])
         jax.block_until_ready(metrics)
 
     for _ in range(3):
@@ -147,7 +158,7 @@ def train_and_inference(config: BenchConfig, have_torch: bool) -> tuple[list, di
     rng = np.random.default_rng(0)
     for name in config.train_models:
         runners, predictors = {}, {b: {} for b in config.inference_batches}
-        for impl in ("auto", *config.extra_conv_impls):
+        for impl in ("auto", *config.extra_variants):
             step, model, variables = jax_train_runner(name, impl, config.batch, rng)
             runners[f"jaxprune {impl}"] = step
             if impl == "auto":
@@ -170,7 +181,7 @@ def train_and_inference(config: BenchConfig, have_torch: bool) -> tuple[list, di
         timing = take_turns(runners, config.rounds, config.per_round)
         details["train"][name] = timing
         torch_ms = timing.get("torch", {}).get("median_ms")
-        for impl in ("auto", *config.extra_conv_impls):
+        for impl in ("auto", *config.extra_variants):
             ms = timing[f"jaxprune {impl}"]["median_ms"]
             label = f"train step ms, b{config.batch}" + ("" if impl == "auto" else f", {impl}")
             rows.append(
