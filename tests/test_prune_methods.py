@@ -35,6 +35,17 @@ METHOD_ARGS = {
         ],
         lambda job: job.progressive.ratio == 0.25 and job.progressive.retraining == "complete",
     ),
+    "blending": (
+        [
+            "--criterion=l1,fpgm,apoz,taylor_bn_gamma",
+            "--ratio=0.25",
+            "--population=4",
+            "--generations=2",
+            "--fitness-examples=64",
+            "--score-examples=64",
+        ],
+        lambda job: job.blending.evolution.population == 4 and job.blending.ratio == 0.25,
+    ),
 }
 
 

@@ -24,8 +24,9 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxprune import checkpoint, data, train
-from jaxprune.commands import reporting, run_progressive
+from jaxprune.commands import reporting, run_blending, run_progressive
 from jaxprune.graph import channel_graph
+from jaxprune.methods.blending import BlendingConfig
 from jaxprune.methods.iterative import IterativeConfig, iterative_prune
 from jaxprune.methods.oneshot import OneShotConfig, oneshot_prune, select_groups
 from jaxprune.methods.progressive import ProgressiveConfig
@@ -33,7 +34,7 @@ from jaxprune.models import MODELS, build_model, widths_from_params
 
 # The methods whose runner module has `FLAGS` and `run(config, name, model, variables, dataset,
 # workdir, progress=...)`; the job's field of the method's name holds its config.
-RUNNERS: dict[str, Any] = {"progressive": run_progressive}
+RUNNERS: dict[str, Any] = {"progressive": run_progressive, "blending": run_blending}
 METHODS = ("iterative", "oneshot", *RUNNERS)
 PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"
 
@@ -78,6 +79,8 @@ class PruneJob:
     oneshot: OneShotJob = dataclasses.field(default_factory=OneShotJob)
     # Osaku et al. 2021: layer by layer, objective/subjective criterion, progressive retraining.
     progressive: ProgressiveConfig = dataclasses.field(default_factory=ProgressiveConfig)
+    # He et al. 2021: a blend of criteria, its calibration factors found by evolutionary search.
+    blending: BlendingConfig = dataclasses.field(default_factory=BlendingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The job as JSON-compatible nested dicts."""
