@@ -23,7 +23,11 @@ with the BatchNorm/ReLU chains that produce x and dY) were about 45% of a ResNet
 products here need no such transpose, but they copy the padded input once per kernel offset.
 With the tuned malloc of `jaxprune.ops.cpu` and idle cores that was a net gain (ResNet-20 about
 0.85x, VGG-small about 0.93x of the stock step); with the default malloc or a loaded machine a
-loss (1.03-1.33x). `jaxprune.ops.conv_impl("auto")` therefore keeps the stock op.
+loss (1.03-1.33x). In the one-command benchmark (``python -m experiments.bench``, idle CPU,
+tuned malloc) the single im2col product gave ResNet-20 0.98x and VGG-small 1.10x of the stock
+step: alone, XLA's weight-gradient convolution is faster than the product (90 against 105 ms
+over VGG-small's six convolutions, ``experiments/bench/conv_profile.py``), and the step is
+convolution-bound. `jaxprune.ops.conv_impl("auto")` therefore keeps the stock op.
 
 Limitation: the custom rule is a `jax.custom_vjp`, so forward-mode differentiation
 (`jax.jvp`, `jax.jacfwd`, Hessian-vector products) of the handled case raises; use

@@ -24,8 +24,9 @@ CONV_IMPLS: Mapping[str, ConvFn] = types.MappingProxyType(
 # GEMM weight gradient removes XLA's slow layout transposes but copies the input once per
 # kernel offset: it was faster only with the tuned malloc and idle cores (ResNet-20 ~0.85x,
 # VGG-small ~0.93x of the stock step) and slower by 1.03-1.33x with the default malloc or a
-# loaded machine (experiments/bench/train_step.py). Not reliably faster, so every platform
-# keeps the stock convolution.
+# loaded machine (experiments/bench/train_step.py); as one im2col product, 0.98x (ResNet-20)
+# and 1.10x (VGG-small) on an idle machine (experiments/bench/run_all.py). Not reliably
+# faster, so every platform keeps the stock convolution.
 _AUTO: Mapping[str, str] = types.MappingProxyType({"cpu": "xla", "gpu": "xla", "tpu": "xla"})
 
 
