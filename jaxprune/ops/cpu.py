@@ -28,6 +28,12 @@ of the stock time with idle cores (0.66x together with `jaxprune.ops.max_pool`),
 other processes held the cores. It is therefore an opt-in::
 
     step = jax.jit(train_step, compiler_options=cpu_compiler_options())
+
+In the one-command benchmark on an idle machine it gave 0.97x (VGG-small) and 0.84x
+(ResNet-20) of the stock step. jaxlib 0.10.2 also links oneDNN, but its options
+(``xla_cpu_use_onednn``, ``xla_cpu_experimental_onednn_custom_call``) left the convolutions'
+times unchanged (VGG-small's 28x28 32->32 layer, batch 128: forward 19.8 against 19.9 ms,
+weight gradient 24.6 against 23.4 ms), so they are not used.
 """
 
 from __future__ import annotations
