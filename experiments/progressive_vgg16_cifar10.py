@@ -12,7 +12,8 @@ jaxprune.data).
 
 Command:
 
-    python experiments/progressive_vgg16_cifar10.py --model-file MODEL --workdir workdirs/p16
+    jaxprune prune --config experiments/progressive_vgg16_cifar10.py --model-file MODEL \\
+        --workdir workdirs/progressive_vgg16_cifar10
 
 `MODEL` must hold a zoo "vgg16" (13 convs with bias, dense 4096-4096, 10 classes) trained on
 CIFAR-10 at 32x32, written with `jaxprune.checkpoint.save_model_file`. The run checkpoints after
@@ -24,30 +25,21 @@ runs it for a few updates on `tfds.testing.mock_data` with a narrow VGG-16.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-from pathlib import Path
-from typing import Any
-
+from jaxprune.commands.prune import PruneJob
 from jaxprune.data import DataConfig
 from jaxprune.methods.progressive import PAPER_LEARNING_RATES, ProgressiveConfig
 
 
-@dataclasses.dataclass(frozen=True)
-class PaperJob:
-    """The model, the data and the method's settings of the paper-scale run."""
-
-    # Zoo model name and the trained model file.
-    model: str = "vgg16"
-    model_file: str = "workdirs/vgg16_cifar10/base.msgpack"
-    # CIFAR-10 at its native 32x32, no augmentation (the retraining reads plain images).
-    data: DataConfig = dataclasses.field(
-        default_factory=lambda: DataConfig(name="cifar10", augment=False, batch_size=8)
-    )
-    # Osaku et al.'s settings.
-    progressive: ProgressiveConfig = dataclasses.field(
-        default_factory=lambda: ProgressiveConfig(
+def get_config() -> PruneJob:
+    """Osaku et al.'s settings for VGG-16 on CIFAR-10."""
+    return PruneJob(
+        method="progressive",
+        # A zoo "vgg16" trained on CIFAR-10 at 32x32 (pass --model-file to use another path).
+        model="vgg16",
+        model_file="workdirs/vgg16_cifar10/base.msgpack",
+        # CIFAR-10 at its native 32x32, no augmentation (the retraining reads plain images).
+        data=DataConfig(name="cifar10", augment=False, batch_size=8),
+        progressive=ProgressiveConfig(
             criterion="oracle_loss",
             ratio=0.05,
             score_examples=50000,
@@ -62,50 +54,5 @@ class PaperJob:
             retrain_examples=None,
             eval_examples=10000,
             progress=True,
-        )
+        ),
     )
-
-
-def get_config() -> PaperJob:
-    return PaperJob()
-
-
-def run(job: PaperJob, workdir: str | Path) -> dict[str, Any]:
-    """Runs the job; writes WORKDIR/pruned.msgpack and WORKDIR/result.json."""
-    from jaxprune import checkpoint, data
-    from jaxprune.commands import reporting, run_progressive
-
-    workdir = Path(workdir)
-    model, variables, _ = checkpoint.load_model_file(job.model_file)
-    dataset = data.load(job.data)
-    report = run_progressive.run(
-        job.progressive,
-        job.model,
-        model,
-        variables,
-        dataset,
-        workdir,
-        progress=job.progressive.progress,
-    )
-    report = {"job": json.loads(json.dumps(dataclasses.asdict(job))), **report}
-    (workdir / "result.json").write_text(
-        json.dumps(report, indent=1, default=reporting.json_default)
-    )
-    return report
-
-
-def main() -> None:
-    from jaxprune.runtime import enable_compilation_cache
-
-    enable_compilation_cache()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-file", default=PaperJob.model_file)
-    parser.add_argument("--workdir", default="workdirs/progressive_vgg16_cifar10")
-    args = parser.parse_args()
-    job = dataclasses.replace(get_config(), model_file=args.model_file)
-    report = run(job, args.workdir)
-    print(json.dumps(report["summary"], indent=1, default=str))
-
-
-if __name__ == "__main__":
-    main()

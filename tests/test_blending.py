@@ -267,17 +267,16 @@ def test_pool_names():
 
 
 def test_the_resnet56_cifar100_config_runs_two_generations_on_mock_data(tmp_path):
-    import importlib.util
-
     import tensorflow_datasets as tfds
 
-    path = REPO_ROOT / "experiments" / "blending_resnet56_cifar100.py"
-    spec = importlib.util.spec_from_file_location("blending_resnet56_cifar100", path)
-    experiment = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(experiment)
-    config = experiment.get_config()
+    from jaxprune.cli import load_config
+    from jaxprune.commands.prune import run_job
+
+    job = load_config(REPO_ROOT / "experiments" / "blending_resnet56_cifar100.py")
+    config = job.blending
+    assert job.method == "blending" and job.model == "resnet56"
     assert config.criterion == "all" and config.evolution.population == 32
-    assert experiment.DATA.name == "cifar100"
+    assert job.data.name == "cifar100"
     widths = {name: 4 for name in build_model("resnet56", 100).full_widths() if name != "head"}
     model = build_model("resnet56", 100, widths)
     x = jnp.zeros((1, 32, 32, 3))
@@ -287,13 +286,18 @@ def test_the_resnet56_cifar100_config_runs_two_generations_on_mock_data(tmp_path
         widths=widths_from_params(variables["params"]),
         variables=variables, meta={}, input_shape=x.shape[1:],
     )  # fmt: skip
-    argv = [
-        f"--model-file={base}", f"--workdir={tmp_path / 'run'}", f"--data-dir={tmp_path / 'data'}",
-        "--generations=2", "--population=4", "--finetune-epochs=0", "--no-progress",
-    ]  # fmt: skip
+    tiny = dataclasses.replace(
+        job,
+        model_file=str(base),
+        data=dataclasses.replace(job.data, data_dir=str(tmp_path / "data"), validation_size=8),
+        blending=dataclasses.replace(
+            config,
+            evolution=dataclasses.replace(config.evolution, generations=2, population=4),
+            finetune_epochs=0,
+        ),
+    )
     with tfds.testing.mock_data(num_examples=24):
-        experiment.DATA = dataclasses.replace(experiment.DATA, validation_size=8)
-        report = experiment.main(argv)
+        report = run_job(tiny, tmp_path / "run", progress=False)
     assert len(report["history"]) == 2
     assert all(w == 2 for name, w in report["widths"].items() if name != "head")
     assert (tmp_path / "run" / "result.json").is_file()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
 from pathlib import Path
 
 import jax
@@ -12,19 +10,11 @@ import jax.numpy as jnp
 import tensorflow_datasets as tfds
 
 from jaxprune import checkpoint
+from jaxprune.cli import load_config
+from jaxprune.commands.prune import run_job
 from jaxprune.models import build_model, widths_from_params
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_experiment():
-    path = REPO_ROOT / "experiments" / "progressive_vgg16_cifar10.py"
-    spec = importlib.util.spec_from_file_location("progressive_vgg16_cifar10", path)
-    module = importlib.util.module_from_spec(spec)
-    # Registered first: its dataclasses resolve their annotations through sys.modules.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def narrow_vgg16_file(path: Path) -> Path:
@@ -44,8 +34,8 @@ def narrow_vgg16_file(path: Path) -> Path:
 
 
 def test_the_paper_config_runs_a_few_updates_on_mock_cifar10(tmp_path):
-    experiment = load_experiment()
-    job = experiment.get_config()
+    job = load_config(REPO_ROOT / "experiments" / "progressive_vgg16_cifar10.py")
+    assert job.method == "progressive"
     settings = job.progressive
     assert job.model == "vgg16" and job.data.name == "cifar10"
     assert settings.criterion == "oracle_loss" and settings.ratio == 0.05
@@ -68,7 +58,7 @@ def test_the_paper_config_runs_a_few_updates_on_mock_cifar10(tmp_path):
         ),
     )
     with tfds.testing.mock_data(num_examples=16):
-        report = experiment.run(tiny, tmp_path / "run")
+        report = run_job(tiny, tmp_path / "run", progress=False)
     assert [r["group"] for r in report["history"]] == ["conv1", "conv13"]
     assert [r["target_group"] for r in report["history"]] == ["conv2", "fc1"]
     assert report["widths"]["conv1"] == report["widths"]["conv13"] == 3
