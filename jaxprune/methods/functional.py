@@ -441,14 +441,14 @@ def functional_prune(
         scores = criteria.score(config.criterion, context, variables, batch_list, **options)
     layers: dict[str, LayerFunctionality] = {}
     for group in groups:
-        layer_images_ = np.asarray(all_images[group])
-        if layer_images_.shape != (graph[group].size, *input_shape):
+        group_images = np.asarray(all_images[group])
+        if group_images.shape != (graph[group].size, *input_shape):
             raise ValueError(
-                f"images[{group!r}] has shape {layer_images_.shape}; the group needs "
+                f"images[{group!r}] has shape {group_images.shape}; the group needs "
                 f"{(graph[group].size, *input_shape)}."
             )
         descriptors = image_descriptors(
-            layer_images_, config.clustering.descriptor, config.clustering.normalization
+            group_images, config.clustering.descriptor, config.clustering.normalization
         )
         similarity = cosine_similarity(descriptors)
         labels, threshold = cluster_filters(
@@ -467,7 +467,7 @@ def functional_prune(
             value = -np.arange(len(labels), dtype=np.float64)
         keep = _top_up(keep, value, min(config.min_channels, graph[group].size))
         layers[group] = LayerFunctionality(
-            images=layer_images_,
+            images=group_images,
             similarity=similarity,
             labels=labels,
             keep=keep,
