@@ -5,6 +5,7 @@
     jaxprune demo --method iterative --criterion taylor  # Molchanov et al. 2017, iterative
     jaxprune demo --method progressive               # Osaku et al. 2021, objective criterion
     jaxprune demo --method blending                  # He et al. 2021, 12 criteria blended
+    jaxprune demo --method functional                # Qin et al. 2019, repeated functionality
 
 Steps, each resumable from the workdir (run the same command again to continue):
 
@@ -68,10 +69,10 @@ HELP = {
     "model": "zoo model (its base model must be shipped or trainable: lenet5, vgg_small)",
     "dataset": "dataset name (fashion_mnist is built in)",
     "workdir": "where checkpoints, results.json and summary.png go",
-    "method": "pruning method: oneshot, iterative, progressive, blending",
+    "method": "pruning method: oneshot, iterative, progressive, blending, functional",
     "criterion": "relevance criterion by name (see jaxprune.criteria.CRITERIA); default: the "
     "method's own (oneshot l1, iterative taylor, progressive oracle_loss, blending all: the "
-    "paper's 12-criteria pool)",
+    "paper's 12-criteria pool, functional taylor: the representative kept per cluster)",
     "ratio": "fraction of every convolution's kernels to remove (iterative: of all of them)",
     "finetune_epochs": "epochs of fine-tuning after pruning (0: none)",
     "finetune_lr": "learning rate of the fine-tuning (SGD, momentum 0.9, cosine)",
@@ -118,11 +119,29 @@ def _blending_settings(config: DemoConfig) -> Any:
     )
 
 
+def _functional_settings(config: DemoConfig) -> Any:
+    from jaxprune.criteria.functionality import VisualizationConfig
+    from jaxprune.methods.functional import FunctionalConfig
+
+    # Qin et al.'s method at demo size: 24 ascent steps of 0.1 per image (the default: 64 of
+    # 0.05), the representative chosen by Taylor on 512 images; the demo's own fine-tuning
+    # follows.
+    return FunctionalConfig(
+        criterion=config.criterion,
+        ratio=config.ratio,
+        visualization=VisualizationConfig(steps=24, step_size=0.1),
+        score_examples=512,
+        finetune_epochs=0,
+        seed=config.seed,
+    )
+
+
 # The paper methods run by their `jaxprune prune` runner: method -> (default criterion, the
 # demo's settings of the method's config).
 METHOD_SETTINGS: dict[str, tuple[str, Any]] = {
     "progressive": ("oracle_loss", _progressive_settings),
     "blending": ("all", _blending_settings),
+    "functional": ("taylor", _functional_settings),
 }
 DEFAULT_CRITERIA = {"oneshot": "l1", "iterative": "taylor"} | {
     method: criterion for method, (criterion, _) in METHOD_SETTINGS.items()

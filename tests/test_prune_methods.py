@@ -46,6 +46,15 @@ METHOD_ARGS = {
         ],
         lambda job: job.blending.evolution.population == 4 and job.blending.ratio == 0.25,
     ),
+    "functional": (
+        [
+            "--ratio=0.25",
+            "--visualization-steps=4",
+            "--score-examples=64",
+            "--representative=centroid",
+        ],
+        lambda job: job.functional.ratio == 0.25 and job.functional.representative == "centroid",
+    ),
 }
 
 

@@ -24,9 +24,10 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxprune import checkpoint, data, train
-from jaxprune.commands import reporting, run_blending, run_progressive
+from jaxprune.commands import reporting, run_blending, run_functional, run_progressive
 from jaxprune.graph import channel_graph
 from jaxprune.methods.blending import BlendingConfig
+from jaxprune.methods.functional import FunctionalConfig
 from jaxprune.methods.iterative import IterativeConfig, iterative_prune
 from jaxprune.methods.oneshot import OneShotConfig, oneshot_prune, select_groups
 from jaxprune.methods.progressive import ProgressiveConfig
@@ -34,7 +35,11 @@ from jaxprune.models import MODELS, build_model, widths_from_params
 
 # The methods whose runner module has `FLAGS` and `run(config, name, model, variables, dataset,
 # workdir, progress=...)`; the job's field of the method's name holds its config.
-RUNNERS: dict[str, Any] = {"progressive": run_progressive, "blending": run_blending}
+RUNNERS: dict[str, Any] = {
+    "progressive": run_progressive,
+    "blending": run_blending,
+    "functional": run_functional,
+}
 METHODS = ("iterative", "oneshot", *RUNNERS)
 PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"
 
@@ -64,7 +69,8 @@ class OneShotJob:
 class PruneJob:
     """What `jaxprune prune` runs."""
 
-    # "iterative" (Molchanov et al. 2017) or "oneshot" (the baselines).
+    # "iterative" (Molchanov et al. 2017), "oneshot" (the baselines), "progressive" (Osaku et
+    # al. 2021), "blending" (He et al. 2021) or "functional" (Qin et al. 2019).
     method: str = "iterative"
     # The trained model (`checkpoint.save_model_file`); "": the shipped base of `model` on
     # `data.name` (jaxprune/pretrained/<model>_<dataset>.msgpack).
@@ -81,6 +87,9 @@ class PruneJob:
     progressive: ProgressiveConfig = dataclasses.field(default_factory=ProgressiveConfig)
     # He et al. 2021: a blend of criteria, its calibration factors found by evolutionary search.
     blending: BlendingConfig = dataclasses.field(default_factory=BlendingConfig)
+    # Qin et al. 2019: remove filters whose functionality (activation-maximisation image)
+    # repeats another's, keeping one per cluster.
+    functional: FunctionalConfig = dataclasses.field(default_factory=FunctionalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The job as JSON-compatible nested dicts."""
