@@ -16,6 +16,7 @@ from toy_models import ConvBNDense
 from jaxprune import checkpoint, criteria, data
 from jaxprune.commands import run_progressive
 from jaxprune.graph import channel_graph
+from jaxprune.inspect import standin
 from jaxprune.inspect.selection import SelectionError, selection_document, write_selection
 from jaxprune.methods import progressive_retrain as retraining
 from jaxprune.methods.progressive import (
@@ -110,11 +111,67 @@ def test_learning_rate_breakpoints_follow_the_paper():
         ({"learning_rates": ((1, 1e-3),)}, "starting at layer 0"),
         ({"batch_size": 0}, "batch_size must be >= 1"),
         ({"criterion": "subjective"}, "needs a selection"),
+        ({"per_layer": (1, True)}, "int"),
+        ({"retrain_epochs": 1000}, "retrain_epochs must be < 1000"),
     ],
 )
 def test_bad_configs_are_refused_with_the_fix(changes, message):
     with pytest.raises(ValueError, match=message):
         check_config(ProgressiveConfig(**changes))
+
+
+def test_inputs_that_only_the_model_and_data_can_check_fail_before_any_work(
+    tmp_path, small_vgg, tiny_data
+):
+    _, variables = small_vgg
+    with pytest.raises(ValueError, match="per_layer has 3 entries for the 2 layers"):
+        progressive_prune(
+            config(layers=("conv1", "conv2"), per_layer=(1, 1, 1)),
+            "vgg_small",
+            variables,
+            tiny_data,
+        )
+    missing = tmp_path / "nowhere.json"
+    with pytest.raises(FileNotFoundError, match="nowhere.json"):
+        progressive_prune(
+            config(
+                criterion="subjective",
+                selection=str(missing),
+                wait_for_selection=True,
+                poll_seconds=0.05,
+                selection_timeout_s=2,
+            ),
+            "vgg_small",
+            variables,
+            tiny_data,
+            workdir=tmp_path,
+        )
+    assert not (tmp_path / "selection").exists()  # refused before any page was written
+
+
+def test_the_target_of_layer_l_plus_1_is_after_its_bn_relu_and_pooling(small_vgg, tiny_data):
+    _, variables = small_vgg
+    network = make_network(rebuild, variables, jnp.zeros((1, 28, 28, 1)))
+    images = next(data.preprocessed_batches(tiny_data, "train", 4, 4))["image"]
+    _, (target,) = retraining.target_values(network, images, "conv2", train=False)
+
+    def block(x, index):
+        params = variables["params"][f"conv{index}"]
+        stats, bn = variables["batch_stats"][f"bn{index}"], variables["params"][f"bn{index}"]
+        y = jax.lax.conv_general_dilated(
+            x,
+            params["kernel"],
+            (1, 1),
+            ((1, 1), (1, 1)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        y = (y - stats["mean"]) / jnp.sqrt(stats["var"] + 1e-5) * bn["scale"] + bn["bias"]
+        return jax.nn.relu(y)
+
+    hidden = block(block(images, 1), 2)
+    pooled = hidden.reshape(4, 14, 2, 14, 2, 4).max(axis=(2, 4))  # the stage's 2x2 max pool
+    chex.assert_shape(target, (4, 14, 14, 4))
+    np.testing.assert_allclose(target, pooled, rtol=1e-4, atol=1e-5)
 
 
 def test_upstream_of_finds_exactly_the_leaves_an_output_reads():
@@ -133,7 +190,7 @@ def test_the_trainable_leaves_of_layer_l_are_layers_1_to_l_plus_1(small_vgg):
     network = make_network(rebuild, variables, jnp.zeros((1, 28, 28, 1)))
     assert retraining.next_group(network.graph, "conv2") == "conv3"
     assert retraining.next_group(network.graph, "conv6") == "fc1"
-    trainable = retraining.trainable_for(network, "mse", "conv3", jnp.zeros((2, 28, 28, 1)))
+    trainable = retraining.trainable_for(network, "conv3", jnp.zeros((2, 28, 28, 1)))
     flat = {
         jax.tree_util.keystr(path): flag
         for path, flag in jax.tree_util.tree_leaves_with_path(trainable)
@@ -219,7 +276,7 @@ def test_the_mse_retraining_lowers_the_distance_to_the_model_before_pruning(smal
     plan = retraining.RetrainPlan(
         loss="mse",
         target_group="conv2",
-        trainable=retraining.trainable_for(student, "mse", "conv2", x),
+        trainable=retraining.trainable_for(student, "conv2", x),
         learning_rate=0.05,
         momentum=0.9,
         nesterov=True,
@@ -414,7 +471,7 @@ def test_the_standin_removes_the_count_it_is_asked_for(small_vgg, tiny_data):
         tiny_data,
     )
     assert [len(r["removed"]) for r in result.history] == [1, 1]
-    assert all(r["chosen_by"].startswith("stand-in") for r in result.history)
+    assert all(r["chosen_by"] == standin.CHOSEN_BY for r in result.history)
 
 
 # ---------------------------------------------------------------------------------------------

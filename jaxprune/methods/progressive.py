@@ -23,6 +23,20 @@ layer is checkpointed in the workdir; a killed run resumes and ends bit-identica
 uninterrupted one (each layer's data order and dropout keys are functions of the seed and the
 layer index only).
 
+What the paper leaves open, and what jaxprune does (each a `ProgressiveConfig` field):
+
+- how a fraction p becomes a count: rounded to the nearest integer, and no layer keeps fewer
+  than `min_channels` kernels (`removal_count`);
+- how many training images the criterion reads: `score_examples` (the paper's objective
+  criterion reads the whole training set; the default reads 512);
+- BatchNorm during retraining: `train_mode` (default True: batch statistics, running averages
+  of the trained layers follow the data; the teacher's target is always in evaluation mode);
+- layer l+1 of the last convolution: the first dense layer after it (its activation is the
+  target); with no later group, the logits;
+- complete retraining uses the same per-layer learning rate, batch size and epochs as
+  progressive retraining; the final fine-tuning has its own (`final_*`) settings, and the
+  re-initialised head is drawn LeCun-normal with a zero bias.
+
 Example:
   >>> from jaxprune import checkpoint, data
   >>> from jaxprune.methods.progressive import ProgressiveConfig, progressive_prune
@@ -172,7 +186,14 @@ class Result:
 
 
 def check_config(config: ProgressiveConfig) -> None:
-    """Raises ValueError naming the first invalid field of a `ProgressiveConfig`."""
+    """Checks the fields of a `ProgressiveConfig` that need no model or data.
+
+    Args:
+      config: the run.
+
+    Raises:
+      ValueError: naming the first invalid field and what it accepts.
+    """
     if config.criterion not in criteria.CRITERIA and config.criterion not in HUMAN_CRITERIA:
         raise ValueError(
             f"ProgressiveConfig.criterion={config.criterion!r} is neither a registered criterion "
@@ -192,6 +213,11 @@ def check_config(config: ProgressiveConfig) -> None:
     if config.count is not None and config.count < 0:
         raise ValueError(f"ProgressiveConfig.count must be >= 0, got {config.count}.")
     for value in config.per_layer or ():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(
+                f"ProgressiveConfig.per_layer holds {value!r}; write each layer's p as an int "
+                "(a count) or a float (a fraction)."
+            )
         if isinstance(value, float) and not 0.0 <= value < 1.0:
             raise ValueError(
                 f"ProgressiveConfig.per_layer holds the fraction {value}; fractions lie in "
@@ -207,6 +233,13 @@ def check_config(config: ProgressiveConfig) -> None:
     for name in ("retrain_epochs", "final_finetune_epochs", "eval_examples", "seed"):
         if getattr(config, name) < 0:
             raise ValueError(f"ProgressiveConfig.{name} must be >= 0, got {getattr(config, name)}.")
+    for name in ("retrain_epochs", "final_finetune_epochs"):
+        # Each layer's data order is numbered layer * 1000 + epoch (`progressive_retrain`).
+        if getattr(config, name) >= retraining.EPOCHS_PER_STREAM:
+            raise ValueError(
+                f"ProgressiveConfig.{name} must be < {retraining.EPOCHS_PER_STREAM}, got "
+                f"{getattr(config, name)}."
+            )
     for name in ("retrain_examples", "final_examples"):
         value = getattr(config, name)
         if value is not None and value < 1:
@@ -238,6 +271,11 @@ def check_config(config: ProgressiveConfig) -> None:
 def removal_count(config: ProgressiveConfig, layer_index: int, size: int) -> int:
     """How many kernels layer `layer_index` (0-based, of `size` kernels) loses.
 
+    Args:
+      config: the run (`per_layer`, `count`, `ratio`, `min_channels`).
+      layer_index: the position of the layer among the simplified ones.
+      size: its current number of kernels.
+
     Returns:
       p as a count: `per_layer`, else `count`, else ``round(ratio * size)``, never leaving
       fewer than `min_channels` kernels.
@@ -263,6 +301,13 @@ def removal_count(config: ProgressiveConfig, layer_index: int, size: int) -> int
 def lowest(scores: np.ndarray, count: int) -> np.ndarray:
     """The indices of the `count` lowest scores, sorted; ties go to the lower index.
 
+    Args:
+      scores: one score per kernel (higher = more relevant).
+      count: how many to take.
+
+    Returns:
+      Sorted int64 indices of the least relevant kernels.
+
     Raises:
       ValueError: NaN scores.
     """
@@ -282,6 +327,19 @@ def score_layer(
     """One score per kernel of `group` by a registered criterion (higher = more relevant).
 
     Criteria that can be restricted to one group (the oracles) score only that group.
+
+    Args:
+      config: the run (`criterion`, `criterion_options`, `seed`).
+      network: the model as it is before this layer is simplified.
+      group: the layer scored.
+      batches: preprocessed training batches the criterion reads.
+      layer_index: the layer's position among the simplified ones (reseeds random criteria).
+
+    Returns:
+      The scores, shape (kernels of `group`,).
+
+    Raises:
+      ValueError: the criterion gives no scores for `group`.
     """
     options = dict(config.criterion_options)
     constructor = criteria.CRITERIA[config.criterion]
@@ -325,6 +383,14 @@ def subjective_removals(
 ) -> tuple[np.ndarray, str]:
     """A person's choice for `group`: from the selection file, or asked through the page.
 
+    Args:
+      config: the run (`selection`, `wait_for_selection`, polling and timeout).
+      network: the model as it is before this layer is simplified.
+      group: the layer chosen for.
+      images: the sample images the page shows.
+      batches: training batches for the objective score the page shows next to each kernel.
+      workdir: where the page is written and the answer awaited (``workdir/selection``).
+
     Returns:
       (indices to remove in the layer's current width, who chose: "person" or "stand-in:...").
 
@@ -334,7 +400,7 @@ def subjective_removals(
     from jaxprune.inspect import selection as selection_lib
 
     sizes = {group: network.graph[group].size}
-    if config.selection and Path(config.selection).exists():
+    if config.selection:
         layers = selection_lib.read_selection(config.selection)
         if group in layers:
             selection_lib.check_against({group: layers[group]}, sizes)
@@ -397,9 +463,21 @@ def choose_kernels(
 ) -> tuple[np.ndarray, np.ndarray | None, str]:
     """The kernels of `group` to remove, their scores (when a criterion gave any) and who chose.
 
+    Args:
+      config: the run.
+      network: the model as it is before this layer is simplified.
+      group: the layer.
+      layer_index: its position among the simplified layers.
+      batches: preprocessed training batches for the criterion.
+      images: sample images for the page and the stand-in.
+      workdir: the run's workdir (the interactive page), or None.
+
     Returns:
       (sorted indices in the layer's current width, scores of all its kernels or None,
       "criterion:<name>", "person" or "stand-in:<rule>").
+
+    Raises:
+      ValueError, SelectionError, TimeoutError: from the criterion or the selection.
     """
     size = network.graph[group].size
     if config.criterion == "subjective":
@@ -407,7 +485,7 @@ def choose_kernels(
         return np.sort(np.asarray(removed, np.int64)), None, chosen_by
     count = removal_count(config, layer_index, size)
     if config.criterion == "standin":
-        from jaxprune.inspect.standin import standin_removals
+        from jaxprune.inspect.standin import CHOSEN_BY, standin_removals
 
         removed = standin_removals(
             network.apply_fn, network.variables, network.graph, group, images, count
@@ -415,7 +493,7 @@ def choose_kernels(
         removed = np.sort(np.asarray(removed, np.int64))
         if removed.size >= size or len(np.unique(removed)) != removed.size:
             raise ValueError(f"The stand-in chose an invalid set {removed.tolist()} of {group!r}.")
-        return removed, None, "stand-in"
+        return removed, None, CHOSEN_BY
     scores = score_layer(config, network, group, batches, layer_index)
     return lowest(scores, count), np.asarray(scores, np.float64), f"criterion:{config.criterion}"
 
@@ -465,7 +543,16 @@ def _rebuild_for(model: str | Rebuild, num_classes: int) -> Rebuild:
 def make_network(
     rebuild: Rebuild, variables: PyTree, example_input: jax.Array
 ) -> retraining.Network:
-    """The network of `variables`: its rebuilt apply function and its channel graph."""
+    """The network of `variables`: its rebuilt apply function and its channel graph.
+
+    Args:
+      rebuild: maps a width spec to the apply function of the model with those widths.
+      variables: the model's variables (their shapes give the widths).
+      example_input: one input batch to trace the model with.
+
+    Returns:
+      The `Network` (apply function, variables, channel graph).
+    """
     apply_fn = rebuild(widths_from_params(variables["params"]))
     graph = channel_graph(apply_fn, variables, example_input)
     return retraining.Network(apply_fn, variables, graph)
@@ -489,6 +576,15 @@ def _prepare(config: ProgressiveConfig, model: str | Rebuild, variables: PyTree,
             f"ProgressiveConfig.layers {layers} must follow the model's order {order}: the "
             "method goes from the first layer to the last."
         )
+    if config.per_layer is not None and len(config.per_layer) != len(layers):
+        raise ValueError(
+            f"ProgressiveConfig.per_layer has {len(config.per_layer)} entries for the "
+            f"{len(layers)} layers simplified ({', '.join(layers)}); give one per layer."
+        )
+    if config.criterion == "subjective" and config.selection:
+        from jaxprune.inspect.selection import read_selection
+
+        read_selection(config.selection)  # a missing or malformed file fails before any work
     batches = tuple(
         data_lib.preprocessed_batches(
             dataset,
@@ -497,11 +593,10 @@ def _prepare(config: ProgressiveConfig, model: str | Rebuild, variables: PyTree,
             min(config.score_examples, dataset.num_examples["train"]),
         )
     )
-    samples = next(
-        data_lib.preprocessed_batches(
-            dataset, "train", config.sample_images, min(config.sample_images, 10**9)
-        )
-    )["image"]
+    sample_count = min(config.sample_images, dataset.num_examples["train"])
+    samples = next(data_lib.preprocessed_batches(dataset, "train", sample_count, sample_count))[
+        "image"
+    ]
     return _Setup(
         config=config,
         rebuild=rebuild,
@@ -563,13 +658,13 @@ def _plan(setup: _Setup, student: retraining.Network, group: str, index: int):
         return retraining.RetrainPlan(
             loss="cross_entropy", target_group=None, trainable=trainable, **common
         )
-    trainable = retraining.trainable_for(student, config.loss, target, setup.example_input)
+    trainable = retraining.trainable_for(student, target, setup.example_input)
     return retraining.RetrainPlan(
         loss=config.loss, target_group=target, trainable=trainable, **common
     )
 
 
-def simplify_layer(
+def _simplify_layer(
     setup: _Setup, network: retraining.Network, index: int, workdir: Path | None
 ) -> tuple[retraining.Network, dict[str, np.ndarray], dict[str, Any]]:
     """Scores, removes and retrains layer `index`; returns the new network, keep and record."""
@@ -624,6 +719,14 @@ def simplify_layer(
 def reinit_head(variables: PyTree, head_layer: str, seed: int) -> PyTree:
     """The variables with the dense head's kernel re-drawn (LeCun normal) and its bias zeroed.
 
+    Args:
+      variables: the model's variables.
+      head_layer: the params path of the dense head, "/"-separated (e.g. "head").
+      seed: seed of the new kernel.
+
+    Returns:
+      New variables; every other leaf is the same object as before.
+
     Raises:
       ValueError: no dense layer at `head_layer`.
     """
@@ -653,7 +756,7 @@ def reinit_head(variables: PyTree, head_layer: str, seed: int) -> PyTree:
     return {**variables, "params": replace(params, path)}
 
 
-def final_finetune(setup: _Setup, network: retraining.Network) -> tuple[retraining.Network, dict]:
+def _final_finetune(setup: _Setup, network: retraining.Network) -> tuple[retraining.Network, dict]:
     """The optional last step: re-initialise the head, fine-tune everything on the labels."""
     config = setup.config
     began = time.perf_counter()
@@ -840,7 +943,7 @@ def progressive_prune(
             dynamic_ncols=True,
         ) as bar:
             while progress.layers_done < len(setup.layers):
-                network, keep, record = simplify_layer(
+                network, keep, record = _simplify_layer(
                     setup, network, progress.layers_done, workdir
                 )
                 base_keep = compose_keep(
@@ -861,7 +964,7 @@ def progressive_prune(
                     bar.set_postfix(acc=f"{100 * record['validation']['accuracy']:.2f}%")
                 bar.update(1)
         if config.final_finetune_epochs > 0 and progress.finetune is None:
-            network, finetune = final_finetune(setup, network)
+            network, finetune = _final_finetune(setup, network)
             progress = dataclasses.replace(progress, finetune=finetune)
             _save(setup, manager, network, progress)
     finally:

@@ -36,6 +36,9 @@ from jaxprune.graph import ChannelGraph
 
 PyTree = Any
 ApplyFn = Callable[..., Any]
+# A run's data order and augmentation are numbered stream * EPOCHS_PER_STREAM + epoch, so runs
+# (layers) with fewer epochs than this never share an order.
+EPOCHS_PER_STREAM = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +88,15 @@ class RetrainPlan:
 
 
 def next_group(graph: ChannelGraph, group: str) -> str | None:
-    """The group after `group` in the graph's order (the layer l+1 of layer l), or None."""
+    """The group after `group` in the graph's order (the layer l+1 of layer l).
+
+    Args:
+      graph: the model's channel graph.
+      group: a group name.
+
+    Returns:
+      The next group's name, or None when `group` is the last.
+    """
     names = list(graph.names)
     index = names.index(graph[group].name)
     return names[index + 1] if index + 1 < len(names) else None
@@ -164,20 +175,20 @@ def target_values(
     return output, captured[target_group]
 
 
-def trainable_for(network: Network, plan_loss: str, target_group: str | None, image: Any) -> PyTree:
+def trainable_for(network: Network, target_group: str | None, image: Any) -> PyTree:
     """The variables progressive retraining may change: those the target depends on.
+
+    Both losses train the same layers 1..l+1: with "cross_entropy" the loss reads the model
+    output through the frozen rest, but only the leaves upstream of the target train.
 
     Args:
       network: the pruned model.
-      plan_loss: "mse" reads the target group; "cross_entropy" reads the model output, so with
-        it the leaves upstream of the target group's output are still the trainable ones.
       target_group: the layer l+1 group (None: the output, everything trains).
       image: an example batch (its shape).
 
     Returns:
       A pytree of bools like ``network.variables``.
     """
-    del plan_loss  # both losses train the same layers: 1..l+1
 
     def read(variables: PyTree) -> Any:
         moved = dataclasses.replace(network, variables=variables)
@@ -190,14 +201,10 @@ def _example_batches(
     dataset: Any, plan: RetrainPlan, epoch: int
 ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """(batch index, raw batch) of one epoch, capped at `plan.examples` images."""
-    available = dataset.num_batches("train", plan.batch_size, drop_remainder=True)
-    count = available
-    if plan.examples is not None:
-        count = min(available, max(1, plan.examples // plan.batch_size))
+    count = steps_per_epoch(dataset, plan)
     # Each (layer, epoch) pair gets its own order: the stream keeps layers apart.
-    order_epoch = plan.stream * 1000 + epoch
     batches = dataset.iterate(
-        "train", plan.batch_size, seed=plan.seed, epoch=order_epoch, shuffle=True
+        "train", plan.batch_size, seed=plan.seed, epoch=_order_epoch(plan, epoch), shuffle=True
     )
     for index, batch in enumerate(batches):
         if index == count:
@@ -205,8 +212,22 @@ def _example_batches(
         yield index, batch
 
 
+def _order_epoch(plan: RetrainPlan, epoch: int) -> int:
+    if not 0 <= epoch < EPOCHS_PER_STREAM:
+        raise ValueError(f"epoch {epoch} out of [0, {EPOCHS_PER_STREAM}); retrain fewer epochs.")
+    return plan.stream * EPOCHS_PER_STREAM + epoch
+
+
 def steps_per_epoch(dataset: Any, plan: RetrainPlan) -> int:
-    """Updates in one epoch of a plan."""
+    """Updates in one epoch of a plan.
+
+    Args:
+      dataset: a `jaxprune.data.Dataset` (its "train" split).
+      plan: the retraining plan (batch size and `examples` cap).
+
+    Returns:
+      Full batches in the split, capped at ``examples // batch_size`` (at least 1).
+    """
     available = dataset.num_batches("train", plan.batch_size, drop_remainder=True)
     if plan.examples is None:
         return available
@@ -222,10 +243,20 @@ def _mse(predicted: tuple[jax.Array, ...], target: tuple[jax.Array, ...]) -> jax
 def make_step(
     student: Network, teacher: Network | None, plan: RetrainPlan, tx: optax.GradientTransformation
 ) -> Callable[..., Any]:
-    """The jitted update of a plan: (params, batch_stats, opt_state, image, label, key) -> new.
+    """The jitted update of a plan.
 
     The teacher (the model before the layer was pruned, frozen) gives the MSE target in
     evaluation mode; the student runs in training mode when `plan.train_mode`.
+
+    Args:
+      student: the pruned model being retrained.
+      teacher: the frozen model before pruning (None for cross-entropy).
+      plan: the retraining plan (loss, target, trainable leaves).
+      tx: the optimizer (frozen leaves already mapped to `optax.set_to_zero`).
+
+    Returns:
+      ``step(params, batch_stats, opt_state, image, label, key) -> (params, batch_stats,
+      opt_state, loss)``; frozen params and batch statistics come back bit-identical.
     """
     trainable_params = plan.trainable["params"]
     trainable_stats = plan.trainable.get("batch_stats", {})
@@ -308,7 +339,7 @@ def retrain(
     losses = []
     for epoch in range(plan.epochs):
         for index, raw in _example_batches(dataset, plan, epoch):
-            key = data_lib.augmentation_key(plan.seed, plan.stream * 1000 + epoch, index)
+            key = data_lib.augmentation_key(plan.seed, _order_epoch(plan, epoch), index)
             image, label = dataset.preprocess(raw["image"], raw["label"], key, train=True)
             dropout_key = jax.random.fold_in(base_key, epoch * per_epoch + index)
             params, batch_stats, opt_state, loss = step(
@@ -335,6 +366,13 @@ def retrain(
 def learning_rate_for(breakpoints: tuple[tuple[int, float], ...], layer_index: int) -> float:
     """The learning rate of the last breakpoint at or before `layer_index` (0-based).
 
+    Args:
+      breakpoints: (first 0-based layer index, rate) pairs.
+      layer_index: the layer's position among the simplified layers.
+
+    Returns:
+      The rate.
+
     Raises:
       ValueError: no breakpoint covers `layer_index` (the first must start at layer 0).
     """
@@ -351,5 +389,12 @@ def learning_rate_for(breakpoints: tuple[tuple[int, float], ...], layer_index: i
 
 
 def all_trainable(variables: PyTree) -> PyTree:
-    """Every leaf trainable (complete retraining, final fine-tuning)."""
+    """Every leaf trainable (complete retraining, final fine-tuning).
+
+    Args:
+      variables: the model's variables.
+
+    Returns:
+      A pytree of True like `variables`.
+    """
     return jax.tree.map(lambda _: True, variables)
