@@ -54,6 +54,34 @@ def test_of_a_pair_of_duplicates_one_stays():
     np.testing.assert_array_equal(removals_from_maps(maps, 2), [1, 2])
 
 
+def test_duplicates_are_judged_by_correlation_not_by_a_shared_offset():
+    rng = np.random.default_rng(1)
+    noise = rng.uniform(0.0, 1.0, (4, 6, 6, 4))
+    maps = np.empty_like(noise)
+    # Kernels 0 and 1: a large common offset, independent variations (cosine ~0.999).
+    maps[..., 0] = 10.0 + noise[..., 0]
+    maps[..., 1] = 10.0 + noise[..., 1]
+    # Kernels 2 and 3: sparse maps that vary together (kernel 3 a noisy, weaker copy).
+    pattern = np.maximum(rng.normal(size=(4, 6, 6)), 0.0)
+    maps[..., 2] = pattern
+    maps[..., 3] = 0.9 * pattern + 0.05 * noise[..., 3]
+    vectors = maps.reshape(-1, 4).T
+    cosine = vectors @ vectors.T / np.outer(*[np.linalg.norm(vectors, axis=1)] * 2)
+    assert cosine[0, 1] > cosine[2, 3]  # plain cosine would remove kernel 0 or 1
+    np.testing.assert_array_equal(removals_from_maps(maps, 1), [3])
+    # Against NumPy's correlation: the pair that goes first is the most correlated one.
+    correlation = np.corrcoef(vectors)
+    np.fill_diagonal(correlation, -np.inf)
+    assert set(np.unravel_index(np.argmax(correlation), correlation.shape)) == {2, 3}
+
+
+def test_a_constant_map_is_not_a_duplicate():
+    maps = hand_maps()
+    maps[..., 2] = 0.7  # alive, constant: no correlation with anything
+    maps[..., 4] = 0.6
+    np.testing.assert_array_equal(removals_from_maps(maps, 1), [1])
+
+
 def test_the_rule_is_deterministic():
     maps = np.random.default_rng(3).uniform(size=(2, 5, 5, 16))
     first = removals_from_maps(maps, 9)

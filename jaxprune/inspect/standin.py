@@ -10,9 +10,17 @@ The rule, greedy until `count` kernels are chosen:
 1. *Dead* kernels first: those whose peak activation over the sample images is zero or below
    ``dead_fraction`` times the layer's typical peak (the median over its kernels), weakest first.
 2. Then *duplicates*: among the kernels still kept, the one whose flattened maps have the
-   highest cosine similarity with another kept kernel's; of two equally similar kernels the
-   weaker (lower peak) goes, then the higher index. Similarities are recomputed among the kept
-   kernels after every removal, so of a pair of duplicates one stays.
+   highest correlation (Pearson: cosine similarity after subtracting each kernel's mean) with
+   another kept kernel's; of two equally similar kernels the weaker (lower peak) goes, then the
+   higher index. Similarities are recomputed among the kept kernels after every removal, so of
+   a pair of duplicates one stays.
+
+Why correlation and not plain cosine similarity: post-ReLU maps are non-negative, so any two
+kernels that fire at all have a large cosine similarity (two independent uniform maps: about
+0.75), highest for kernels with a large constant part. Centring removes that offset, so the
+rule picks kernels whose maps vary together (a copy, or a scaled copy, correlates at 1). Maps
+of kernels that fire on the same object still correlate somewhat; a constant or empty map
+correlates with nothing.
 """
 
 from __future__ import annotations
@@ -132,8 +140,10 @@ def removals_from_maps(
         if len(chosen) == count or not (peaks[k] == 0 or peaks[k] < dead_fraction * typical):
             break
         chosen.append(int(k))
-    norms = np.linalg.norm(vectors, axis=1)
-    unit = vectors / np.where(norms > 0, norms, 1.0)[:, None]
+    centred = vectors - vectors.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(centred, axis=1)
+    # A constant map has no direction: it correlates with nothing (similarity 0).
+    unit = centred / np.where(norms > 0, norms, 1.0)[:, None]
     similarity = unit @ unit.T
     np.fill_diagonal(similarity, -np.inf)
     kept = np.ones(num_kernels, bool)
