@@ -6,7 +6,8 @@ LeNet-5 on 128 Fashion-MNIST validation images, a pool of five criteria (weights
 quick to compile), a population of 8 over 6 generations. Every fitness batch arrives DELAY_S
 seconds late, so the test can kill the process (SIGKILL) between generation checkpoints; the
 delay changes no result. The result goes to
-WORKDIR/result.json (history without timings, factors, best, keep, device count).
+WORKDIR/result.json (history without timings, factors, best, keep, device count) and the
+timings to WORKDIR/seconds.json (they tell a resumed generation from a recomputed one).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def main(workdir: str, delay_s: float) -> None:
             }
         )
     )
+    Path(workdir, "seconds.json").write_text(json.dumps([r["seconds"] for r in result.history]))
 
 
 if __name__ == "__main__":

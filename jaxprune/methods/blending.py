@@ -14,6 +14,24 @@
 5. The best factors prune the model (`surgery.prune`); fine-tuning follows in the caller
    (`jaxprune.commands.run_blending` fine-tunes zoo models).
 
+Choices the paper leaves open, ours and each a knob (`BlendingConfig`, `ClusterConfig`,
+`EvolutionConfig`):
+
+* Normalisation before blending: ranks scaled to [0, 1] per layer (scale-free; the criteria's
+  ranges differ by orders of magnitude). "l2" and "max" are the alternatives.
+* Clustering: Spearman similarity, average linkage, merge while the similarity is >= 0.7, the
+  medoid represents its cluster; criteria a layer lacks (BN ones without BatchNorm) are left
+  out of that layer.
+* Factors: one per layer and representative, in [0, 1]; the search starts from one genome of
+  equal factors (the plain sum) and random ones. Per-layer ranking depends only on the ratios
+  of a layer's factors; under global ranking their size also shifts the layer's share of the
+  pruning, so the search then allocates the ratio across layers too.
+* The genetic algorithm: tournament selection of 3, uniform crossover at 0.9, per-gene
+  Gaussian mutation at 0.2 with sigma 0.2 decaying by 0.95 per generation, elitism of 2,
+  population 32 for 20 generations.
+* Fitness: accuracy, ties broken by the loss, on the first `fitness_examples` validation
+  images; the criteria read the first `score_examples` validation images.
+
 Example::
 
   graph = channel_graph(model.apply, variables, x)
@@ -40,7 +58,12 @@ from jaxprune import criteria, train
 from jaxprune.graph import ChannelGraph
 from jaxprune.methods import evolution
 from jaxprune.methods.blending_checkpoint import load_search, save_search
-from jaxprune.methods.blending_clusters import ClusterConfig, LayerClusters, cluster_layer
+from jaxprune.methods.blending_clusters import (
+    ClusterConfig,
+    LayerClusters,
+    check_cluster_config,
+    cluster_layer,
+)
 from jaxprune.methods.blending_fitness import make_chunk_fn, population_fitness
 from jaxprune.methods.evolution import EvolutionConfig
 from jaxprune.methods.oneshot import OneShotConfig, keep_from_scores, select_groups
@@ -75,12 +98,13 @@ class BlendingConfig:
     """The pool, the clustering, the search and the pruning target."""
 
     # The criteria pool: "all" (the paper's 12, `PAPER_POOL`) or comma-separated registry
-    # names (at least two).
+    # names (at least two distinct).
     criterion: str = "all"
     # Fraction of each conv group's kernels removed (per_layer) or of all of them (global).
     ratio: float = 0.5
     # "per_layer": every group loses `ratio`; "global": one ranking over all groups (the
-    # normalised blended scores are comparable across layers).
+    # blended scores are on a common scale, and the size of a layer's factors shifts its
+    # share, so the search also allocates the ratio across layers).
     ranking: str = "per_layer"
     # "conv": prune conv groups only; "all": dense hidden layers too.
     scope: str = "conv"
@@ -128,7 +152,11 @@ class GenomeLayout:
         return sum(len(c) for c in self.candidates)
 
     def slices(self) -> dict[str, slice]:
-        """The genes of each group."""
+        """The genes of each group.
+
+        Returns:
+          ``{group: slice}`` into a genome, in gene order.
+        """
         out, start = {}, 0
         for group, names in zip(self.groups, self.candidates, strict=True):
             out[group] = slice(start, start + len(names))
@@ -136,8 +164,17 @@ class GenomeLayout:
         return out
 
     def factors(self, genome: Sequence[float]) -> dict[str, dict[str, float]]:
-        """A genome as ``{group: {criterion: factor}}``."""
+        """A genome as named factors.
+
+        Args:
+          genome: `size` genes.
+
+        Returns:
+          ``{group: {criterion: factor}}``.
+        """
         genome = np.asarray(genome, np.float64)
+        if genome.shape != (self.size,):
+            raise ValueError(f"A genome has {self.size} genes here, got shape {genome.shape}.")
         return {
             group: dict(zip(names, genome[part].tolist(), strict=True))
             for (group, part), names in zip(self.slices().items(), self.candidates, strict=True)
@@ -166,8 +203,18 @@ class BlendingResult:
 
 
 def pool_names(config: BlendingConfig) -> tuple[str, ...]:
-    """The pool the config names: `PAPER_POOL` for "all", else the comma-separated names."""
-    if config.criterion.strip() in ("all", "pool", "blend"):
+    """The pool the config names: `PAPER_POOL` for "all", else the comma-separated names.
+
+    Args:
+      config: its `criterion` names the pool.
+
+    Returns:
+      The criteria in pool order, each once.
+
+    Raises:
+      ValueError: an unknown criterion, or fewer than two distinct ones.
+    """
+    if config.criterion.strip() == "all":
         return PAPER_POOL
     names = tuple(n.strip() for n in config.criterion.split(",") if n.strip())
     unknown = [n for n in names if n not in criteria.CRITERIA]
@@ -185,7 +232,14 @@ def pool_names(config: BlendingConfig) -> tuple[str, ...]:
 
 
 def check_config(config: BlendingConfig) -> None:
-    """Raises ValueError naming a bad field of a `BlendingConfig` and the fix."""
+    """Refuses a bad `BlendingConfig` before any scoring starts.
+
+    Args:
+      config: the settings, nested clustering and evolution settings included.
+
+    Raises:
+      ValueError: naming the bad field and its valid values.
+    """
     pool_names(config)
     if not 0.0 < config.ratio < 1.0:
         raise ValueError(f"ratio must be in (0, 1), the fraction removed; got {config.ratio}.")
@@ -200,12 +254,35 @@ def check_config(config: BlendingConfig) -> None:
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}.")
     if config.finetune_epochs < 0 or config.finetune_examples < 0:
         raise ValueError("finetune_epochs and finetune_examples must be >= 0.")
+    if config.finetune_epochs > 0 and not config.finetune_lr > 0:
+        raise ValueError(
+            f"finetune_lr must be > 0 to fine-tune, got {config.finetune_lr}; or set "
+            "finetune_epochs=0."
+        )
+    if config.min_channels < 1:
+        raise ValueError(
+            f"min_channels must be >= 1 (a group cannot lose all its channels), got "
+            f"{config.min_channels}."
+        )
+    if config.seed < 0:
+        raise ValueError(f"seed must be >= 0, got {config.seed}.")
+    check_cluster_config(config.clustering)
     evolution.check_evolution_config(config.evolution)
     select_groups_config(config)
 
 
 def select_groups_config(config: BlendingConfig) -> OneShotConfig:
-    """The selection (ratio, scope, ranking, minimum) as the one-shot methods express it."""
+    """The selection (ratio, scope, ranking, minimum) as the one-shot methods express it.
+
+    Args:
+      config: the blending settings.
+
+    Returns:
+      The `OneShotConfig` that `oneshot.keep_from_scores` applies to blended scores.
+
+    Raises:
+      ValueError: an unknown ranking or scope.
+    """
     if config.ranking not in ("per_layer", "global"):
         raise ValueError(f"ranking must be 'per_layer' or 'global', got {config.ranking!r}.")
     if config.scope not in ("conv", "all"):
@@ -247,7 +324,16 @@ def score_pool(
 def cluster_pool(
     pool_scores: Mapping[str, Mapping[str, Any]], groups: Sequence[str], config: ClusterConfig
 ) -> dict[str, LayerClusters]:
-    """Each group's criteria clustering (`blending_clusters.cluster_layer`)."""
+    """Each group's criteria clustering (`blending_clusters.cluster_layer`).
+
+    Args:
+      pool_scores: ``{criterion: {group: scores}}`` of the pool, in pool order.
+      groups: the groups to cluster.
+      config: similarity, linkage, stopping rule and representative.
+
+    Returns:
+      ``{group: LayerClusters}``.
+    """
     return {group: cluster_layer(group, pool_scores, config) for group in groups}
 
 
@@ -256,7 +342,16 @@ def candidate_scores(
     clusters: Mapping[str, LayerClusters],
     normalization: str = "rank",
 ) -> dict[str, np.ndarray]:
-    """Per group, the normalised scores of its representatives, stacked (k, group size)."""
+    """Per group, the normalised scores of its representatives, stacked.
+
+    Args:
+      pool_scores: ``{criterion: {group: scores}}``.
+      clusters: per group, its clustering; its representatives are the candidates.
+      normalization: a key of `NORMALIZATIONS` ("rank": ranks scaled to [0, 1]).
+
+    Returns:
+      Per group, a float64 array (k representatives, group size), in representative order.
+    """
     normalize = NORMALIZATIONS[normalization]
     out = {}
     for group, layer in clusters.items():
@@ -294,7 +389,16 @@ def population_masks(
     blended: Mapping[str, np.ndarray],
     selection: OneShotConfig,
 ) -> dict[str, np.ndarray]:
-    """The masks each candidate's blended scores give at the target: ``{group: (P, size)}``."""
+    """The masks each candidate's blended scores give at the target.
+
+    Args:
+      graph: the channel graph.
+      blended: per group, (population, size) blended scores.
+      selection: the ratio, scope, ranking and minimum.
+
+    Returns:
+      ``{group: (population, size)}`` float32 masks, 1 where a channel is kept.
+    """
     population = next(iter(blended.values())).shape[0]
     stack = {g: np.zeros((population, graph[g].size), np.float32) for g in blended}
     for p in range(population):
@@ -310,21 +414,35 @@ def population_masks(
 
 
 def fitness_keys(accuracy: np.ndarray, loss: np.ndarray, kind: str) -> np.ndarray:
-    """(P, 2) keys compared lexicographically, higher better: the primary metric first."""
+    """Fitness keys compared lexicographically, higher better: the primary metric first.
+
+    Args:
+      accuracy: (population,) accuracies.
+      loss: (population,) mean losses.
+      kind: "accuracy" (keys ``[accuracy, -loss]``) or "loss" (``[-loss, accuracy]``).
+
+    Returns:
+      float64 array (population, 2).
+    """
     accuracy, loss = np.asarray(accuracy, np.float64), np.asarray(loss, np.float64)
     columns = (accuracy, -loss) if kind == "accuracy" else (-loss, accuracy)
     return np.stack(columns, axis=1)
 
 
 def _fingerprint(
-    config: BlendingConfig, layout: GenomeLayout, candidates: Mapping[str, Any], examples: int
+    config: BlendingConfig,
+    layout: GenomeLayout,
+    candidates: Mapping[str, Any],
+    inputs: Sequence[str],
 ) -> str:
+    """What a search is: its settings, genome layout, candidate scores and `inputs` (hashes of
+    the model and the fitness images), so a workdir never resumes another search."""
     search = {
         k: v
         for k, v in dataclasses.asdict(config).items()
         if k not in ("finetune_epochs", "finetune_lr", "finetune_examples", "chunk_size")
     }
-    digest = hashlib.sha256(json.dumps([search, dataclasses.asdict(layout), examples]).encode())
+    digest = hashlib.sha256(json.dumps([search, dataclasses.asdict(layout), list(inputs)]).encode())
     for group in layout.groups:
         digest.update(np.ascontiguousarray(candidates[group], np.float64).tobytes())
     return digest.hexdigest()
@@ -356,7 +474,7 @@ def search_factors(
       config: the search settings.
       fingerprint: identifies this search in its checkpoints.
       checkpoint_dir: where each generation is saved (None: no checkpoints).
-      progress: show a progress bar with the best and mean fitness.
+      progress: show a progress bar with the best fitness so far and the generation's mean.
 
     Returns:
       (best genome, its fitness record, history).
@@ -397,7 +515,6 @@ def search_factors(
                     "loss": float(loss[top]),
                     "generation": generation,
                 }
-            values = accuracy if metric == "accuracy" else loss
             history.append(
                 {
                     "generation": generation,
@@ -429,11 +546,8 @@ def search_factors(
                     },
                 )
             bar.update(1)
-            bar.set_postfix(
-                best=f"{float(np.max(values) if metric == 'accuracy' else np.min(values)):.4f}",
-                mean=f"{float(np.mean(values)):.4f}",
-                refresh=False,
-            )
+            mean = np.mean(accuracy if metric == "accuracy" else loss)
+            bar.set_postfix(best=f"{best[metric]:.4f}", mean=f"{mean:.4f}", refresh=False)
     return np.asarray(best["genome"], np.float64), best, history
 
 
@@ -502,14 +616,14 @@ def blending_prune(
         )
         return found.accuracy, found.loss, found.evaluated
 
-    examples = sum(int(np.shape(b["label"])[0]) for b in fitness_batches)
+    inputs = (_tree_hash(variables), _tree_hash(list(fitness_batches)))
     genome, best, history = search_factors(
         evaluate,
         graph,
         candidates,
         layout,
         config,
-        fingerprint=_fingerprint(config, layout, candidates, examples),
+        fingerprint=_fingerprint(config, layout, candidates, inputs),
         checkpoint_dir=None if workdir is None else workdir / "search",
         progress=progress,
     )
@@ -532,31 +646,33 @@ def _cached_pool_scores(
     pool: Sequence[str],
     workdir: Path | None,
 ) -> PoolScores:
-    """Scores the pool, or reads the scores a previous run of this workdir stored."""
+    """Scores the pool, or reads the scores a previous run of this workdir stored for the same
+    variables and score images (other ones are scored afresh and replace them)."""
     path = None if workdir is None else workdir / "pool_scores.npz"
-    model = _tree_hash(variables)
+    batches = list(batches) if batches is not None else None
+    inputs = _tree_hash(variables) + _tree_hash(batches or [])
     if path is not None and path.is_file():
         with np.load(path) as stored:
             found: PoolScores = {}
             for key in stored.files:
-                if key != _MODEL_KEY:
+                if key != _INPUTS_KEY:
                     name, group = key.split("/", 1)
                     found.setdefault(name, {})[group] = stored[key]
-            same_model = _MODEL_KEY in stored.files and str(stored[_MODEL_KEY]) == model
-        if same_model and all(name in found for name in pool):
+            same_inputs = _INPUTS_KEY in stored.files and str(stored[_INPUTS_KEY]) == inputs
+        if same_inputs and all(name in found for name in pool):
             return found
     scores = score_pool(context, variables, batches, pool)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name("pool_scores.tmp.npz")
         arrays = {f"{n}/{g}": s for n, per in scores.items() for g, s in per.items()}
-        np.savez(temporary, **arrays, **{_MODEL_KEY: np.asarray(model)})
+        np.savez(temporary, **arrays, **{_INPUTS_KEY: np.asarray(inputs)})
         temporary.replace(path)
     return scores
 
 
-# The entry of pool_scores.npz that names the model the scores belong to.
-_MODEL_KEY = "__variables_sha256__"
+# The entry of pool_scores.npz that names the variables and score images the scores belong to.
+_INPUTS_KEY = "__inputs_sha256__"
 
 
 def _tree_hash(tree: Any) -> str:

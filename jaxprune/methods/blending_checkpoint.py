@@ -29,7 +29,14 @@ class SearchCheckpointError(ValueError):
 
 
 def checkpoint_files(directory: str | Path) -> list[Path]:
-    """The generation files of a search directory, oldest first."""
+    """The generation files of a search directory.
+
+    Args:
+      directory: the search's checkpoint folder (missing: none).
+
+    Returns:
+      Paths, oldest generation first.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         return []
@@ -87,7 +94,7 @@ def load_search(directory: str | Path, fingerprint: str) -> dict[str, Any] | Non
         raise SearchCheckpointError(f"{path} is not a {FORMAT} v{VERSION} file.")
     if state.get("fingerprint") != fingerprint:
         raise SearchCheckpointError(
-            f"{path} holds a search with other settings, criteria scores or model; use a new "
-            f"workdir, or delete {Path(directory)} to start this search afresh."
+            f"{path} holds a search with other settings, criteria scores, model or fitness "
+            f"images; use a new workdir, or delete {Path(directory)} to start this search afresh."
         )
     return state
