@@ -74,7 +74,14 @@ class LayerClusters:
 
 
 def check_cluster_config(config: ClusterConfig) -> None:
-    """Raises ValueError naming a bad field of a `ClusterConfig` and its valid values."""
+    """Refuses a bad `ClusterConfig`.
+
+    Args:
+      config: the settings.
+
+    Raises:
+      ValueError: naming the bad field and its valid values.
+    """
     if config.similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {config.similarity!r}.")
     if config.linkage not in LINKAGES:

@@ -58,7 +58,14 @@ class EvolutionConfig:
 
 
 def check_evolution_config(config: EvolutionConfig) -> None:
-    """Raises ValueError naming a bad field of an `EvolutionConfig` and what it must be."""
+    """Refuses a bad `EvolutionConfig`.
+
+    Args:
+      config: the settings.
+
+    Raises:
+      ValueError: naming the bad field and what it must be.
+    """
     if config.population < 2:
         raise ValueError(f"population must be >= 2, got {config.population}.")
     if config.generations < 1:
@@ -95,7 +102,12 @@ def check_evolution_config(config: EvolutionConfig) -> None:
 def generation_rng(seed: int, generation: int) -> np.random.Generator:
     """The random generator of one generation: a pure function of (seed, generation).
 
-    Generation -1 is the initial population's draw.
+    Args:
+      seed: the search's seed (>= 0).
+      generation: the generation whose offspring it draws; -1 for the initial population.
+
+    Returns:
+      A fresh `np.random.Generator`.
     """
     if seed < 0 or generation < -1:
         raise ValueError(f"seed must be >= 0 and generation >= -1, got {seed} and {generation}.")
@@ -143,7 +155,15 @@ def best_first(fitness: np.ndarray) -> np.ndarray:
 
 
 def sigma_at(config: EvolutionConfig, generation: int) -> float:
-    """The mutation sigma of a generation: ``mutation_sigma * sigma_decay ** generation``."""
+    """The mutation sigma of a generation.
+
+    Args:
+      config: `mutation_sigma` and `sigma_decay`.
+      generation: 0 for the initial population's offspring.
+
+    Returns:
+      ``mutation_sigma * sigma_decay ** generation``.
+    """
     return float(config.mutation_sigma * config.sigma_decay**generation)
 
 
