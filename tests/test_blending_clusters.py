@@ -65,6 +65,23 @@ def test_threshold_clustering_finds_the_blocks_and_count_clustering_merges_furth
     assert agglomerate(BLOCKS, complete) == [[0, 1], [2], [3], [4]]
 
 
+def test_single_linkage_chains_what_average_linkage_keeps_apart():
+    chain = np.array([[1.0, 0.8, 0.0], [0.8, 1.0, 0.8], [0.0, 0.8, 1.0]])
+    assert agglomerate(chain, ClusterConfig(threshold=0.7, linkage="single")) == [[0, 1, 2]]
+    # Average: {0, 1} vs 2 is (0.0 + 0.8) / 2 = 0.4 < 0.7.
+    assert agglomerate(chain, ClusterConfig(threshold=0.7)) == [[0, 1], [2]]
+
+
+def test_kendall_clustering_of_a_layer_uses_tau():
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=12)
+    pool = {"a": {"g": base}, "b": {"g": base + 0.3 * rng.normal(size=12)}, "c": {"g": -base}}
+    layer = cluster_layer("g", pool, ClusterConfig(similarity="kendall", threshold=0.5))
+    tau = stats.kendalltau(pool["a"]["g"], pool["b"]["g"]).statistic
+    assert layer.similarity[0, 1] == pytest.approx(tau, abs=1e-12) and tau > 0.5
+    assert layer.clusters == (("a", "b"), ("c",))
+
+
 def test_medoid_is_the_member_most_similar_to_its_cluster():
     assert representative([0, 1, 2], BLOCKS, "medoid") == 1  # mean 0.917 vs 0.9 and 0.883
     assert representative([0, 1, 2], BLOCKS, "first") == 0
@@ -97,3 +114,7 @@ def test_bad_inputs_name_the_problem():
         cluster_layer("g", {"a": {"g": np.array([0.0, -np.inf, 1.0])}}, ClusterConfig())
     with pytest.raises(ValueError, match="num_clusters"):
         agglomerate(BLOCKS, ClusterConfig(num_clusters=-1))
+    with pytest.raises(ValueError, match="threshold is a correlation"):
+        agglomerate(BLOCKS, ClusterConfig(threshold=1.5))
+    with pytest.raises(ValueError, match="representative must be one of"):
+        cluster_layer("g", {"a": {"g": np.arange(3.0)}}, ClusterConfig(representative="mean"))
