@@ -71,8 +71,10 @@ FLAGS: dict[str, tuple[type, str, tuple[str, ...]]] = {
 }
 
 
-def _examples(dataset: Any, split: str, wanted: int) -> int:
-    return min(wanted, dataset.num_examples[split])
+def _validation_batches(dataset: Any, batch_size: int, wanted: int) -> list[dict[str, Any]]:
+    """The first `wanted` validation images (all of them when the split is smaller)."""
+    examples = min(wanted, dataset.num_examples["validation"])
+    return list(data.preprocessed_batches(dataset, "validation", batch_size, examples))
 
 
 def run(
@@ -107,22 +109,8 @@ def run(
     x = jnp.zeros((1, *dataset.image_shape), jnp.float32)
     graph = channel_graph(model.apply, variables, x)
     began = time.perf_counter()
-    score_batches = list(
-        data.preprocessed_batches(
-            dataset,
-            "validation",
-            config.batch_size,
-            _examples(dataset, "validation", config.score_examples),
-        )
-    )
-    fitness_batches = list(
-        data.preprocessed_batches(
-            dataset,
-            "validation",
-            config.batch_size,
-            _examples(dataset, "validation", config.fitness_examples),
-        )
-    )
+    score_batches = _validation_batches(dataset, config.batch_size, config.score_examples)
+    fitness_batches = _validation_batches(dataset, config.batch_size, config.fitness_examples)
     result = blending_prune(
         model.apply,
         graph,
