@@ -90,6 +90,7 @@ def run(workdir: Path) -> None:
 
     from jaxprune import checkpoint, data, train
     from jaxprune.commands import reporting, run_blending
+    from jaxprune.criteria import normalize_rank
     from jaxprune.graph import channel_graph
     from jaxprune.methods.blending import PAPER_POOL, select_groups_config
     from jaxprune.methods.oneshot import keep_from_scores
@@ -137,8 +138,6 @@ def run(workdir: Path) -> None:
     clusters = summary["blending"]["clusters"]
     equal = {}
     for group, layer in clusters.items():
-        from jaxprune.criteria import normalize_rank
-
         equal[group] = sum(
             normalize_rank({group: pool[c][group]})[group] for c in layer["representatives"]
         )
