@@ -1,38 +1,50 @@
-"""Evaluating a population of candidate prunings: one vmapped, chunked call vs one call each.
+"""Evaluating a population of candidate prunings: chunk size x batch size, against one call each.
 
 Command:
 
     flock /tmp/jaxprune-heavy.lock python experiments/bench/population.py   # writes
-        # experiments/results/blending/bench_population.json and prints the table
+        # experiments/results/blending/bench_population.{md,json} and prints the tables
 
-VGG-small (the shipped Fashion-MNIST base) on 256 validation images in one batch; 32
-candidates, each removing a random half of every conv's kernels (the blending search's
-workload: the masked network without fine-tuning). Variants, all compiled before timing and
-timed in turns (median of the rounds), since the 2-core machine is shared:
+VGG-small (the shipped Fashion-MNIST base) on 256 validation images; 32 candidates, each
+removing a random half of every conv's kernels (the blending search's workload: the masked
+network without fine-tuning). Variants, all compiled (and checked to count the same correct
+images per candidate) before timing, then timed in turns (median of 3 rounds), since the 2-core
+machine is shared:
 
-* ``separate``: 32 calls of one jitted gated forward pass, one candidate's masks each;
-* ``vmapped (chunk C)``: `blending_fitness.population_fitness`'s compiled function, C
-  candidates per call (32 // C calls);
-* ``plain``: the unmasked model's own jitted forward pass, 32 times, the floor a masked
-  candidate cannot beat (gating adds a multiply per channel; masks do not remove work).
+* ``separate``: 32 calls of one jitted gated forward pass on all 256 images, one candidate's
+  masks each;
+* ``vmapped`` (chunk C, batch B): `blending_fitness.population_fitness` with ``chunk_size=C``
+  on batches of B images (the same 256 images in 256 / B batches): C candidates per compiled
+  call, (32 / C) x (256 / B) calls; C in 1, 2, 4, 8, 16, 32 and B in 64, 128, 256, so the
+  images of activations per call, C x B, run from 64 to 8192;
+* ``plain``: the unmasked model's own jitted forward pass, 32 times (gating adds a multiply per
+  channel; masks do not remove work).
 
-Result (8 minutes wall, most of it queued on the lock; 2-core CPU shared with other jobs, load
-average 5-6; jax 0.10.2; median of 3 rounds; the table is in
-experiments/results/blending/bench_population.md, raw times in bench_population.json):
+Result (11 minutes wall, started at load average 1.2, 2-core CPU shared with other jobs: a test
+run of another module overlapped the first two rounds, the third ran nearly alone; jax 0.10.2;
+the full table is experiments/results/blending/bench_population.md, every round's times are in
+bench_population.json). Candidate-images/s of `population_fitness` (median of 3 rounds):
 
-    variant              s for 32 x 256 images   vs separate   share of plain throughput
-    separate             5.24                    1.00x         0.57
-    plain (unmasked)     3.01                    1.74x         1.00
-    vmapped, chunk 8     9.54                    0.55x         0.32
-    vmapped, chunk 16    9.19                    0.57x         0.33
-    vmapped, chunk 32    14.12                   0.37x         0.21
+    chunk   batch 64   batch 128   batch 256
+    1       1531       1573        2031
+    2       1291       1121        1063
+    4        873       1086         937
+    8       1001        970         821
+    16       935        851         818
+    32       875        797         560
+    separate 1621, plain (unmasked) 1605 (its quiet third round alone: 3228)
 
-On this CPU the vmapped population is about 1.8x *slower* than 32 separate calls: XLA:CPU runs
-the batched convolutions of 8-32 candidates x 256 images (2048-8192 images of activations, up
-to 800 MB per layer) memory-bound, while one candidate's 256 images stay in cache. The design
-note's expectation for a CPU was about 1x; the one-call population is meant for accelerators,
-where one wide call fills the device. On a CPU use a small `chunk_size` and `batch_size` (the
-product bounds the working set). Gating itself costs 1.74x against the plain forward pass here.
+One candidate per call is the fastest at every batch size, by 1.2-3.6x over any wider chunk;
+the third, quietest round agrees (chunk 1: 2.65-3.36 s for the 8192 candidate-images; chunk 2:
+5.2-7.5 s; chunk 32 at batch 256: 11.2 s). The working set C x B alone does not explain it:
+2 candidates x 64 images (128 per call) ran slower than 1 x 256. The compiled chunk of 2 runs
+the convolutions on C x B images with shared kernels as the chunk of 1 does, but adds copies
+and a transpose of activations (the candidate axis in the layouts), and XLA:CPU gains nothing
+from the wider call on 2 cores. Among batch sizes at chunk 1 the order is not consistent (the
+medians favour 256, the quiet round 128), so it supports no change of the batch size.
+Hence `blending_fitness.auto_chunk_size` gives 1 candidate per device on a CPU, and
+`BlendingConfig.chunk_size` defaults to 0 (automatic); the accelerator rule (up to 32 per call)
+is not measured here.
 """
 
 from __future__ import annotations
@@ -52,10 +64,18 @@ BASE = (
 POPULATION = 32
 IMAGES = 256
 ROUNDS = 3
-CHUNKS = (8, 16, 32)
+CHUNKS = (1, 2, 4, 8, 16, 32)
+BATCHES = (64, 128, 256)
+
+
+def _load_average() -> list[str]:
+    path = Path("/proc/loadavg")
+    return path.read_text().split()[:3] if path.exists() else []
 
 
 def main() -> None:
+    started = time.perf_counter()
+    load_before = _load_average()
     enable_compilation_cache()
     import jax
     import jax.numpy as jnp
@@ -64,12 +84,15 @@ def main() -> None:
     from jaxprune import checkpoint, data
     from jaxprune.gates import gated_call
     from jaxprune.graph import channel_graph
-    from jaxprune.methods.blending_fitness import make_chunk_fn
+    from jaxprune.methods.blending_fitness import make_chunk_fn, population_fitness
 
     model, variables, _ = checkpoint.load_model_file(BASE)
     dataset = data.load(data.DataConfig(validation_examples=IMAGES))
-    batch = next(data.preprocessed_batches(dataset, "validation", IMAGES, IMAGES))
-    images, labels = batch["image"], batch["label"]
+    batched = {
+        b: list(data.preprocessed_batches(dataset, "validation", b, IMAGES)) for b in BATCHES
+    }
+    whole = batched[IMAGES][0]
+    images, labels = whole["image"], whole["label"]
     graph = channel_graph(model.apply, variables, images[:1])
     rng = np.random.default_rng(0)
     groups = [g for g in graph.groups if g.kind == "conv"]
@@ -99,56 +122,73 @@ def main() -> None:
     def run_plain():
         return [int(plain(variables, images, labels)) for _ in range(POPULATION)]
 
-    def chunked(size):
-        parts = [
-            {n: jnp.asarray(m[k : k + size]) for n, m in stack.items()}
-            for k in range(0, POPULATION, size)
-        ]
-
+    def chunked(chunk, batch):
         def run():
-            return [int(c) for part in parts for c in chunk_fn(variables, part, images, labels)[0]]
+            found = population_fitness(
+                chunk_fn, variables, stack, batched[batch], chunk_size=chunk, deduplicate=False
+            )
+            return [round(a * IMAGES) for a in found.accuracy]
 
         return run
 
-    variants = {"separate": run_separate, "plain": run_plain}
-    variants |= {f"vmapped (chunk {c})": chunked(c) for c in CHUNKS}
+    variants = {("separate", 1, IMAGES): run_separate, ("plain", 1, IMAGES): run_plain}
+    for batch in BATCHES:
+        for chunk in CHUNKS:
+            variants[("vmapped", chunk, batch)] = chunked(chunk, batch)
     reference = run_separate()
-    for name, fn in variants.items():  # compile, and check every variant counts the same
+    for key, fn in variants.items():  # compile, and check every variant counts the same
         found = fn()
-        if name != "plain" and found != reference:
-            raise AssertionError(f"{name} disagrees with separate evaluations")
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(ROUNDS):
-        for name, fn in variants.items():
+        if key[0] != "plain" and found != reference:
+            raise AssertionError(f"{key} disagrees with separate evaluations")
+    times: dict[tuple, list[float]] = {key: [] for key in variants}
+    for _ in range(ROUNDS):  # in turns, so a burst of load hits every variant alike
+        for key, fn in variants.items():
             began = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - began)
-    median = {name: statistics.median(t) for name, t in times.items()}
+            times[key].append(time.perf_counter() - began)
+    median = {key: statistics.median(t) for key, t in times.items()}
+    separate = median[("separate", 1, IMAGES)]
+    plain_s = median[("plain", 1, IMAGES)]
     rows = []
-    for name, seconds in median.items():
+    for (kind, chunk, batch), seconds in median.items():
         rows.append(
             {
-                "variant": name,
+                "variant": kind,
+                "chunk": chunk,
+                "batch": batch,
+                "working_set_images": chunk * batch,
                 "seconds_for_32": seconds,
                 "images_per_s": POPULATION * IMAGES / seconds,
-                "speedup_vs_separate": median["separate"] / seconds,
-                "fraction_of_plain_throughput": median["plain"] / seconds,
+                "speedup_vs_separate": separate / seconds,
+                "fraction_of_plain_throughput": plain_s / seconds,
             }
         )
     lines = [
-        f"| variant | s for {POPULATION} candidates x {IMAGES} images | candidate-images/s "
-        "| vs separate | share of plain inference throughput |",
-        "|---|---:|---:|---:|---:|",
+        f"{POPULATION} candidates x {IMAGES} images (VGG-small), median of {ROUNDS} rounds.",
+        "",
+        "| variant | chunk | batch | chunk x batch | s | candidate-images/s | vs separate "
+        "| share of plain |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['variant']} | {r['seconds_for_32']:.3f} | {r['images_per_s']:.0f} | "
+            f"| {r['variant']} | {r['chunk']} | {r['batch']} | {r['working_set_images']} | "
+            f"{r['seconds_for_32']:.3f} | {r['images_per_s']:.0f} | "
             f"{r['speedup_vs_separate']:.2f}x | {r['fraction_of_plain_throughput']:.2f} |"
         )
+    lines += [
+        "",
+        "Candidate-images/s of `population_fitness`, chunk (rows) by batch (columns):",
+        "",
+        "| chunk | " + " | ".join(f"batch {b}" for b in BATCHES) + " |",
+        "|---:|" + "---:|" * len(BATCHES),
+    ]
+    for chunk in CHUNKS:
+        cells = [f"{POPULATION * IMAGES / median[('vmapped', chunk, b)]:.0f}" for b in BATCHES]
+        lines.append(f"| {chunk} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
     (RESULTS / "bench_population.json").write_text(
         json.dumps(
             {
@@ -158,8 +198,10 @@ def main() -> None:
                 "rounds": ROUNDS,
                 "jax": jax.__version__,
                 "devices": [str(d) for d in jax.devices()],
-                "load_average": load,
-                "times_s": times,
+                "load_average_before": load_before,
+                "load_average_after": _load_average(),
+                "wall_s": time.perf_counter() - started,
+                "times_s": {f"{k} chunk {c} batch {b}": t for (k, c, b), t in times.items()},
                 "rows": rows,
             },
             indent=1,

@@ -67,7 +67,12 @@ FLAGS: dict[str, tuple[type, str, tuple[str, ...]]] = {
         "blending: clusters per layer (0: use the threshold)",
         ("blending.clustering.num_clusters",),
     ),
-    "chunk_size": (int, "blending: candidates per vmapped call", ("blending.chunk_size",)),
+    "chunk_size": (
+        int,
+        "blending: candidates per vmapped fitness call (0: automatic, 1 on a CPU, up to 32 on "
+        "accelerators)",
+        ("blending.chunk_size",),
+    ),
 }
 
 

@@ -125,10 +125,14 @@ class BlendingConfig:
     # Validation images of the fitness (fixed, the first ones of the split; 1000 gives an
     # accuracy resolution of 0.1 point).
     fitness_examples: int = 1000
-    # Batch size of scoring and of the fitness evaluation.
+    # Batch size of scoring and of the fitness evaluation. Kept at 250: on a CPU, the fitness
+    # at one candidate per call showed no consistent order among batches of 64, 128 and 256
+    # (experiments/bench/population.py); scoring was not measured.
     batch_size: int = 250
-    # Candidates per vmapped call (bounds memory: activations scale with it).
-    chunk_size: int = 16
+    # Candidates per vmapped fitness call (activations scale with it); 0: automatic
+    # (`blending_fitness.auto_chunk_size`): 1 on a CPU, where wider chunks measured 1.2-3.6x
+    # slower (experiments/bench/population.py), up to 32 on accelerators (not measured here).
+    chunk_size: int = 0
     # Epochs of fine-tuning after pruning (SGD, momentum 0.9, cosine); 0: none.
     finetune_epochs: int = 1
     # Peak learning rate of that fine-tuning.
@@ -249,9 +253,11 @@ def check_config(config: BlendingConfig) -> None:
         )
     if config.fitness not in FITNESSES:
         raise ValueError(f"fitness must be one of {FITNESSES}, got {config.fitness!r}.")
-    for name in ("score_examples", "fitness_examples", "batch_size", "chunk_size"):
+    for name in ("score_examples", "fitness_examples", "batch_size"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}.")
+    if config.chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 1, or 0 for automatic; got {config.chunk_size}.")
     if config.finetune_epochs < 0 or config.finetune_examples < 0:
         raise ValueError("finetune_epochs and finetune_examples must be >= 0.")
     if config.finetune_epochs > 0 and not config.finetune_lr > 0:

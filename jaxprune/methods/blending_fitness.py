@@ -5,7 +5,9 @@ Each candidate is a set of channel masks (1 kept, 0 removed). Because gates are 
 the candidates share the weights and the images, only the masks differ. Candidates are split
 into chunks of a fixed size (the last one padded) so memory stays bounded and the call
 compiles once; with several devices, each chunk's candidate axis is sharded over them.
-Identical candidates (common once the search converges) are evaluated once.
+Identical candidates (common once the search converges) are evaluated once. The chunk size can
+be left to `auto_chunk_size`: one candidate per call on a CPU (measured fastest), a wide chunk
+on accelerators.
 """
 
 from __future__ import annotations
@@ -88,13 +90,63 @@ def unique_candidates(
     return dict(zip(names, parts, strict=True)), np.asarray(inverse).reshape(-1)
 
 
+# Automatic chunk size (`auto_chunk_size`). On a CPU, one candidate per call: measured with
+# experiments/bench/population.py (VGG-small, 32 candidates x 256 images, 2-core CPU), every
+# chunk of 2 to 32 candidates was 1.2-3.6x slower than chunks of 1 at each batch size of 64, 128
+# and 256, also at equal images per call (2 x 64 slower than 1 x 256), so the vmap over
+# candidates costs on XLA:CPU beyond the working set, and the batch size barely matters there.
+CPU_CHUNK = 1
+# On accelerators one wide call fills the device: ACCELERATOR_CHUNK candidates per call, fewer
+# when a call would hold more than ACCELERATOR_MAX_IMAGES images of activations (a memory bound).
+# A choice, not measured in this repository (no accelerator here).
+ACCELERATOR_CHUNK = 32
+ACCELERATOR_MAX_IMAGES = 8192
+
+
+def auto_chunk_size(platform: str, batch_size: int, *, devices: int = 1) -> int:
+    """The chunk size that `population_fitness` uses when given ``chunk_size=0``.
+
+    Args:
+      platform: the devices' platform, as `jax.Device.platform` spells it ("cpu", "gpu",
+        "cuda", "rocm", "tpu", ...).
+      batch_size: images per evaluation batch.
+      devices: devices each chunk is sharded over.
+
+    Returns:
+      On "cpu": `CPU_CHUNK` candidates per device, whatever the batch. Elsewhere:
+      ``min(ACCELERATOR_CHUNK, ACCELERATOR_MAX_IMAGES // batch_size)`` (at least 1), rounded
+      up to a multiple of `devices`.
+    """
+    if batch_size < 1 or devices < 1:
+        raise ValueError(f"batch_size and devices must be >= 1, got {batch_size}, {devices}.")
+    if platform.lower() == "cpu":
+        return CPU_CHUNK * devices
+    chunk = max(1, min(ACCELERATOR_CHUNK, ACCELERATOR_MAX_IMAGES // batch_size))
+    return -(-chunk // devices) * devices
+
+
+def _chunks(
+    stack: Mapping[str, np.ndarray], count: int, chunk_size: int, mesh: Mesh | None
+) -> list[dict[str, jax.Array]]:
+    """The candidates in chunks of `chunk_size`, the last padded with copies of the last one
+    so every call has the same shape (and compiles once)."""
+    chunks = []
+    for k in range(-(-count // chunk_size)):
+        rows = np.minimum(np.arange(k * chunk_size, (k + 1) * chunk_size), count - 1)
+        chunk = {n: jnp.asarray(m[rows]) for n, m in stack.items()}
+        if mesh is not None:
+            chunk = jax.device_put(chunk, NamedSharding(mesh, P("data")))
+        chunks.append(chunk)
+    return chunks
+
+
 def population_fitness(
     chunk_fn: ChunkFn,
     variables: Any,
     mask_stack: Mapping[str, np.ndarray],
     batches: Iterable[Mapping[str, Any]],
     *,
-    chunk_size: int = 16,
+    chunk_size: int = 0,
     mesh: Mesh | None = None,
     deduplicate: bool = True,
 ) -> PopulationFitness:
@@ -105,15 +157,16 @@ def population_fitness(
       variables: the unpruned model's variables.
       mask_stack: per group, (population, group size) masks; groups left out are not gated.
       batches: evaluation batches ``{"image", "label"}``, iterated once.
-      chunk_size: candidates per compiled call (rounded up to a multiple of the devices).
+      chunk_size: candidates per compiled call (rounded up to a multiple of the devices);
+        0: `auto_chunk_size` for the devices' platform and the first batch's size.
       mesh: shard each chunk's candidates over this mesh's devices (None: one device).
       deduplicate: evaluate identical candidates once.
 
     Returns:
       `PopulationFitness` with one accuracy and loss per candidate of `mask_stack`.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 1, or 0 for automatic; got {chunk_size}.")
     if not mask_stack:
         raise ValueError("mask_stack is empty: give each candidate's masks of at least one group.")
     sizes = {np.shape(m)[0] for m in mask_stack.values()}
@@ -127,25 +180,23 @@ def population_fitness(
         inverse = np.arange(population)
     count = next(iter(stack.values())).shape[0]
     devices = 1 if mesh is None else mesh.size
-    chunk_size = -(-chunk_size // devices) * devices
-    n_chunks = -(-count // chunk_size)
-    # Pad with copies of the last candidate so every call has the same shape.
-    padded = n_chunks * chunk_size
-    chunks = []
-    for k in range(n_chunks):
-        rows = np.minimum(np.arange(k * chunk_size, (k + 1) * chunk_size), count - 1)
-        chunk = {n: jnp.asarray(m[rows]) for n, m in stack.items()}
-        if mesh is not None and devices > 1:
-            chunk = jax.device_put(chunk, NamedSharding(mesh, P("data")))
-        chunks.append(chunk)
-    if mesh is not None and devices > 1:
+    sharded = mesh is not None and devices > 1
+    if sharded:
         variables = jax.device_put(variables, NamedSharding(mesh, P()))
-    correct = np.zeros(padded, np.float64)
-    loss = np.zeros(padded, np.float64)
+    chunks: list[dict[str, jax.Array]] = []
+    correct = loss = np.zeros(0)
     seen = 0
     for batch in batches:
         images, labels = batch_arrays(batch)
-        if mesh is not None and devices > 1:
+        if not chunks:  # the first batch: its size resolves an automatic chunk size
+            if chunk_size == 0:
+                platform = (jax.devices() if mesh is None else mesh.devices.flat)[0].platform
+                chunk_size = auto_chunk_size(platform, int(labels.shape[0]), devices=devices)
+            chunk_size = -(-chunk_size // devices) * devices
+            chunks = _chunks(stack, count, chunk_size, mesh if sharded else None)
+            correct = np.zeros(len(chunks) * chunk_size, np.float64)
+            loss = np.zeros(len(chunks) * chunk_size, np.float64)
+        if sharded:
             images, labels = jax.device_put((images, labels), NamedSharding(mesh, P()))
         # Per batch and chunk on device; summed on the host in a fixed order (reproducible).
         for k, chunk in enumerate(chunks):
