@@ -106,14 +106,14 @@ def _blending_settings(config: DemoConfig) -> Any:
     from jaxprune.methods.evolution import EvolutionConfig
 
     # He et al.'s search at demo size: 8 candidates for 5 generations on 500 validation images
-    # (the library's defaults: 32 for 20 on 1000); the demo's own fine-tuning follows.
+    # (the library's defaults: 32 for 20 on 1000), one candidate per call on a CPU (automatic
+    # chunk size); the demo's own fine-tuning follows.
     return BlendingConfig(
         criterion=config.criterion,
         ratio=config.ratio,
         evolution=EvolutionConfig(population=8, generations=5),
         score_examples=512,
         fitness_examples=500,
-        chunk_size=8,
         finetune_epochs=0,
         seed=config.seed,
     )

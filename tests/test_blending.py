@@ -396,7 +396,7 @@ def test_run_prunes_reports_and_fine_tunes_a_zoo_model(lenet, tiny_data, tmp_pat
         ({"normalization": "zscore"}, "normalization must be one of"),
         ({"fitness": "kappa"}, "fitness must be one of"),
         ({"ranking": "by_flops"}, "ranking must be"),
-        ({"chunk_size": 0}, "chunk_size must be"),
+        ({"chunk_size": -1}, "chunk_size must be"),
         ({"min_channels": 0}, "min_channels must be >= 1"),
         ({"seed": -1}, "seed must be >= 0"),
         ({"finetune_lr": 0.0}, "finetune_lr must be > 0"),
