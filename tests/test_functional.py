@@ -21,6 +21,7 @@ from jaxprune.criteria.functionality import (
     maximization_images,
     normalize_images,
     response_patterns,
+    responsive_filters,
 )
 from jaxprune.gates import gate_points, gated_call
 from jaxprune.graph import channel_graph
@@ -30,6 +31,7 @@ from jaxprune.methods.functional import (
     FunctionalConfig,
     check_config,
     choose_representatives,
+    cluster_filters,
     functional_prune,
     kept_count,
     layer_images,
@@ -49,14 +51,18 @@ class HandMadeConv(nn.Module):
         return nn.Dense(3, name="head")(x.reshape(x.shape[0], -1))
 
 
-def hand_made_variables():
-    """Filters 0 and 1: the same vertical edge; 2: a horizontal edge; 3: a centre spot."""
+def hand_made_variables(silent: tuple[int, ...] = ()):
+    """Filters 0 and 1: the same vertical edge; 2: a horizontal edge; 3: a centre spot.
+
+    The filters in `silent` get a zero kernel: always 0 after the ReLU, so no gradient.
+    """
     model = HandMadeConv()
     variables = model.init(jax.random.key(0), jnp.zeros((1, *SHAPE)))
     vertical = np.array([[-1, 0, 1], [-1, 0, 1], [-1, 0, 1]], np.float32)
     horizontal = vertical.T.copy()
     spot = np.array([[-1, -1, -1], [-1, 8, -1], [-1, -1, -1]], np.float32) / 4
     kernel = np.stack([vertical, vertical, horizontal, spot], axis=-1)[:, :, None, :]
+    kernel[..., list(silent)] = 0.0
     params = jax.tree_util.tree_map(lambda v: v, variables["params"])
     params = {**params, "conv": {"kernel": jnp.asarray(kernel)}}
     return model, {"params": params}
@@ -217,6 +223,48 @@ def test_identical_filters_get_one_image_and_one_cluster_orthogonal_ones_do_not(
     assert labels[2] != labels[0] and labels[3] != labels[0]
 
 
+def test_silent_filters_share_an_image_but_are_never_merged():
+    model, variables = hand_made_variables(silent=(1, 3))
+    graph = channel_graph(model.apply, variables, jnp.zeros((1, *SHAPE)))
+    images = maximization_images(model.apply, graph, variables, "conv", SHAPE, FAST)
+    # No gradient reaches a silent filter: both end with the same penalty-shaped picture.
+    np.testing.assert_array_equal(images[1], images[3])
+    responsive = responsive_filters(model.apply, graph, variables, "conv", images, FAST)
+    np.testing.assert_array_equal(responsive, [True, False, True, False])
+    chunked = dataclasses.replace(FAST, chunk_size=3)
+    np.testing.assert_array_equal(
+        responsive_filters(model.apply, graph, variables, "conv", images, chunked), responsive
+    )
+    descriptors = image_descriptors(images)
+    similarity = cosine_similarity(descriptors)
+    config = ClusteringConfig(threshold=0.5)
+    merged, _ = cluster_filters(
+        similarity, descriptors, dataclasses.replace(config, separate_unresponsive=False)
+    )
+    assert merged[1] == merged[3]
+    labels, _ = cluster_filters(similarity, descriptors, config, responsive=responsive)
+    np.testing.assert_array_equal(labels, [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="one image per filter"):
+        responsive_filters(model.apply, graph, variables, "conv", images[:3], FAST)
+
+
+@pytest.mark.parametrize("method", ["agglomerative", "kmeans"])
+def test_a_count_cut_keeps_unresponsive_filters_alone(method):
+    # Filters 0-2 alike, 3-4 alike, 5-6 unresponsive (identical descriptors).
+    a, b, c = np.eye(3)
+    descriptors = np.stack([a, a + 0.1 * b, a + 0.1 * c, b, b + 0.1 * c, c, c])
+    similarity = cosine_similarity(descriptors)
+    responsive = np.array([True] * 5 + [False] * 2)
+    config = ClusteringConfig(method=method)
+    labels, _ = cluster_filters(similarity, descriptors, config, keep=4, responsive=responsive)
+    np.testing.assert_array_equal(labels, [0, 0, 0, 1, 1, 2, 3])
+    # Fewer clusters than unresponsive filters + 1: the count is still exact.
+    labels, _ = cluster_filters(similarity, descriptors, config, keep=2, responsive=responsive)
+    assert len(np.unique(labels)) == 2
+    with pytest.raises(ValueError, match="one flag per filter"):
+        cluster_filters(similarity, descriptors, config, keep=4, responsive=responsive[:3])
+
+
 def test_vmapped_images_equal_one_at_a_time_and_chunked(toy):
     model, variables, graph = toy
     together = np.asarray(maximization_images(model.apply, graph, variables, "conv1", SHAPE, FAST))
@@ -301,6 +349,10 @@ def test_pruned_model_equals_the_masked_model(toy, config):
     for name, layer in result.layers.items():
         n_clusters = len(np.unique(layer.labels))
         assert len(layer.keep) == n_clusters
+        np.testing.assert_array_equal(
+            layer.responsive,
+            responsive_filters(model.apply, graph, variables, name, layer.images, FAST),
+        )
         assert len(np.unique(layer.labels[layer.keep])) == n_clusters  # one per cluster
         if config.ratio is not None:
             assert n_clusters == kept_count(graph[name].size, config)

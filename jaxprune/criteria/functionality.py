@@ -19,6 +19,11 @@ filters get identical images). All filters of a layer are computed at once: the 
 filter is `jax.vmap`-ed over the filter index (in chunks of `chunk_size` filters to bound
 memory), which equals running them one at a time.
 
+A filter that is flat at the start image (a ReLU filter silent on it) gets no gradient, and
+its image is shaped by the penalties, jitter and blur alone, the same for every such filter;
+`responsive_filters` finds those, so that their identical images are not read as identical
+functions.
+
 Similarity of two filters is the cosine similarity of their image descriptors: by default the
 raw pixels of each image after standardisation (zero mean, unit variance per image, which makes
 the cosine a Pearson correlation and ignores brightness and contrast).
@@ -130,6 +135,25 @@ def _total_variation(image: jax.Array) -> jax.Array:
     return jnp.mean(jnp.abs(jnp.diff(image, axis=0))) + jnp.mean(jnp.abs(jnp.diff(image, axis=1)))
 
 
+def _filter_means(
+    apply_fn: Callable[..., Any],
+    graph: ChannelGraph,
+    group: str,
+    points: tuple[GatePoint, ...],
+    apply_kwargs: Mapping[str, Any],
+) -> Callable[[Any, jax.Array], jax.Array]:
+    """(variables, one image) -> the mean activation of every filter of `group` on it."""
+    size = graph[group].size
+
+    def means(variables: Any, image: jax.Array) -> jax.Array:
+        _, captured = gated_call(
+            apply_fn, graph, variables, image[None], capture=True, **apply_kwargs
+        )
+        return channel_means(captured[group], points, size)
+
+    return means
+
+
 def _ascent_fn(
     apply_fn: Callable[..., Any],
     graph: ChannelGraph,
@@ -139,17 +163,11 @@ def _ascent_fn(
     apply_kwargs: Mapping[str, Any],
 ) -> Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
     """(variables, start image, filter index) -> (final image, objective at every step)."""
-    size = graph[group].size
-
-    def activation(variables: Any, image: jax.Array, index: jax.Array) -> jax.Array:
-        _, captured = gated_call(
-            apply_fn, graph, variables, image[None], capture=True, **apply_kwargs
-        )
-        return channel_means(captured[group], points, size)[index]
+    means = _filter_means(apply_fn, graph, group, points, apply_kwargs)
 
     def objective(variables, image, shift, index):
         rolled = jnp.roll(image, shift, axis=(0, 1))
-        act = activation(variables, rolled, index)
+        act = means(variables, rolled)[index]
         penalty = config.l2_weight * jnp.mean(image**2) + config.tv_weight * _total_variation(image)
         return act - penalty, act
 
@@ -245,6 +263,63 @@ def maximization_images(
 
     images, objective = run(variables, start, jnp.asarray(indices, jnp.int32))
     return (images, objective) if with_objective else images
+
+
+def responsive_filters(
+    apply_fn: Callable[..., Any],
+    graph: ChannelGraph,
+    variables: Any,
+    group: str,
+    images: jax.Array | np.ndarray,
+    config: VisualizationConfig = VisualizationConfig(),
+    *,
+    apply_kwargs: Mapping[str, Any] | None = None,
+) -> np.ndarray:
+    """Which filters their own activation-maximisation image drives above the start image.
+
+    A filter whose activation is flat at the start image (a ReLU filter silent on it) gets no
+    gradient, so its ascent is moved only by the penalties, jitter and blur, which are the same
+    for every filter: all such filters end with one identical image that says nothing about
+    what they compute. This tells them apart from filters whose image shows their function.
+
+    Args:
+      apply_fn, graph, variables: the model, its graph and variables.
+      group: the channel group.
+      images: (filters, H, W, C) the group's images, image i of filter i (as
+        `maximization_images` returns them for every filter).
+      config: the settings the images were made with (their start image).
+      apply_kwargs: keyword arguments of `apply_fn` (default ``{"train": False}``).
+
+    Returns:
+      bool (filters,): True where the filter's mean activation on its own image exceeds its
+      mean activation on the start image (by more than 1e-6 relative).
+
+    Raises:
+      ValueError: images that are not one per filter of the group.
+    """
+    size = graph[group].size
+    images = jnp.asarray(images, jnp.float32)
+    if images.ndim != 4 or images.shape[0] != size:
+        raise ValueError(
+            f"images must be (filters, H, W, C) with one image per filter of {group!r} "
+            f"({size}), got shape {images.shape}."
+        )
+    kwargs = dict(apply_kwargs) if apply_kwargs is not None else {"train": False}
+    points = gate_points(apply_fn, graph, variables, images[:1], **kwargs)[group]
+    means = _filter_means(apply_fn, graph, group, points, kwargs)
+    start = start_image(tuple(images.shape[1:]), config)
+
+    @jax.jit
+    def gains(variables: Any, start: jax.Array, images: jax.Array) -> jax.Array:
+        before = means(variables, start)
+        own = jax.lax.map(
+            lambda pair: means(variables, pair[0])[pair[1]],
+            (images, jnp.arange(size)),
+            batch_size=config.chunk_size or size,
+        )
+        return own - before - 1e-6 * jnp.maximum(1.0, jnp.abs(before))
+
+    return np.asarray(gains(variables, start, images)) > 0
 
 
 def response_patterns(

@@ -4,9 +4,11 @@
 group, a PNG grid with one row per functionality cluster (largest clusters first, filters in
 index order, clusters separated by a blank line) and, given real images, a second grid of every
 filter's mean response pattern over them in the same layout; then one self-contained HTML page
-(PNG data URIs, no network) with the same pictures, each filter labelled and each cluster's
-representative marked. Images come from `jaxprune.criteria.functionality`; clusters and
-representatives from `jaxprune.methods.functional` with the given (or default) config.
+(PNG data URIs, no network) with the same pictures, each filter labelled and the filter
+nearest each cluster's centroid marked (the one ``representative="centroid"`` keeps;
+the page has no labels to score a criterion). Images come from
+`jaxprune.criteria.functionality`; clusters from `jaxprune.methods.functional` with the given
+(or default) config, filters whose image does not drive them each in a cluster of their own.
 """
 
 from __future__ import annotations
@@ -18,18 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from jaxprune.criteria.functionality import (
-    cosine_similarity,
-    image_descriptors,
-    response_patterns,
-)
+from jaxprune.criteria.functionality import response_patterns, responsive_filters
 from jaxprune.graph import ChannelGraph
 from jaxprune.inspect.render import colormap, data_uri, display_images, png_bytes
 from jaxprune.methods.functional import (
     FunctionalConfig,
     choose_representatives,
-    cluster_filters,
-    kept_count,
+    layer_clusters,
     layer_images,
 )
 from jaxprune.methods.oneshot import select_groups
@@ -106,6 +103,7 @@ def _layer_section(
     pattern_cells: np.ndarray | None,
     threshold: float,
     similarity: np.ndarray,
+    responsive: np.ndarray,
 ) -> str:
     rows = []
     for number, members in enumerate(clusters):
@@ -122,6 +120,8 @@ def _layer_section(
             block = similarity[np.ix_(members, members)]
             mean = (block.sum() - len(members)) / (len(members) * (len(members) - 1))
             note = f"{len(members)} filters, mean similarity {mean:.2f}"
+        elif not responsive[members[0]]:
+            note = "1 filter; its image does not drive it (no visible functionality)"
         else:
             note = "1 filter"
         rows.append(
@@ -131,7 +131,8 @@ def _layer_section(
     cut = f"threshold {threshold:.3f}" if np.isfinite(threshold) else "no threshold"
     return (
         f"<section><h2>{html.escape(group)}</h2><p>{similarity.shape[0]} filters in "
-        f"{len(clusters)} clusters ({cut}); outlined: the filter each cluster keeps.</p>"
+        f"{len(clusters)} clusters ({cut}); outlined: the filter nearest each cluster's "
+        "centroid.</p>"
         f"{''.join(rows)}</section>"
     )
 
@@ -169,8 +170,8 @@ def write_functionality_report(
       groups: the conv groups to draw (None: every conv group).
       images: optional preprocessed real images [N, H, W, C]; adds each filter's mean
         response pattern over them.
-      config: images, clustering and representatives (default `FunctionalConfig()`: similarity
-        threshold, "centroid" representatives when no data is given for the criterion).
+      config: images and clustering (default `FunctionalConfig()`: the similarity
+        threshold); representatives are always the filters nearest the centroids.
       workdir: optional checkpoint folder for the images (reruns reuse them).
 
     Returns:
@@ -198,17 +199,10 @@ def write_functionality_report(
     sections = []
     for group in chosen:
         layer = np.asarray(found[group])
-        descriptors = image_descriptors(
-            layer, config.clustering.descriptor, config.clustering.normalization
+        responsive = responsive_filters(
+            apply_fn, graph, variables, group, layer, config.visualization
         )
-        similarity = cosine_similarity(descriptors)
-        labels, threshold = cluster_filters(
-            similarity,
-            descriptors,
-            config.clustering,
-            keep=kept_count(len(layer), config),
-            seed=config.seed,
-        )
+        descriptors, similarity, labels, threshold = layer_clusters(layer, responsive, config)
         representatives = set(choose_representatives(labels, descriptors=descriptors).tolist())
         clusters = cluster_order(labels)
         image_cells = _enlarge(display_images(layer))
@@ -225,7 +219,14 @@ def write_functionality_report(
             )
         sections.append(
             _layer_section(
-                group, clusters, representatives, image_cells, pattern_cells, threshold, similarity
+                group,
+                clusters,
+                representatives,
+                image_cells,
+                pattern_cells,
+                threshold,
+                similarity,
+                responsive,
             )
         )
     views = "activation-maximisation image" + (

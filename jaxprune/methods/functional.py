@@ -10,6 +10,12 @@ such cluster removes repetition at little cost, even without retraining. Per con
    `clustering.threshold` (default), or cut at exactly the number of filters a target `ratio`
    keeps (the threshold is then read off the dendrogram per layer, see
    `jaxprune.methods.clustering`), or k-means with k = that number;
+   Filters that their own image does not drive above the start image
+   (`jaxprune.criteria.functionality.responsive_filters`: silent ReLU filters, whose images
+   are all the same penalty-shaped picture) show no functionality; by default
+   (`clustering.separate_unresponsive`) each stays a cluster of its own (similarity -1 to
+   every other filter), rather than all of them being merged as "identical". The paper does
+   not discuss such filters; this is a choice of jaxprune;
 4. one representative per cluster: the most relevant by `criterion` (Taylor by default, scored
    on validation images), or the member closest to the cluster centroid; the rest are removed.
 
@@ -42,6 +48,7 @@ from jaxprune.criteria.functionality import (
     cosine_similarity,
     image_descriptors,
     maximization_images,
+    responsive_filters,
 )
 from jaxprune.graph import ChannelGraph
 from jaxprune.methods import clustering
@@ -67,6 +74,9 @@ class ClusteringConfig:
     normalization: str = "standardize"
     # k-means: at most this many assignment rounds.
     kmeans_iterations: int = 100
+    # Never merge a filter that its own image does not drive (its image shows no function);
+    # False treats those images like any other (they are identical, so they merge first).
+    separate_unresponsive: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +121,7 @@ class LayerFunctionality:
       images: (filters, H, W, C) activation-maximisation images.
       similarity: (filters, filters) cosine similarity of their descriptors.
       labels: the cluster of every filter (0, 1, ... in order of first member).
+      responsive: whether each filter's image drives it above the start image.
       keep: sorted indices of the representatives kept.
       threshold: the similarity threshold of the cut (with a ratio: the one that gives the
         kept count; +inf when nothing is merged; NaN for k-means).
@@ -120,6 +131,7 @@ class LayerFunctionality:
     images: np.ndarray
     similarity: np.ndarray
     labels: np.ndarray
+    responsive: np.ndarray
     keep: np.ndarray
     threshold: float
     scores: np.ndarray | None = None
@@ -304,6 +316,7 @@ def cluster_filters(
     *,
     keep: int | None = None,
     seed: int = 0,
+    responsive: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
     """Clusters one layer's filters.
 
@@ -313,25 +326,79 @@ def cluster_filters(
       config: method and threshold.
       keep: the number of clusters wanted (None: the threshold decides; k-means needs it).
       seed: k-means seed.
+      responsive: (n,) bool, whether each filter's image drives it (None: all do). With
+        `config.separate_unresponsive`, the others are never merged: agglomerative clustering
+        sees them at similarity -1 to everything; k-means clusters the responsive filters into
+        `keep` minus their number (and, when that leaves no cluster, clusters all filters).
 
     Returns:
       (labels, threshold): one cluster label per filter, and the similarity threshold of the
       cut (NaN for k-means).
     """
+    n = len(similarity)
+    silent = np.zeros(n, bool)
+    if responsive is not None and config.separate_unresponsive:
+        silent = ~np.asarray(responsive, bool)
+        if silent.shape != (n,):
+            raise ValueError(f"responsive must have one flag per filter ({n}), got {silent.shape}.")
     if config.method == "kmeans":
         if keep is None:
             raise ValueError("k-means needs the number of clusters (a target ratio).")
-        labels = clustering.kmeans(
-            descriptors, keep, seed=seed, iterations=config.kmeans_iterations
+        room = keep - int(silent.sum())
+        if not silent.any() or room < 1:
+            labels = clustering.kmeans(
+                descriptors, keep, seed=seed, iterations=config.kmeans_iterations
+            )
+            return labels, float("nan")
+        labels = np.empty(n, np.int64)
+        labels[~silent] = clustering.kmeans(
+            np.asarray(descriptors)[~silent], room, seed=seed, iterations=config.kmeans_iterations
         )
-        return labels, float("nan")
+        labels[silent] = room + np.arange(int(silent.sum()))
+        return clustering.canonical_labels(labels), float("nan")
     if config.method != "agglomerative":
         raise ValueError(f"clustering.method must be one of {CLUSTERINGS}, got {config.method!r}.")
+    if silent.any():
+        similarity = np.array(similarity, np.float64)
+        similarity[silent, :] = -1.0
+        similarity[:, silent] = -1.0
+        np.fill_diagonal(similarity, 1.0)
     if keep is None:
         return clustering.agglomerative_by_threshold(similarity, config.threshold), float(
             config.threshold
         )
     return clustering.agglomerative_by_count(similarity, keep)
+
+
+def layer_clusters(
+    images: np.ndarray,
+    responsive: np.ndarray | None,
+    config: FunctionalConfig,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Descriptors, similarity and clusters of one layer's images, as `functional_prune` makes them.
+
+    Args:
+      images: (filters, H, W, C) the layer's activation-maximisation images.
+      responsive: (filters,) bool from `responsive_filters` (None: every filter counts as
+        responsive).
+      config: descriptor, normalisation, clustering, ratio and min_channels.
+
+    Returns:
+      (descriptors, similarity, labels, threshold); see `cluster_filters`.
+    """
+    descriptors = image_descriptors(
+        images, config.clustering.descriptor, config.clustering.normalization
+    )
+    similarity = cosine_similarity(descriptors)
+    labels, threshold = cluster_filters(
+        similarity,
+        descriptors,
+        config.clustering,
+        keep=kept_count(len(images), config),
+        seed=config.seed,
+        responsive=responsive,
+    )
+    return descriptors, similarity, labels, threshold
 
 
 def choose_representatives(
@@ -404,7 +471,9 @@ def functional_prune(
         representative criterion (None is fine for weight criteria and "centroid").
       config: clustering, representatives, visualisation; see `FunctionalConfig`.
       input_shape: one example's shape; default: the shape of the first batch's images.
-      images: precomputed images per group (e.g. from `layer_images`); the rest are computed.
+      images: precomputed images per group, made with `config.visualization` (e.g. by
+        `layer_images`; their start image decides which filters are responsive); the rest
+        are computed.
       workdir: checkpoint folder for the images (resumes from it).
 
     Returns:
@@ -447,16 +516,11 @@ def functional_prune(
                 f"images[{group!r}] has shape {group_images.shape}; the group needs "
                 f"{(graph[group].size, *input_shape)}."
             )
-        descriptors = image_descriptors(
-            group_images, config.clustering.descriptor, config.clustering.normalization
+        responsive = responsive_filters(
+            apply_fn, graph, variables, group, group_images, config.visualization
         )
-        similarity = cosine_similarity(descriptors)
-        labels, threshold = cluster_filters(
-            similarity,
-            descriptors,
-            config.clustering,
-            keep=kept_count(graph[group].size, config),
-            seed=config.seed,
+        descriptors, similarity, labels, threshold = layer_clusters(
+            group_images, responsive, config
         )
         group_scores = None if scores is None else np.asarray(scores[group], np.float64)
         if group_scores is not None:
@@ -470,6 +534,7 @@ def functional_prune(
             images=group_images,
             similarity=similarity,
             labels=labels,
+            responsive=responsive,
             keep=keep,
             threshold=threshold,
             scores=group_scores,
