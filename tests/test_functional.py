@@ -319,6 +319,19 @@ def test_bad_inputs_name_the_fix(toy):
         check_config(FunctionalConfig(representative="median"))
     with pytest.raises(ValueError, match="normalization"):
         normalize_images(np.zeros((1, 2, 2, 1)), "zscore")
+    # Config mistakes are caught before any image is made.
+    for clustering_config, message in [
+        (ClusteringConfig(descriptor="hog"), "descriptor"),
+        (ClusteringConfig(normalization="zscore"), "normalization"),
+        (ClusteringConfig(method="kmeans", kmeans_iterations=0), "kmeans_iterations"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            check_config(FunctionalConfig(ratio=0.5, clustering=clustering_config))
+    with pytest.raises(ValueError, match="Unknown criterion 'taylr'"):
+        check_config(FunctionalConfig(criterion="taylr"))
+    check_config(FunctionalConfig(criterion="taylr", representative="centroid"))
+    with pytest.raises(ValueError, match="batch_size"):
+        check_config(FunctionalConfig(batch_size=0))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ from tqdm.auto import tqdm
 from jaxprune import criteria
 from jaxprune.criteria.base import iter_batches
 from jaxprune.criteria.functionality import (
+    DESCRIPTORS,
+    NORMALIZATIONS,
     VisualizationConfig,
     check_visualization,
     cosine_similarity,
@@ -146,7 +148,10 @@ class FunctionalResult:
 
 
 def check_config(config: FunctionalConfig) -> None:
-    """Raises ValueError naming a bad field of `config` and the values it accepts."""
+    """Raises ValueError naming a bad field of `config` and the values it accepts.
+
+    Called before any image is made, so a typo costs nothing.
+    """
     if config.ratio is not None and not 0.0 <= config.ratio < 1.0:
         raise ValueError(f"ratio must be in [0, 1) or None, got {config.ratio}: the part removed.")
     if config.representative not in REPRESENTATIVES:
@@ -156,6 +161,30 @@ def check_config(config: FunctionalConfig) -> None:
     if config.clustering.method not in CLUSTERINGS:
         raise ValueError(
             f"clustering.method must be one of {CLUSTERINGS}, got {config.clustering.method!r}."
+        )
+    if config.representative == "criterion" and config.criterion not in criteria.CRITERIA:
+        raise ValueError(
+            f"Unknown criterion {config.criterion!r} for the representatives; choose one of "
+            f"{sorted(criteria.CRITERIA)}, or representative='centroid'."
+        )
+    if config.clustering.descriptor not in DESCRIPTORS:
+        raise ValueError(
+            f"clustering.descriptor must be one of {DESCRIPTORS}, got "
+            f"{config.clustering.descriptor!r}."
+        )
+    if config.clustering.normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"clustering.normalization must be one of {NORMALIZATIONS}, got "
+            f"{config.clustering.normalization!r}."
+        )
+    if config.clustering.kmeans_iterations < 1:
+        raise ValueError(
+            f"clustering.kmeans_iterations must be >= 1, got {config.clustering.kmeans_iterations}."
+        )
+    if config.batch_size < 1 or config.score_examples < 1:
+        raise ValueError(
+            f"batch_size and score_examples must be >= 1, got {config.batch_size} and "
+            f"{config.score_examples}."
         )
     if config.clustering.method == "kmeans" and config.ratio is None:
         raise ValueError(
