@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import chex
 import flax.linen as nn
@@ -25,7 +26,7 @@ from jaxprune.criteria.functionality import (
 )
 from jaxprune.gates import gate_points, gated_call
 from jaxprune.graph import channel_graph
-from jaxprune.methods import clustering
+from jaxprune.methods import clustering, functional
 from jaxprune.methods.functional import (
     ClusteringConfig,
     FunctionalConfig,
@@ -379,14 +380,34 @@ def test_pruned_model_equals_the_masked_model(toy, config):
     )
 
 
-def test_stored_images_resume_and_refuse_other_settings(toy, tmp_path):
+def test_stored_images_resume_and_refuse_other_settings(toy, tmp_path, monkeypatch):
     model, variables, graph = toy
     whole = layer_images(model.apply, graph, variables, ["conv0", "conv1"], SHAPE, FAST)
-    partial = layer_images(
+    stored = layer_images(
         model.apply, graph, variables, ["conv0", "conv1"], SHAPE, FAST, workdir=tmp_path
     )
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["1", "2"]
+    # As if killed after the first layer: only its checkpoint is left; the rerun resumes there.
+    shutil.rmtree(tmp_path / "2")
+    made = []
+    original = functional.maximization_images
+    monkeypatch.setattr(
+        functional,
+        "maximization_images",
+        lambda *args, **kwargs: made.append(args[3]) or original(*args, **kwargs),
+    )
+    resumed = layer_images(
+        model.apply, graph, variables, ["conv0", "conv1"], SHAPE, FAST, workdir=tmp_path
+    )
+    assert made == ["conv1"]
     for name in whole:
-        np.testing.assert_array_equal(partial[name], whole[name])
+        np.testing.assert_array_equal(stored[name], whole[name])
+        np.testing.assert_array_equal(resumed[name], whole[name])
+    other_variables = jax.tree_util.tree_map(lambda v: v + 1.0, variables)
+    with pytest.raises(ValueError, match="another model or configuration"):
+        layer_images(
+            model.apply, graph, other_variables, ["conv0", "conv1"], SHAPE, FAST, workdir=tmp_path
+        )
     with pytest.raises(ValueError, match="another model or configuration"):
         layer_images(
             model.apply,
