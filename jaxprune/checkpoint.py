@@ -84,6 +84,29 @@ def _named_leaves(tree: PyTree) -> dict[str, Any]:
     return {"/".join(key_name(k) for k in path): leaf for path, leaf in leaves}
 
 
+def tree_fingerprint(tree: PyTree) -> str:
+    """SHA-256 of a tree's arrays (paths, dtypes, shapes and bytes).
+
+    Runs store it to recognise the model (or the data) a workdir was started from, and refuse to
+    resume on another.
+    """
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def json_default(value: Any) -> Any:
+    """`json.dumps` fallback for NumPy and JAX arrays and NumPy scalars."""
+    if isinstance(value, np.ndarray | jax.Array):
+        return np.asarray(value).tolist()
+    if isinstance(value, np.integer | np.floating):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
 def _array_hash(value: Any) -> str:
     array = np.ascontiguousarray(np.asarray(value))
     digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())

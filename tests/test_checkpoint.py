@@ -414,3 +414,26 @@ def test_export_latest_writes_the_final_weights(killed_and_resumed, tmp_path):
     chex.assert_trees_all_equal(variables["params"], final.state.params)
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
         checkpoint.export_latest(tmp_path / "empty", tmp_path / "none.msgpack")
+
+
+def test_tree_fingerprint_sees_values_shapes_dtypes_and_paths():
+    import json
+
+    from jaxprune.checkpoint import json_default, tree_fingerprint
+
+    tree = {"a": np.arange(4, dtype=np.float32), "b": np.zeros((2, 2), np.float32)}
+    same = {"a": np.arange(4, dtype=np.float32), "b": np.zeros((2, 2), np.float32)}
+    assert tree_fingerprint(tree) == tree_fingerprint(same)
+    changed = [
+        {**tree, "a": np.nextafter(tree["a"], np.float32(9))},  # one ulp up
+        {**tree, "b": np.zeros((4,), np.float32)},
+        {**tree, "b": np.zeros((2, 2), np.float64)},
+        {"c": tree["a"], "b": tree["b"]},
+    ]
+    assert len({tree_fingerprint(t) for t in changed} | {tree_fingerprint(tree)}) == 5
+    assert json.loads(
+        json.dumps({"x": np.float32(0.5), "y": np.arange(2)}, default=json_default)
+    ) == {
+        "x": 0.5,
+        "y": [0, 1],
+    }

@@ -18,14 +18,7 @@ import numpy as np
 from jaxprune import checkpoint, cost, train
 from jaxprune.methods.iterative import evaluate_split
 
-
-def json_default(value: Any) -> Any:
-    """`json.dumps` fallback for NumPy arrays and scalars."""
-    if isinstance(value, np.ndarray | jax.Array):
-        return np.asarray(value).tolist()
-    if isinstance(value, np.integer | np.floating):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+json_default = checkpoint.json_default
 
 
 def eval_state(apply_fn: Any, variables: Mapping[str, Any]) -> train.TrainState:

@@ -54,7 +54,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxprune import criteria, train
+from jaxprune import checkpoint, criteria, train
 from jaxprune.graph import ChannelGraph
 from jaxprune.methods import evolution
 from jaxprune.methods.blending_checkpoint import load_search, save_search
@@ -622,7 +622,10 @@ def blending_prune(
         )
         return found.accuracy, found.loss, found.evaluated
 
-    inputs = (_tree_hash(variables), _tree_hash(list(fitness_batches)))
+    inputs = (
+        checkpoint.tree_fingerprint(variables),
+        checkpoint.tree_fingerprint(list(fitness_batches)),
+    )
     genome, best, history = search_factors(
         evaluate,
         graph,
@@ -656,7 +659,7 @@ def _cached_pool_scores(
     variables and score images (other ones are scored afresh and replace them)."""
     path = None if workdir is None else workdir / "pool_scores.npz"
     batches = list(batches) if batches is not None else None
-    inputs = _tree_hash(variables) + _tree_hash(batches or [])
+    inputs = checkpoint.tree_fingerprint(variables) + checkpoint.tree_fingerprint(batches or [])
     if path is not None and path.is_file():
         with np.load(path) as stored:
             found: PoolScores = {}
@@ -679,13 +682,3 @@ def _cached_pool_scores(
 
 # The entry of pool_scores.npz that names the variables and score images the scores belong to.
 _INPUTS_KEY = "__inputs_sha256__"
-
-
-def _tree_hash(tree: Any) -> str:
-    """SHA-256 of a tree's arrays (paths, shapes, dtypes, bytes)."""
-    digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        array = np.ascontiguousarray(np.asarray(leaf))
-        digest.update(f"{jax.tree_util.keystr(path)}{array.dtype.str}{array.shape}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()

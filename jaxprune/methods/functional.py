@@ -29,18 +29,16 @@ No retraining by default (the paper's claim is that little is needed); `jaxprune
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from jaxprune import criteria
+from jaxprune import checkpoint, criteria
 from jaxprune.criteria.base import iter_batches
 from jaxprune.criteria.functionality import (
     DESCRIPTORS,
@@ -214,17 +212,6 @@ def kept_count(size: int, config: FunctionalConfig) -> int | None:
 # Images, checkpointed per layer
 
 
-def variables_fingerprint(variables: Any) -> str:
-    """SHA-256 of every leaf's bytes and shape: which model a set of stored images belongs to."""
-    digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
-        array = np.ascontiguousarray(np.asarray(leaf))
-        digest.update(jax.tree_util.keystr(path).encode())
-        digest.update(str((array.shape, array.dtype.str)).encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
 class _ImageStore:
     """Per-layer images in an orbax directory: step k holds the first k layers' images."""
 
@@ -307,7 +294,7 @@ def layer_images(
             "groups": list(groups),
             "input_shape": list(input_shape),
             "visualization": dataclasses.asdict(config),
-            "variables": variables_fingerprint(variables),
+            "variables": checkpoint.tree_fingerprint(variables),
         }
         store = _ImageStore(Path(workdir), meta)
         done = store.restore(shapes)

@@ -32,7 +32,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 import json
 import math
@@ -591,16 +590,6 @@ def _rebuilder(model: str | Rebuild, num_classes: int) -> tuple[Rebuild, str]:
     return model, ""
 
 
-def _fingerprint(tree: PyTree) -> str:
-    """SHA-256 of a tree's arrays (paths, shapes, dtypes, bytes): which base a run started from."""
-    digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        array = np.ascontiguousarray(np.asarray(leaf))
-        digest.update(f"{jax.tree_util.keystr(path)}{array.dtype.str}{array.shape}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
 def _criterion(config: IterativeConfig, step: int) -> criteria.Criterion:
     """The criterion of pruning step `step`; seeded criteria get a new seed every step."""
     options = dict(config.criterion_options)
@@ -686,7 +675,7 @@ def _prepare(
         tx=tx,
         mesh=mesh,
         spec=spec,
-        fingerprint=_fingerprint(base_variables),
+        fingerprint=ckpt.tree_fingerprint(base_variables),
     )
 
 

@@ -50,7 +50,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 import json
 import time
@@ -517,16 +516,6 @@ class _Setup:
     base_cost: cost.CostReport
 
 
-def _fingerprint(tree: PyTree) -> str:
-    """SHA-256 of a tree's arrays: which base model a workdir's run started from."""
-    digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        array = np.ascontiguousarray(np.asarray(leaf))
-        digest.update(f"{jax.tree_util.keystr(path)}{array.dtype.str}{array.shape}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
 def _rebuild_for(model: str | Rebuild, num_classes: int) -> Rebuild:
     if isinstance(model, str):
         if model not in MODELS:
@@ -606,7 +595,7 @@ def _prepare(config: ProgressiveConfig, model: str | Rebuild, variables: PyTree,
         example_input=example,
         score_batches=batches,
         sample_images=samples,
-        fingerprint=_fingerprint(variables),
+        fingerprint=ckpt.tree_fingerprint(variables),
         base_cost=cost.count(base.apply_fn, variables, example, train=False),
     )
 
@@ -824,7 +813,7 @@ def _save(setup: _Setup, manager: Any, network: retraining.Network, progress: _P
         "history": list(progress.history),
         "finetune": progress.finetune,
     }
-    meta = json.loads(json.dumps(meta, default=_json_default))
+    meta = json.loads(json.dumps(meta, default=ckpt.json_default))
     manager.save(
         step,
         args=ocp.args.Composite(
@@ -833,14 +822,6 @@ def _save(setup: _Setup, manager: Any, network: retraining.Network, progress: _P
         ),
     )
     manager.wait_until_finished()
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.ndarray | jax.Array):
-        return np.asarray(value).tolist()
-    if isinstance(value, np.integer | np.floating):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def _restore(setup: _Setup, manager: Any) -> tuple[retraining.Network, _Progress] | None:
