@@ -11,10 +11,10 @@ summary without timings) and WORKDIR/final.npz (the pruned variables).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
+from kill_resume import write_pruning_result
 from slow_data import DelayedDataset
 
 from jaxprune.runtime import enable_compilation_cache
@@ -38,15 +38,8 @@ def config():
     )
 
 
-def without_times(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "time"} for r in records]
-
-
 def main(workdir: str) -> None:
     enable_compilation_cache()
-    import jax
-    import numpy as np
-
     from jaxprune import checkpoint, data
     from jaxprune.methods.iterative import iterative_prune
 
@@ -57,21 +50,7 @@ def main(workdir: str) -> None:
     result = iterative_prune(
         config(), "lenet5", variables, DelayedDataset(dataset, STEP_DELAY_S), workdir=workdir
     )
-    leaves = jax.tree_util.tree_leaves_with_path(result.variables)
-    np.savez(
-        Path(workdir, "final.npz"), **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
-    )
-    summary = {k: v for k, v in result.summary.items() if k != "time"}
-    Path(workdir, "result.json").write_text(
-        json.dumps(
-            {
-                "history": without_times(result.history),
-                "summary": summary,
-                "keep": {k: v.tolist() for k, v in result.keep.items()},
-                "widths": result.widths,
-            }
-        )
-    )
+    write_pruning_result(workdir, result)
 
 
 if __name__ == "__main__":

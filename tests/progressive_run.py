@@ -11,10 +11,10 @@ to WORKDIR/result.json (history and summary without timings) and WORKDIR/final.n
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
+from kill_resume import write_pruning_result
 from slow_data import DelayedDataset
 
 from jaxprune.runtime import enable_compilation_cache
@@ -39,19 +39,8 @@ def config():
     )
 
 
-def without_times(value):
-    if isinstance(value, dict):
-        return {k: without_times(v) for k, v in value.items() if k != "time"}
-    if isinstance(value, list):
-        return [without_times(v) for v in value]
-    return value
-
-
 def main(workdir: str) -> None:
     enable_compilation_cache()
-    import jax
-    import numpy as np
-
     from jaxprune import checkpoint, data
     from jaxprune.methods.progressive import progressive_prune
 
@@ -62,20 +51,7 @@ def main(workdir: str) -> None:
     result = progressive_prune(
         config(), "lenet5", variables, DelayedDataset(dataset, STEP_DELAY_S), workdir=workdir
     )
-    leaves = jax.tree_util.tree_leaves_with_path(result.variables)
-    np.savez(
-        Path(workdir, "final.npz"), **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
-    )
-    Path(workdir, "result.json").write_text(
-        json.dumps(
-            {
-                "history": without_times(result.history),
-                "summary": without_times(result.summary),
-                "keep": {k: v.tolist() for k, v in result.keep.items()},
-                "widths": result.widths,
-            }
-        )
-    )
+    write_pruning_result(workdir, result)
 
 
 if __name__ == "__main__":

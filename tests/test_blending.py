@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kill_resume import cpu_env, kill_when, run_through
 from scipy import stats
 
 from jaxprune import checkpoint, criteria, data
@@ -316,31 +315,25 @@ RUN = [sys.executable, str(TESTS_DIR / "blending_run.py")]
 def uninterrupted(tmp_path_factory):
     """The result of tests/blending_run.py run through on one device."""
     workdir = tmp_path_factory.mktemp("whole")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    subprocess.run([*RUN, str(workdir), "0"], check=True, cwd=REPO_ROOT, env=env, timeout=300)
+    run_through([*RUN, str(workdir), "0"])
     return json.loads((workdir / "result.json").read_text())
 
 
 def test_a_killed_search_resumes_and_ends_like_an_uninterrupted_one(tmp_path, uninterrupted):
     resumed = tmp_path / "resumed"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    command = RUN
-    process = subprocess.Popen([*command, str(resumed), "0.15"], cwd=REPO_ROOT, env=env)
-    deadline = time.monotonic() + 240
-    while not finished_generations(resumed) and process.poll() is None:
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("no generation checkpoint appeared within 240 s")
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
+    returncode = kill_when(
+        [*RUN, str(resumed), "0.15"],
+        lambda: finished_generations(resumed),
+        what="generation checkpoint",
+    )
+    assert returncode == -signal.SIGKILL
     assert not (resumed / "result.json").exists(), "the search finished before it was killed"
     finished = max(finished_generations(resumed))
     assert finished < 6
     newest = resumed / "search" / f"generation_{finished:06d}.json"
     seconds_at_kill = [r["seconds"] for r in json.loads(newest.read_text())["history"]]
 
-    subprocess.run([*command, str(resumed), "0"], check=True, cwd=REPO_ROOT, env=env, timeout=300)
+    run_through([*RUN, str(resumed), "0"])
     expected = uninterrupted
     got = json.loads((resumed / "result.json").read_text())
     assert got == expected
@@ -351,9 +344,8 @@ def test_a_killed_search_resumes_and_ends_like_an_uninterrupted_one(tmp_path, un
 
 
 def test_the_population_is_sharded_over_devices_with_the_same_result(tmp_path, uninterrupted):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    subprocess.run([*RUN, str(tmp_path), "0"], check=True, cwd=REPO_ROOT, env=env, timeout=300)
+    env = cpu_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    run_through([*RUN, str(tmp_path), "0"], env)
     a = uninterrupted
     b = json.loads((tmp_path / "result.json").read_text())
     assert (a["devices"], b["devices"]) == (1, 2)

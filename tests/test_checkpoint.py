@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import chex
@@ -17,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import serialization
+from kill_resume import kill_when, numbered_entries, run_through
 
 from jaxprune import checkpoint, data, train
 from jaxprune.models import build_model, widths_from_params
@@ -313,14 +311,6 @@ def training_command(workdir: Path) -> list[str]:
     return [sys.executable, str(TESTS_DIR / "run_training.py"), str(workdir)]
 
 
-def finished_steps(workdir: Path) -> list[int]:
-    """Steps of completed checkpoints (orbax writes to a temporary name, then renames)."""
-    directory = workdir / "checkpoints"
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
-
-
 def strip_times(entries: list[dict]) -> list[dict]:
     return [{k: v for k, v in e.items() if k not in ("time", "elapsed_s")} for e in entries]
 
@@ -335,22 +325,14 @@ def killed_and_resumed(tmp_path_factory):
     """An uninterrupted run, and a run killed after its first checkpoint then rerun."""
     root = tmp_path_factory.mktemp("resume")
     whole, resumed = root / "whole", root / "resumed"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    subprocess.run(training_command(whole), check=True, cwd=REPO_ROOT, env=env, timeout=300)
-
-    process = subprocess.Popen(training_command(resumed), cwd=REPO_ROOT, env=env)
-    deadline = time.monotonic() + 240
-    while not finished_steps(resumed) and process.poll() is None:
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("no checkpoint appeared within 240 s")
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    returncode = process.wait()
-    killed_at = finished_steps(resumed)
+    run_through(training_command(whole))
+    returncode = kill_when(
+        training_command(resumed), lambda: numbered_entries(resumed / "checkpoints")
+    )
+    killed_at = numbered_entries(resumed / "checkpoints")
     killed_result_exists = (resumed / "result.json").exists()
 
-    subprocess.run(training_command(resumed), check=True, cwd=REPO_ROOT, env=env, timeout=300)
+    run_through(training_command(resumed))
     return {
         "whole": whole,
         "resumed": resumed,

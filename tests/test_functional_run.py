@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
 import pytest
+from kill_resume import (
+    REPO_ROOT,
+    assert_same_result,
+    kill_when,
+    numbered_entries,
+    run_through,
+    save_variables,
+)
 
 from jaxprune import checkpoint, data
 from jaxprune.commands import reporting, run_functional
@@ -29,8 +33,6 @@ from jaxprune.methods import functional
 from jaxprune.methods.functional import FunctionalConfig
 from jaxprune.runtime import enable_compilation_cache
 
-TESTS_DIR = Path(__file__).resolve().parent
-REPO_ROOT = TESTS_DIR.parent
 LENET = REPO_ROOT / "jaxprune/pretrained/lenet5_fashion_mnist.msgpack"
 LAYER_DELAY_S = 1.0
 
@@ -65,10 +67,7 @@ def main(workdir: str) -> None:
         small_config(), "lenet5", model, variables, tiny_dataset(), Path(workdir), progress=False
     )
     _, final, _ = checkpoint.load_model_file(Path(workdir) / "pruned.msgpack")
-    leaves = jax.tree_util.tree_leaves_with_path(final)
-    np.savez(
-        Path(workdir, "final.npz"), **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
-    )
+    save_variables(Path(workdir, "final.npz"), final)
     Path(workdir, "result.json").write_text(json.dumps(report, default=float))
 
 
@@ -114,39 +113,24 @@ def test_flags_name_functional_config_fields():
                 value = getattr(value, field)
 
 
-def stored_layers(workdir: Path) -> list[int]:
-    directory = workdir / "functionality"
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
-
-
 def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
     command = [sys.executable, str(Path(__file__).resolve())]
-    subprocess.run([*command, str(whole)], check=True, cwd=REPO_ROOT, env=env, timeout=300)
+    run_through([*command, str(whole)])
 
-    process = subprocess.Popen([*command, str(resumed)], cwd=REPO_ROOT, env=env)
-    deadline = time.monotonic() + 240
-    while not stored_layers(resumed) and process.poll() is None:
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("no layer was checkpointed within 240 s")
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
-    assert stored_layers(resumed) == [1], "killed after the first layer's images"
+    returncode = kill_when(
+        [*command, str(resumed)],
+        lambda: numbered_entries(resumed / "functionality"),
+        what="layer checkpoint",
+    )
+    assert returncode == -signal.SIGKILL
+    assert numbered_entries(resumed / "functionality") == [1], (
+        "killed after the first layer's images"
+    )
     assert not (resumed / "pruned.msgpack").exists()
 
-    subprocess.run([*command, str(resumed)], check=True, cwd=REPO_ROOT, env=env, timeout=300)
-    expected = json.loads((whole / "result.json").read_text())
-    got = json.loads((resumed / "result.json").read_text())
-    assert got == expected
-    with np.load(whole / "final.npz") as a, np.load(resumed / "final.npz") as b:
-        assert sorted(a.files) == sorted(b.files)
-        for name in a.files:
-            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    run_through([*command, str(resumed)])
+    assert_same_result(whole, resumed)
 
 
 if __name__ == "__main__":

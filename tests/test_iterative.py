@@ -5,11 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import signal
-import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -20,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from kill_resume import assert_same_result, kill_when, numbered_entries, run_through
 from toy_models import ConvBNDense
 
 from jaxprune import checkpoint, data, train
@@ -297,42 +295,23 @@ def test_a_user_model_prunes_through_rebuild_and_resumes(tmp_path, tiny_data):
 # Kill and resume
 
 
-def finished_steps(workdir: Path) -> list[int]:
-    directory = workdir / "checkpoints"
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
-
-
 def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
     command = [sys.executable, str(TESTS_DIR / "iterative_run.py")]
-    subprocess.run([*command, str(whole)], check=True, cwd=REPO_ROOT, env=env, timeout=300)
+    run_through([*command, str(whole)])
 
-    process = subprocess.Popen([*command, str(resumed)], cwd=REPO_ROOT, env=env)
-    deadline = time.monotonic() + 240
-    while not finished_steps(resumed) and process.poll() is None:
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("no checkpoint appeared within 240 s")
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
+    returncode = kill_when(
+        [*command, str(resumed)], lambda: numbered_entries(resumed / "checkpoints")
+    )
+    assert returncode == -signal.SIGKILL
     assert not (resumed / "result.json").exists(), "the run finished before it was killed"
-    killed_at = finished_steps(resumed)
+    killed_at = numbered_entries(resumed / "checkpoints")
 
-    subprocess.run([*command, str(resumed)], check=True, cwd=REPO_ROOT, env=env, timeout=300)
-    expected = json.loads((whole / "result.json").read_text())
-    got = json.loads((resumed / "result.json").read_text())
+    run_through([*command, str(resumed)])
+    expected = assert_same_result(whole, resumed)
     assert max(killed_at) < expected["summary"]["updates"]
-    assert got == expected
     assert expected["summary"]["stop_reason"] == "target"
     assert any(r["shrunk"] for r in expected["history"][:-1])  # the resume crosses a shrink
-    with np.load(whole / "final.npz") as a, np.load(resumed / "final.npz") as b:
-        assert sorted(a.files) == sorted(b.files)
-        for name in a.files:
-            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
 # ---------------------------------------------------------------------------------------------
