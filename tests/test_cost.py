@@ -261,3 +261,22 @@ def test_bad_input_is_refused():
         cost.latency(TinyNet().apply, shapes, x)
     with pytest.raises(ValueError, match="repeats >= 1"):
         cost.latency(TinyNet().apply, variables, x, repeats=0)
+
+
+def test_channel_cost_is_what_removing_one_channel_saves():
+    from jaxprune.graph import channel_graph
+
+    variables, x = _init(TinyNet(), (2, 8, 8, 3))
+    graph = channel_graph(TinyNet().apply, variables, x)
+    report = cost.count(TinyNet().apply, variables, x)
+    # MACs are linear in every width: one channel less saves exactly its cost.
+    for name, narrower in (("conv1", (3, 6)), ("down", (4, 5))):
+        small, _ = _init(TinyNet(widths=narrower), (2, 8, 8, 3))
+        saved = report.macs - cost.count(TinyNet(widths=narrower).apply, small, x).macs
+        assert cost.channel_cost(report, graph[name], "macs") == pytest.approx(saved), name
+    # FLOPs: the same shares (a consumer's bias add is shared out over its inputs).
+    flops = {r.name: r.flops for r in report.layers}
+    expected = flops["conv1"] / 4 + flops["down"] / 4
+    assert cost.channel_cost(report, graph["conv1"]) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="'flops' or 'macs'"):
+        cost.channel_cost(report, graph["conv1"], "params")

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxprune.cost import count
+from jaxprune.cost import channel_cost, count
 from jaxprune.graph import ChannelGraph
 
 ScoreMap = Mapping[str, Any]
@@ -119,26 +119,7 @@ def flops_per_channel(
       Per group, the cost of one channel in MFLOPs per example.
     """
     report = count(apply_fn, variables, x, **kwargs)
-
-    def rows(layer: str) -> list[Any]:
-        return [r for r in report.layers if r.name == layer or r.name.startswith(layer + "#")]
-
-    costs = {}
-    for group in graph.groups:
-        total = 0.0
-        for layer in group.producers:
-            total += sum(r.flops / r.out_channels for r in rows(layer))
-        for layer in group.consumers:
-            if layer in group.producers:
-                continue
-            kernel = ("params", *layer.split("/"), "kernel")
-            fed = 1
-            for member in group.members:
-                if member.path == kernel and member.channel_of_index is not None:
-                    fed = int(np.sum(member.channel_of_index == 0))
-            total += sum(r.flops * fed / r.in_channels for r in rows(layer))
-        costs[group.name] = total / 1e6
-    return costs
+    return {group.name: channel_cost(report, group, "flops") / 1e6 for group in graph.groups}
 
 
 def flops_regularize(

@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
-from jaxprune.cost import count
+from jaxprune.cost import channel_cost, count
 from jaxprune.graph import ChannelGraph
 
 
@@ -36,22 +34,5 @@ def macs_per_kernel(
     Returns:
       MACs per example (a float: a dense consumer's share may be fractional in principle).
     """
-    channels = graph[group]
     report = count(apply_fn, variables, x, **{"train": False, **apply_kwargs})
-
-    def rows(layer: str) -> list[Any]:
-        return [r for r in report.layers if r.name == layer or r.name.startswith(layer + "#")]
-
-    total = 0.0
-    for layer in channels.producers:
-        total += sum(r.macs / r.out_channels for r in rows(layer))
-    for layer in channels.consumers:
-        if layer in channels.producers:
-            continue
-        kernel = ("params", *layer.split("/"), "kernel")
-        fed = 1
-        for member in channels.members:
-            if member.path == kernel and member.channel_of_index is not None:
-                fed = int(np.sum(member.channel_of_index == 0))
-        total += sum(r.macs * fed / r.in_channels for r in rows(layer))
-    return float(total)
+    return channel_cost(report, graph[group], "macs")
