@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -179,11 +180,11 @@ def _run_iterative(job: PruneJob, name: str, variables: Any, dataset: Any, workd
         method="iterative",
         criterion=job.iterative.criterion,
         keep=result.keep,
-        summary=json.loads(json.dumps(result.summary, default=reporting.json_default)),
+        summary=reporting.plain_json(result.summary),
     )
     return {
         "widths": result.widths,
-        "keep": {k: v.tolist() for k, v in result.keep.items()},
+        "keep": reporting.keep_lists(result.keep),
         "summary": result.summary,
         "history": result.history,
     }
@@ -218,24 +219,19 @@ def _run_oneshot(job: PruneJob, name: str, model: Any, variables: Any, dataset: 
             keep=pruned.keep,
         )
     small, small_variables, meta = checkpoint.load_model_file(pruned_file)
-    scope = select_groups(graph, settings.selection.scope)
-    kept = sum(len(meta["keep"].get(g, range(graph[g].size))) for g in scope)
-    summary = reporting.cost_summary(
+    fine_tune = None
+    if settings.finetune_epochs > 0:
+        fine_tune = functools.partial(_oneshot_finetune, job, name, pruned_file, workdir)
+    summary, _ = reporting.pruned_summary(
         (model.apply, variables),
         (small.apply, small_variables),
-        dataset.image_shape,
-        channels_remaining=kept / sum(graph[g].size for g in scope),
+        dataset,
+        batch_size=settings.batch_size,
+        channels_remaining=reporting.channels_remaining(
+            graph, select_groups(graph, settings.selection.scope), meta["keep"]
+        ),
+        fine_tune=fine_tune,
     )
-    before = reporting.measure(
-        small.apply, small_variables, dataset, batch_size=settings.batch_size
-    )
-    summary.update(before)
-    if settings.finetune_epochs > 0:
-        tuned = _oneshot_finetune(job, name, pruned_file, workdir)
-        summary["before_finetune"] = before
-        summary.update(
-            reporting.measure(small.apply, tuned, dataset, batch_size=settings.batch_size)
-        )
     return {
         "widths": widths_from_params(small_variables["params"]),
         "keep": meta["keep"],

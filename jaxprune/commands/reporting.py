@@ -7,7 +7,8 @@ metrics, "test": metrics, ...}``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import json
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,75 @@ def measure(
         split: evaluate_split(state, dataset, split, batch_size=batch_size, limit=limit, mesh=mesh)
         for split in splits
     }
+
+
+def keep_lists(keep: Mapping[str, Any]) -> dict[str, list[int]]:
+    """Kept channel indices per group as plain lists of ints, for JSON.
+
+    Args:
+      keep: per group, kept indices (arrays or sequences).
+
+    Returns:
+      ``{group: [index, ...]}``.
+    """
+    return {group: np.asarray(indices).tolist() for group, indices in keep.items()}
+
+
+def plain_json(value: Any) -> Any:
+    """`value` made of plain JSON types only (NumPy scalars and arrays through `json_default`)."""
+    return json.loads(json.dumps(value, default=json_default))
+
+
+def channels_remaining(graph: Any, groups: Iterable[str], keep: Mapping[str, Any]) -> float:
+    """The fraction of the channels of `groups` that `keep` keeps.
+
+    Args:
+      graph: the base model's `jaxprune.graph.ChannelGraph`.
+      groups: the prunable groups (e.g. `methods.oneshot.select_groups` of a scope).
+      keep: kept base-model indices per group; a group it does not name keeps all its channels.
+
+    Returns:
+      Kept channels over all channels of `groups`.
+    """
+    groups = list(groups)
+    kept = sum(len(keep.get(group, range(graph[group].size))) for group in groups)
+    return kept / sum(graph[group].size for group in groups)
+
+
+def pruned_summary(
+    base: tuple[Any, Mapping[str, Any]],
+    pruned: tuple[Any, Mapping[str, Any]],
+    dataset: Any,
+    *,
+    batch_size: int,
+    channels_remaining: float | None = None,
+    fine_tune: Callable[[], Mapping[str, Any]] | None = None,
+) -> tuple[dict[str, Any], Mapping[str, Any]]:
+    """The summary every pruning runner reports, fine-tuning the pruned model on the way if asked.
+
+    Args:
+      base: ``(apply_fn, variables)`` of the model before pruning.
+      pruned: ``(apply_fn, variables)`` after pruning.
+      dataset: the `jaxprune.data.Dataset` (image shape; validation and test splits).
+      batch_size: evaluation batch size.
+      channels_remaining: the fraction of prunable channels kept, when the caller knows it.
+      fine_tune: None, or a function that fine-tunes the pruned model and returns its new
+        variables (same shapes, same `apply_fn`).
+
+    Returns:
+      ``(summary, final_variables)``: summary = `cost_summary` and the validation and test
+      metrics (`measure`) of the final model; with `fine_tune`, the metrics before it too
+      (``before_finetune``), and final_variables are the fine-tuned ones.
+    """
+    summary = cost_summary(base, pruned, dataset.image_shape, channels_remaining=channels_remaining)
+    apply_fn, variables = pruned
+    before = measure(apply_fn, variables, dataset, batch_size=batch_size)
+    summary.update(before)
+    if fine_tune is not None:
+        variables = fine_tune()
+        summary["before_finetune"] = before
+        summary.update(measure(apply_fn, variables, dataset, batch_size=batch_size))
+    return summary, variables
 
 
 def cost_summary(
@@ -141,7 +211,7 @@ def save_pruned(
         meta={
             "method": method,
             "criterion": criterion,
-            "keep": {group: np.asarray(indices).tolist() for group, indices in keep.items()},
+            "keep": keep_lists(keep),
             **meta,
         },
     )

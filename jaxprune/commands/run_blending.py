@@ -12,7 +12,7 @@ after fine-tuning.
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -141,21 +141,13 @@ def run(
             factors=result.factors,
         )
     small, small_variables, meta = checkpoint.load_model_file(pruned_file)
-    scope = select_groups(graph, config.scope)
-    kept = sum(len(meta["keep"].get(g, range(graph[g].size))) for g in scope)
-    summary = reporting.cost_summary(
-        (model.apply, variables),
-        (small.apply, small_variables),
-        dataset.image_shape,
-        channels_remaining=kept / sum(graph[g].size for g in scope),
-    )
-    before = reporting.measure(small.apply, small_variables, dataset, batch_size=config.batch_size)
-    summary.update(before)
+    fine_tune = None
     if config.finetune_epochs > 0:
         data_config = dataset.config
         if config.finetune_examples:
             data_config = dataclasses.replace(data_config, train_examples=config.finetune_examples)
-        tuned = train.fine_tune(
+        fine_tune = functools.partial(
+            train.fine_tune,
             name,
             pruned_file,
             data_config,
@@ -164,8 +156,16 @@ def run(
             learning_rate=config.finetune_lr,
             seed=config.seed,
         )
-        summary["before_finetune"] = before
-        summary.update(reporting.measure(small.apply, tuned, dataset, batch_size=config.batch_size))
+    summary, _ = reporting.pruned_summary(
+        (model.apply, variables),
+        (small.apply, small_variables),
+        dataset,
+        batch_size=config.batch_size,
+        channels_remaining=reporting.channels_remaining(
+            graph, select_groups(graph, config.scope), meta["keep"]
+        ),
+        fine_tune=fine_tune,
+    )
     summary["blending"] = {
         "factors": result.factors,
         "clusters": {g: c.to_dict() for g, c in result.clusters.items()},
@@ -176,6 +176,6 @@ def run(
     return {
         "widths": widths_from_params(small_variables["params"]),
         "keep": meta["keep"],
-        "summary": json.loads(json.dumps(summary, default=reporting.json_default)),
+        "summary": reporting.plain_json(summary),
         "history": result.history,
     }

@@ -13,6 +13,7 @@ a resumable fine-tuning in ``workdir/finetune``; ``workdir/pruned.msgpack`` is t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -141,20 +142,10 @@ def run(
             f"{before_file} was pruned with other settings ({meta.get('config')}); use a fresh "
             "workdir, or delete that file to prune again."
         )
-    scope = select_groups(graph, config.scope)
-    kept = sum(len(meta["keep"].get(g, range(graph[g].size))) for g in scope)
-    summary: dict[str, Any] = reporting.cost_summary(
-        (model.apply, variables),
-        (small.apply, small_variables),
-        dataset.image_shape,
-        channels_remaining=kept / sum(graph[g].size for g in scope),
-    )
-    summary["layers"] = meta["layers"]
-    before = reporting.measure(small.apply, small_variables, dataset, batch_size=config.batch_size)
-    summary.update(before)
-    final_variables = small_variables
+    fine_tune = None
     if config.finetune_epochs > 0:
-        final_variables = train.fine_tune(
+        fine_tune = functools.partial(
+            train.fine_tune,
             name,
             before_file,
             dataset.config,
@@ -163,10 +154,17 @@ def run(
             learning_rate=config.finetune_lr,
             seed=config.seed,
         )
-        summary["before_finetune"] = before
-        summary.update(
-            reporting.measure(small.apply, final_variables, dataset, batch_size=config.batch_size)
-        )
+    summary, final_variables = reporting.pruned_summary(
+        (model.apply, variables),
+        (small.apply, small_variables),
+        dataset,
+        batch_size=config.batch_size,
+        channels_remaining=reporting.channels_remaining(
+            graph, select_groups(graph, config.scope), meta["keep"]
+        ),
+        fine_tune=fine_tune,
+    )
+    summary["layers"] = meta["layers"]
     reporting.save_pruned(
         workdir / "pruned.msgpack",
         model_name=name,

@@ -12,7 +12,6 @@ that set it and `run` runs it on a zoo model.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -122,16 +121,12 @@ def run(
     pruned_model, pruned_variables, _ = checkpoint.load_model_file(workdir / "pruned.msgpack")
     kept = sum(len(v) for v in result.keep.values())
     total = sum(h["kernels_before"] for h in result.history) or 1
-    summary = reporting.cost_summary(
+    summary, _ = reporting.pruned_summary(
         (model.apply, variables),
         (pruned_model.apply, pruned_variables),
-        dataset.image_shape,
+        dataset,
+        batch_size=config.score_batch_size,
         channels_remaining=kept / total if result.history else 1.0,
-    )
-    summary.update(
-        reporting.measure(
-            pruned_model.apply, pruned_variables, dataset, batch_size=config.score_batch_size
-        )
     )
     summary.update(
         {
@@ -144,7 +139,7 @@ def run(
     )
     return {
         "widths": result.widths,
-        "keep": {k: v.tolist() for k, v in result.keep.items()},
-        "summary": json.loads(json.dumps(summary, default=reporting.json_default)),
+        "keep": reporting.keep_lists(result.keep),
+        "summary": reporting.plain_json(summary),
         "history": result.history,
     }
