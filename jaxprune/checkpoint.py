@@ -21,7 +21,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -105,6 +105,64 @@ def json_default(value: Any) -> Any:
     if isinstance(value, np.integer | np.floating):
         return value.item()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _flatten_config(values: Mapping[str, Any], whole: Collection[str], prefix: str = "") -> dict:
+    """Nested config dicts as {"optimizer.lr": ...}; the fields named in `whole` stay whole."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping) and key not in whole:
+            flat.update(_flatten_config(value, whole, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_same_run(
+    where: str | os.PathLike,
+    *,
+    stored_fingerprint: str | None,
+    fingerprint: str,
+    stored_config: Mapping[str, Any],
+    config: Mapping[str, Any],
+    config_name: str,
+    ignore: Collection[str] = (),
+    whole: Collection[str] = (),
+) -> None:
+    """Refuses to resume a method's checkpoint that another run (base variables or config) made.
+
+    Args:
+      where: the checkpoint, named in the errors.
+      stored_fingerprint: the `tree_fingerprint` of the base variables the checkpoint records.
+      fingerprint: that of the base variables of this run.
+      stored_config: the config the checkpoint records, as nested dicts.
+      config: this run's config, as nested dicts.
+      config_name: the config's class name, for the error (e.g. "IterativeConfig").
+      ignore: flattened field names that do not change a run's result (e.g. "progress").
+      whole: fields holding dicts that are compared whole, not key by key.
+
+    Raises:
+      CheckpointError: other base variables, or fields that differ, each named with its
+        stored and current values.
+    """
+    if stored_fingerprint != fingerprint:
+        raise CheckpointError(
+            f"checkpoint {where} belongs to a run that started from other base variables; use "
+            "another workdir for this model."
+        )
+    stored = _flatten_config(stored_config, whole)
+    current = _flatten_config(config, whole)
+    changed = sorted(
+        key
+        for key in set(stored) | set(current)
+        if stored.get(key) != current.get(key) and key not in ignore
+    )
+    if changed:
+        described = ", ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in changed)
+        raise CheckpointError(
+            f"checkpoint {where} was made with another {config_name} ({described}); use "
+            "another workdir, or set the config back to resume."
+        )
 
 
 def _array_hash(value: Any) -> str:

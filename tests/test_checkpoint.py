@@ -419,3 +419,29 @@ def test_tree_fingerprint_sees_values_shapes_dtypes_and_paths():
         "x": 0.5,
         "y": [0, 1],
     }
+
+
+def test_check_same_run_names_other_base_variables_and_changed_fields():
+    config = {"ratio": 0.5, "optimizer": {"lr": 0.1}, "options": {"k": 1}, "progress": False}
+    same = dict(stored_fingerprint="abc", fingerprint="abc", config_name="TheConfig")
+    checkpoint.check_same_run("ckpt/3", stored_config=config, config=config, **same)
+    # Ignored fields may change.
+    cosmetic = {**config, "progress": True}
+    checkpoint.check_same_run(
+        "ckpt/3", stored_config=config, config=cosmetic, ignore=("progress",), **same
+    )
+    with pytest.raises(checkpoint.CheckpointError, match="other base variables"):
+        checkpoint.check_same_run(
+            "ckpt/3", **{**same, "stored_fingerprint": "xyz"}, stored_config=config, config=config
+        )
+    changed = {**config, "optimizer": {"lr": 0.2}, "options": {"k": 2}}
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"ckpt/3 was made with another TheConfig \(optimizer\.lr: 0\.1 -> 0\.2, "
+        r"options\.k: 1 -> 2\)",
+    ):
+        checkpoint.check_same_run("ckpt/3", stored_config=config, config=changed, **same)
+    with pytest.raises(checkpoint.CheckpointError, match=r"options: \{'k': 1\} -> \{'k': 2\}"):
+        checkpoint.check_same_run(
+            "ckpt/3", stored_config=config, config=changed, whole=("options",), **same
+        )

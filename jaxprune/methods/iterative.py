@@ -704,24 +704,16 @@ def _restore(setup: _Setup, manager: Any) -> tuple[train.TrainState, Network, _P
     meta = ckpt.restore_meta(manager, step)
     where = Path(manager.directory) / str(step)
     extra = meta.get("extra", {})
-    if extra.get("base_fingerprint") != setup.fingerprint:
-        raise ckpt.CheckpointError(
-            f"checkpoint {where} belongs to a run that started from other base variables; "
-            "use another workdir for this model."
-        )
-    stored = _flatten(meta.get("config") or {})
-    current = _flatten(setup.config.to_dict())
-    changed = sorted(
-        key
-        for key in set(stored) | set(current)
-        if stored.get(key) != current.get(key) and key not in _COSMETIC_FIELDS
+    ckpt.check_same_run(
+        where,
+        stored_fingerprint=extra.get("base_fingerprint"),
+        fingerprint=setup.fingerprint,
+        stored_config=meta.get("config") or {},
+        config=setup.config.to_dict(),
+        config_name="IterativeConfig",
+        ignore=_COSMETIC_FIELDS,
+        whole=("criterion_options",),
     )
-    if changed:
-        described = ", ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in changed)
-        raise ckpt.CheckpointError(
-            f"checkpoint {where} was made with another IterativeConfig ({described}); use "
-            "another workdir, or set the config back to resume."
-        )
     progress = _Progress(
         steps=int(extra["steps"]),
         base_keep={k: list(v) for k, v in extra["base_keep"].items()},
@@ -748,17 +740,6 @@ def _restore(setup: _Setup, manager: Any) -> tuple[train.TrainState, Network, _P
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         ).state
     return state, network, progress
-
-
-def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config dicts as {"optimizer.learning_rate": ...}; criterion options stay whole."""
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, Mapping) and key != "criterion_options":
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _save(setup: _Setup, manager: Any, state: train.TrainState, progress: _Progress) -> None:

@@ -790,16 +790,6 @@ class _Progress:
     finetune: dict[str, Any] | None
 
 
-def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _save(setup: _Setup, manager: Any, network: retraining.Network, progress: _Progress) -> None:
     if manager is None:
         return
@@ -830,23 +820,15 @@ def _restore(setup: _Setup, manager: Any) -> tuple[retraining.Network, _Progress
         return None
     where = Path(manager.directory) / str(step)
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    if meta.get("base_fingerprint") != setup.fingerprint:
-        raise ckpt.CheckpointError(
-            f"checkpoint {where} belongs to a run that started from other base variables; use "
-            "another workdir for this model."
-        )
-    stored, current = _flatten(meta["config"]), _flatten(setup.config.to_dict())
-    changed = sorted(
-        key
-        for key in set(stored) | set(current)
-        if stored.get(key) != current.get(key) and key not in _COSMETIC_FIELDS
+    ckpt.check_same_run(
+        where,
+        stored_fingerprint=meta.get("base_fingerprint"),
+        fingerprint=setup.fingerprint,
+        stored_config=meta["config"],
+        config=setup.config.to_dict(),
+        config_name="ProgressiveConfig",
+        ignore=_COSMETIC_FIELDS,
     )
-    if changed:
-        described = ", ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in changed)
-        raise ckpt.CheckpointError(
-            f"checkpoint {where} was made with another ProgressiveConfig ({described}); use "
-            "another workdir, or set the config back to resume."
-        )
     keep = {name: np.asarray(v, np.int64) for name, v in meta["base_keep"].items()}
     abstract = jax.eval_shape(
         lambda v: prune(v, setup.base.graph, keep).variables, setup.base.variables
