@@ -46,6 +46,7 @@ def test_every_conv_layer_gets_a_page_a_standin_file_and_an_index_entry(lenet_fi
         assert f'href="{name}"' in index
     page = (out / "conv2.html").read_text()
     assert page.count('class="kernel"') == 16 and "rank 16" in page  # l1 scores shown
+    assert "Score: l1 (higher" in page and "objective criterion" not in page
     layers = read_selection(out / "standin_conv2.json")
     assert layers["conv2"]["chosen_by"].startswith("stand-in:")
     assert layers["conv2"]["num_kernels"] == 16 and len(layers["conv2"]["remove"]) == 2

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxprune.inspect.page import page_file_name, write_kernel_page
+from jaxprune.inspect.page import PageConfig, page_file_name, write_kernel_page
 from jaxprune.inspect.selection import write_selection
 from jaxprune.inspect.standin import standin_selection
 
@@ -107,7 +107,17 @@ def run_inspect(config: InspectConfig) -> dict[str, Path]:
     layers = []
     for group in groups:
         written[f"page:{group}"] = _write_page(
-            out, apply_fn, setup.variables, graph, group, images, scores.get(group), title_base
+            out,
+            apply_fn,
+            setup.variables,
+            graph,
+            group,
+            images,
+            scores.get(group),
+            title_base,
+            "oracle_loss, the objective criterion"
+            if config.scores == "oracle_loss"
+            else config.scores,
         )
         row = {"group": group, "kernels": graph[group].size, "page": page_file_name(group)}
         if config.standin is not None:
@@ -187,6 +197,7 @@ def _write_page(
     images: np.ndarray,
     scores: np.ndarray | None,
     title_base: str,
+    score_name: str,
 ) -> Path:
     return write_kernel_page(
         out / page_file_name(group),
@@ -197,6 +208,7 @@ def _write_page(
         images,
         scores=scores,
         title=f"{group}: kernels of {title_base}",
+        config=PageConfig(score_name=score_name),
     )
 
 

@@ -46,6 +46,8 @@ class PageConfig:
     download_name: str | None = None
     # Kernels shown as removed when the page opens (e.g. a stand-in's proposal to review).
     removed: tuple[int, ...] = ()
+    # What the scores are, as the legend names them.
+    score_name: str = "oracle_loss, the objective criterion"
 
 
 def kernel_page(
@@ -147,7 +149,7 @@ def kernel_page(
         title=html.escape(heading),
         facts=facts,
         samples=_img("samples", "sample images", render.image_strip(shown, gap=zoom), 1),
-        legend=_legend(signed, score_values is not None),
+        legend=_legend(signed, score_values is not None, config.score_name),
         cards="\n".join(cards),
         data=json.dumps(data).replace("</", "<\\/"),
         css=_CSS,
@@ -272,7 +274,7 @@ def _card(
     )
 
 
-def _legend(signed: bool, has_scores: bool) -> str:
+def _legend(signed: bool, has_scores: bool, score_name: str) -> str:
     maps = (
         "Heat maps: blue negative, red positive"
         if signed
@@ -283,7 +285,7 @@ def _legend(signed: bool, has_scores: bool) -> str:
         "Filters: one tile per input channel, blue &lt; 0 &lt; red.",
     ]
     if has_scores:
-        parts.append("Score: the objective criterion (higher = more relevant; rank 1 = least).")
+        parts.append(f"Score: {html.escape(score_name)} (higher = more relevant; rank 1 = least).")
     parts.append("Click a kernel to remove it, again to keep it; then Export.")
     return " ".join(parts)
 
