@@ -45,6 +45,40 @@ medians favour 256, the quiet round 128), so it supports no change of the batch 
 Hence `blending_fitness.auto_chunk_size` gives 1 candidate per device on a CPU, and
 `BlendingConfig.chunk_size` defaults to 0 (automatic); the accelerator rule (up to 32 per call)
 is not measured here.
+
+Tried and rejected: folding the candidates into the batch. Instead of a vmap over candidates, tile
+the B images C times and gate each of the C x B examples with its own candidate's masks, so
+the network runs one plain batch (no candidate axis in the layouts). A prototype (not kept in
+jaxprune) ran through `population_fitness` like the vmapped rows, in two forms: per-example
+masks ``(C x B, channels)`` broadcast over the spatial axes at each gate point (``folded``),
+and masks ``(C, channels)`` applied to the activations reshaped to ``(C, B, ...)``
+(``grouped``). Both counted the same correct images per candidate as the vmapped chunk of 1
+(losses within 1e-5 relative). Same workload, compiled first, in turns, median of 3 rounds,
+each form in its own run (about 3.5 minutes each, load average 1.5-2.3, a quieter machine
+than the table above, so compare within a run: every run has its own chunk 1 vmapped and plain
+rows). Candidate-images/s:
+
+    run 1               batch 64   batch 128   batch 256
+    vmapped chunk 1     2505       3031        2540
+    folded C=1          2275       2188        2238
+    folded C=2          3042       2525        2338
+    folded C=4          2508       2373        2285
+    folded C=8          2316       2282        2234
+    plain 3210
+
+    run 2               batch 64   batch 128   batch 256
+    vmapped chunk 1     2603       2698        2496
+    grouped C=1         2539       2191        2235
+    grouped C=2         2134       2037        1788
+    grouped C=4         2022       1884        1696
+    plain 3261
+
+Folding gains only where the batch is small: 2 candidates x 64 images (3042) is as fast as
+one candidate on 128 images (3031), that is, the gain is that of a larger batch, which the
+vmapped chunk of 1 gets by itself. At the blending default (250 images per batch) every folded
+form was 0.68-0.92x the vmapped chunk of 1, so the CPU default stays one candidate per call.
+These rows are `FOLDED_PROTOTYPE` below, appended to the results on every run of this script
+(which does not re-measure them).
 """
 
 from __future__ import annotations
@@ -66,6 +100,43 @@ IMAGES = 256
 ROUNDS = 3
 CHUNKS = (1, 2, 4, 8, 16, 32)
 BATCHES = (64, 128, 256)
+# The folded prototype's measurements (see the docstring): candidate-images/s, median of 3
+# rounds, per run, per variant, per batch size; not re-measured by this script.
+FOLDED_PROTOTYPE = {
+    "run 1 (per-example masks)": {
+        "plain": {256: 3210},
+        "vmapped chunk 1": {64: 2505, 128: 3031, 256: 2540},
+        "folded C=1": {64: 2275, 128: 2188, 256: 2238},
+        "folded C=2": {64: 3042, 128: 2525, 256: 2338},
+        "folded C=4": {64: 2508, 128: 2373, 256: 2285},
+        "folded C=8": {64: 2316, 128: 2282, 256: 2234},
+    },
+    "run 2 (activations reshaped to (C, B, ...))": {
+        "plain": {256: 3261},
+        "vmapped chunk 1": {64: 2603, 128: 2698, 256: 2496},
+        "grouped C=1": {64: 2539, 128: 2191, 256: 2235},
+        "grouped C=2": {64: 2134, 128: 2037, 256: 1788},
+        "grouped C=4": {64: 2022, 128: 1884, 256: 1696},
+    },
+}
+
+
+def _folded_lines() -> list[str]:
+    lines = [
+        "",
+        "Tried and rejected: candidates folded into the batch (a prototype, measured apart from",
+        "this script's runs; see experiments/bench/population.py). Candidate-images/s:",
+    ]
+    for run, variants in FOLDED_PROTOTYPE.items():
+        lines += [
+            "",
+            f"| {run} | " + " | ".join(f"batch {b}" for b in BATCHES) + " |",
+            "|---|" + "---:|" * len(BATCHES),
+        ]
+        for name, speeds in variants.items():
+            cells = [str(speeds.get(b, "")) for b in BATCHES]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _load_average() -> list[str]:
@@ -186,6 +257,7 @@ def main() -> None:
     for chunk in CHUNKS:
         cells = [f"{POPULATION * IMAGES / median[('vmapped', chunk, b)]:.0f}" for b in BATCHES]
         lines.append(f"| {chunk} | " + " | ".join(cells) + " |")
+    lines += _folded_lines()
     table = "\n".join(lines)
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -203,6 +275,7 @@ def main() -> None:
                 "wall_s": time.perf_counter() - started,
                 "times_s": {f"{k} chunk {c} batch {b}": t for (k, c, b), t in times.items()},
                 "rows": rows,
+                "folded_prototype_images_per_s": FOLDED_PROTOTYPE,
             },
             indent=1,
         )
