@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 
-from jaxprune import checkpoint, data, train
+from jaxprune import checkpoint, data
 from jaxprune.commands import reporting, run_blending, run_functional, run_progressive
 from jaxprune.graph import channel_graph
 from jaxprune.methods.blending import BlendingConfig
@@ -219,9 +218,15 @@ def _run_oneshot(job: PruneJob, name: str, model: Any, variables: Any, dataset: 
             keep=pruned.keep,
         )
     small, small_variables, meta = checkpoint.load_model_file(pruned_file)
-    fine_tune = None
-    if settings.finetune_epochs > 0:
-        fine_tune = functools.partial(_oneshot_finetune, job, name, pruned_file, workdir)
+    fine_tune = reporting.fine_tuner(
+        name,
+        pruned_file,
+        job.data,
+        workdir / "finetune",
+        epochs=settings.finetune_epochs,
+        learning_rate=settings.finetune_lr,
+        seed=settings.seed,
+    )
     summary, _ = reporting.pruned_summary(
         (model.apply, variables),
         (small.apply, small_variables),
@@ -237,19 +242,6 @@ def _run_oneshot(job: PruneJob, name: str, model: Any, variables: Any, dataset: 
         "keep": meta["keep"],
         "summary": summary,
     }
-
-
-def _oneshot_finetune(job: PruneJob, name: str, pruned_file: Path, workdir: Path) -> Any:
-    settings = job.oneshot
-    return train.fine_tune(
-        name,
-        pruned_file,
-        job.data,
-        workdir / "finetune",
-        epochs=settings.finetune_epochs,
-        learning_rate=settings.finetune_lr,
-        seed=settings.seed,
-    )
 
 
 def _print_report(report: dict[str, Any]) -> None:

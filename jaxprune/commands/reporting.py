@@ -7,6 +7,7 @@ metrics, "test": metrics, ...}``.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -96,6 +97,44 @@ def channels_remaining(graph: Any, groups: Iterable[str], keep: Mapping[str, Any
     groups = list(groups)
     kept = sum(len(keep.get(group, range(graph[group].size))) for group in groups)
     return kept / sum(graph[group].size for group in groups)
+
+
+def fine_tuner(
+    model_name: str,
+    model_file: str | Path,
+    data_config: Any,
+    workdir: str | Path,
+    *,
+    epochs: int,
+    learning_rate: float,
+    seed: int,
+) -> Callable[[], Mapping[str, Any]] | None:
+    """The `fine_tune` argument of `pruned_summary`: `train.fine_tune` of a pruned model file.
+
+    Args:
+      model_name: zoo name of the model in `model_file`.
+      model_file: the pruned model file.
+      data_config: the training data (`jaxprune.data.DataConfig`).
+      workdir: the fine-tuning's checkpoints (it resumes from them).
+      epochs: passes over the training split; 0 or fewer: no fine-tuning.
+      learning_rate: the peak learning rate.
+      seed: data order and dropout seed.
+
+    Returns:
+      A function of no arguments returning the fine-tuned variables, or None when `epochs` is 0.
+    """
+    if epochs <= 0:
+        return None
+    return functools.partial(
+        train.fine_tune,
+        model_name,
+        model_file,
+        data_config,
+        workdir,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        seed=seed,
+    )
 
 
 def pruned_summary(

@@ -12,14 +12,13 @@ after fine-tuning.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 
-from jaxprune import checkpoint, data, train
+from jaxprune import checkpoint, data
 from jaxprune.commands import reporting
 from jaxprune.graph import channel_graph
 from jaxprune.methods.blending import BlendingConfig, blending_prune
@@ -141,21 +140,18 @@ def run(
             factors=result.factors,
         )
     small, small_variables, meta = checkpoint.load_model_file(pruned_file)
-    fine_tune = None
-    if config.finetune_epochs > 0:
-        data_config = dataset.config
-        if config.finetune_examples:
-            data_config = dataclasses.replace(data_config, train_examples=config.finetune_examples)
-        fine_tune = functools.partial(
-            train.fine_tune,
-            name,
-            pruned_file,
-            data_config,
-            workdir / "finetune",
-            epochs=config.finetune_epochs,
-            learning_rate=config.finetune_lr,
-            seed=config.seed,
-        )
+    data_config = dataset.config
+    if config.finetune_examples:
+        data_config = dataclasses.replace(data_config, train_examples=config.finetune_examples)
+    fine_tune = reporting.fine_tuner(
+        name,
+        pruned_file,
+        data_config,
+        workdir / "finetune",
+        epochs=config.finetune_epochs,
+        learning_rate=config.finetune_lr,
+        seed=config.seed,
+    )
     summary, _ = reporting.pruned_summary(
         (model.apply, variables),
         (small.apply, small_variables),

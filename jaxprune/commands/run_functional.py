@@ -13,7 +13,6 @@ a resumable fine-tuning in ``workdir/finetune``; ``workdir/pruned.msgpack`` is t
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import checkpoint, data, train
+from jaxprune import checkpoint, data
 from jaxprune.commands import reporting
 from jaxprune.graph import channel_graph
 from jaxprune.methods.functional import FunctionalConfig, check_config, functional_prune
@@ -142,18 +141,15 @@ def run(
             f"{before_file} was pruned with other settings ({meta.get('config')}); use a fresh "
             "workdir, or delete that file to prune again."
         )
-    fine_tune = None
-    if config.finetune_epochs > 0:
-        fine_tune = functools.partial(
-            train.fine_tune,
-            name,
-            before_file,
-            dataset.config,
-            workdir / "finetune",
-            epochs=config.finetune_epochs,
-            learning_rate=config.finetune_lr,
-            seed=config.seed,
-        )
+    fine_tune = reporting.fine_tuner(
+        name,
+        before_file,
+        dataset.config,
+        workdir / "finetune",
+        epochs=config.finetune_epochs,
+        learning_rate=config.finetune_lr,
+        seed=config.seed,
+    )
     summary, final_variables = reporting.pruned_summary(
         (model.apply, variables),
         (small.apply, small_variables),
