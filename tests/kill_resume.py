@@ -124,3 +124,31 @@ def assert_same_result(whole: Path, resumed: Path) -> dict[str, Any]:
     assert json.loads((resumed / "result.json").read_text()) == expected
     assert_same_variables(whole / "final.npz", resumed / "final.npz")
     return expected
+
+
+def kill_and_resume(
+    command: Sequence[str], tmp_path: Path, checkpoints: str, *, what: str = "checkpoint"
+) -> tuple[dict[str, Any], list[int], Path]:
+    """Runs `command WORKDIR` whole; runs it again killed at its first checkpoint, then resumed.
+
+    Args:
+      command: the script's command line without the workdir argument.
+      tmp_path: where the two workdirs go (``whole``, ``resumed``).
+      checkpoints: the workdir's subfolder whose numbered entries are the checkpoints.
+      what: what the kill waits for, named if it never appears.
+
+    Returns:
+      ``(expected, killed_at, whole)``: the uninterrupted run's result.json (equal to the resumed
+      run's, whose final variables are equal too), the checkpoints that existed at the kill, and
+      the uninterrupted run's workdir.
+    """
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run_through([*command, str(whole)])
+    returncode = kill_when(
+        [*command, str(resumed)], lambda: numbered_entries(resumed / checkpoints), what=what
+    )
+    assert returncode == -signal.SIGKILL
+    assert not (resumed / "result.json").exists(), "the run finished before it was killed"
+    killed_at = numbered_entries(resumed / checkpoints)
+    run_through([*command, str(resumed)])
+    return assert_same_result(whole, resumed), killed_at, whole

@@ -11,20 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from kill_resume import (
-    REPO_ROOT,
-    assert_same_result,
-    kill_when,
-    numbered_entries,
-    run_through,
-    save_variables,
-)
+from kill_resume import REPO_ROOT, kill_and_resume, save_variables
 
 from jaxprune import checkpoint, data
 from jaxprune.commands import reporting, run_functional
@@ -114,23 +106,9 @@ def test_flags_name_functional_config_fields():
 
 
 def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     command = [sys.executable, str(Path(__file__).resolve())]
-    run_through([*command, str(whole)])
-
-    returncode = kill_when(
-        [*command, str(resumed)],
-        lambda: numbered_entries(resumed / "functionality"),
-        what="layer checkpoint",
-    )
-    assert returncode == -signal.SIGKILL
-    assert numbered_entries(resumed / "functionality") == [1], (
-        "killed after the first layer's images"
-    )
-    assert not (resumed / "pruned.msgpack").exists()
-
-    run_through([*command, str(resumed)])
-    assert_same_result(whole, resumed)
+    _, killed_at, _ = kill_and_resume(command, tmp_path, "functionality", what="layer checkpoint")
+    assert killed_at == [1], "killed after the first layer's images"
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import signal
 import sys
 import zlib
 from pathlib import Path
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from kill_resume import assert_same_result, kill_when, numbered_entries, run_through
+from kill_resume import kill_and_resume
 from toy_models import ConvBNDense
 
 from jaxprune import checkpoint, data, train
@@ -296,19 +295,8 @@ def test_a_user_model_prunes_through_rebuild_and_resumes(tmp_path, tiny_data):
 
 
 def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     command = [sys.executable, str(TESTS_DIR / "iterative_run.py")]
-    run_through([*command, str(whole)])
-
-    returncode = kill_when(
-        [*command, str(resumed)], lambda: numbered_entries(resumed / "checkpoints")
-    )
-    assert returncode == -signal.SIGKILL
-    assert not (resumed / "result.json").exists(), "the run finished before it was killed"
-    killed_at = numbered_entries(resumed / "checkpoints")
-
-    run_through([*command, str(resumed)])
-    expected = assert_same_result(whole, resumed)
+    expected, killed_at, _ = kill_and_resume(command, tmp_path, "checkpoints")
     assert max(killed_at) < expected["summary"]["updates"]
     assert expected["summary"]["stop_reason"] == "target"
     assert any(r["shrunk"] for r in expected["history"][:-1])  # the resume crosses a shrink
