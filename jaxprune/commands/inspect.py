@@ -115,9 +115,7 @@ def run_inspect(config: InspectConfig) -> dict[str, Path]:
             images,
             scores.get(group),
             title_base,
-            "oracle_loss, the objective criterion"
-            if config.scores == "oracle_loss"
-            else config.scores,
+            config.scores,
         )
         row = {"group": group, "kernels": graph[group].size, "page": page_file_name(group)}
         if config.standin is not None:

@@ -46,8 +46,8 @@ class PageConfig:
     download_name: str | None = None
     # Kernels shown as removed when the page opens (e.g. a stand-in's proposal to review).
     removed: tuple[int, ...] = ()
-    # What the scores are, as the legend names them.
-    score_name: str = "oracle_loss, the objective criterion"
+    # The criterion the scores come from, named in the legend (oracle_loss: the objective one).
+    score_name: str = "oracle_loss"
 
 
 def kernel_page(
