@@ -438,3 +438,19 @@ def test_conv_impl_switch_changes_speed_not_results(name, shape):
         chex.assert_trees_all_close(grads, expected, rtol=1e-4, atol=1e-4)
     with pytest.raises((ValueError, KeyError)):
         build_model(name, 10, conv_impl="fastest").apply(variables, x)
+
+
+def test_rebuild_fn_builds_zoo_models_and_passes_callables_through():
+    from jaxprune.models import rebuild_fn
+
+    rebuild = rebuild_fn("lenet5", 10)
+    variables = build_model("lenet5", 10, {"conv1": 4}).init(
+        jax.random.key(0), jnp.zeros((1, 28, 28, 1))
+    )
+    assert rebuild({"conv1": 4})(variables, jnp.zeros((2, 28, 28, 1))).shape == (2, 10)
+    own = lambda widths: None  # noqa: E731
+    assert rebuild_fn(own, 10) is own
+    with pytest.raises(ValueError, match="Unknown zoo model 'nope'"):
+        rebuild_fn("nope", 10)
+    with pytest.raises(ValueError, match="zoo model name or a callable"):
+        rebuild_fn(3, 10)

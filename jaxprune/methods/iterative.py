@@ -53,11 +53,10 @@ from jaxprune import data as data_lib
 from jaxprune.gates import gated_apply_fn
 from jaxprune.graph import ChannelGraph, channel_graph
 from jaxprune.methods.oneshot import select_groups
-from jaxprune.models import MODELS, build_model, widths_from_params
+from jaxprune.models import Rebuild, rebuild_fn, widths_from_params
 from jaxprune.surgery import compose_keep, keep_to_masks, masks_to_keep, prune
 
 ApplyFn = Callable[..., Any]
-Rebuild = Callable[[Mapping[str, int]], ApplyFn]
 PyTree = Any
 
 # Measures a target can be set on; each is the fraction of the base model's that remains.
@@ -574,22 +573,6 @@ class _Setup:
     fingerprint: str
 
 
-def _rebuilder(model: str | Rebuild, num_classes: int) -> tuple[Rebuild, str]:
-    if isinstance(model, str):
-        if model not in MODELS:
-            raise ValueError(
-                f"Unknown zoo model {model!r}; known: {', '.join(MODELS)}. For your own model "
-                "pass rebuild(widths) -> apply_fn instead of a name."
-            )
-        return (lambda widths: build_model(model, num_classes, widths).apply), model
-    if not callable(model):
-        raise ValueError(
-            "model must be a zoo model name or a callable rebuild(widths) -> apply_fn, got "
-            f"{type(model).__name__}."
-        )
-    return model, ""
-
-
 def _criterion(config: IterativeConfig, step: int) -> criteria.Criterion:
     """The criterion of pruning step `step`; seeded criteria get a new seed every step."""
     options = dict(config.criterion_options)
@@ -630,7 +613,8 @@ def _prepare(
     config: IterativeConfig, model: str | Rebuild, variables: PyTree, dataset: Any
 ) -> _Setup:
     check_config(config)
-    rebuild, model_name = _rebuilder(model, dataset.num_classes)
+    rebuild = rebuild_fn(model, dataset.num_classes)
+    model_name = model if isinstance(model, str) else ""
     if "params" not in variables:
         raise ValueError(
             "variables must hold a 'params' collection (and 'batch_stats' for BatchNorm "

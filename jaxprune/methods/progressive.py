@@ -70,12 +70,11 @@ from jaxprune.graph import channel_graph
 from jaxprune.methods import progressive_retrain as retraining
 from jaxprune.methods.iterative import evaluate_split
 from jaxprune.methods.oneshot import select_groups
-from jaxprune.models import MODELS, build_model, widths_from_params
+from jaxprune.models import Rebuild, rebuild_fn, widths_from_params
 from jaxprune.surgery import compose_keep, prune
 
 PyTree = Any
 ApplyFn = Callable[..., Any]
-Rebuild = Callable[[Mapping[str, int]], ApplyFn]
 
 # Kernel choices that are not registered criteria.
 HUMAN_CRITERIA = ("subjective", "standin")
@@ -516,19 +515,6 @@ class _Setup:
     base_cost: cost.CostReport
 
 
-def _rebuild_for(model: str | Rebuild, num_classes: int) -> Rebuild:
-    if isinstance(model, str):
-        if model not in MODELS:
-            raise ValueError(f"Unknown zoo model {model!r}; choose one of {', '.join(MODELS)}.")
-        return lambda widths: build_model(model, num_classes, widths).apply
-    if callable(model):
-        return model
-    raise ValueError(
-        f"model must be a zoo model name or a callable rebuild(widths) -> apply_fn, got "
-        f"{type(model).__name__}."
-    )
-
-
 def make_network(
     rebuild: Rebuild, variables: PyTree, example_input: jax.Array
 ) -> retraining.Network:
@@ -549,7 +535,7 @@ def make_network(
 
 def _prepare(config: ProgressiveConfig, model: str | Rebuild, variables: PyTree, dataset: Any):
     check_config(config)
-    rebuild = _rebuild_for(model, dataset.num_classes)
+    rebuild = rebuild_fn(model, dataset.num_classes)
     example = jnp.zeros((1, *dataset.image_shape), jnp.float32)
     variables = jax.tree.map(jnp.asarray, dict(variables))
     base = make_network(rebuild, variables, example)

@@ -92,7 +92,41 @@ def default_widths(name: str, num_classes: int) -> dict[str, int]:
     return build_model(name, num_classes).default_widths()
 
 
+# A function from a width spec to the apply function of the model with those widths.
+Rebuild = Callable[[Mapping[str, int]], Callable[..., object]]
+
+
+def rebuild_fn(model: str | Rebuild, num_classes: int) -> Rebuild:
+    """How a method rebuilds a model after changing its widths.
+
+    Args:
+      model: a zoo model name, or a user's own ``rebuild(widths) -> apply_fn``.
+      num_classes: outputs of the logits layer (for a zoo name).
+
+    Returns:
+      ``rebuild(widths) -> apply_fn``: for a zoo name, ``build_model(name, num_classes,
+      widths).apply``; a callable is returned as it is.
+
+    Raises:
+      ValueError: an unknown zoo name, or neither a name nor a callable.
+    """
+    if isinstance(model, str):
+        if model not in MODELS:
+            raise ValueError(
+                f"Unknown zoo model {model!r}; known: {', '.join(MODELS)}. For your own model "
+                "pass rebuild(widths) -> apply_fn instead of a name."
+            )
+        return lambda widths: build_model(model, num_classes, widths).apply
+    if not callable(model):
+        raise ValueError(
+            "model must be a zoo model name or a callable rebuild(widths) -> apply_fn, got "
+            f"{type(model).__name__}."
+        )
+    return model
+
+
 __all__ = [
+    "Rebuild",
     "MODELS",
     "VGG",
     "BasicBlock",
@@ -103,6 +137,7 @@ __all__ = [
     "ResNetStage",
     "build_model",
     "default_widths",
+    "rebuild_fn",
     "freeze_widths",
     "resolve_widths",
     "resnet20",
