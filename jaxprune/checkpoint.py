@@ -426,6 +426,45 @@ def abstract_train_state(
     )
 
 
+def restore_state(
+    manager: ocp.CheckpointManager,
+    step: int,
+    target: PyTree,
+    *,
+    where: str,
+    sharding: jax.sharding.Sharding | None = None,
+) -> PyTree:
+    """Reads a checkpoint's ``state`` item into the shapes and dtypes of `target`.
+
+    Args:
+      manager: the checkpoint manager.
+      step: the step to read.
+      target: a tree of arrays or `jax.ShapeDtypeStruct` giving every leaf's shape and dtype.
+      where: the checkpoint, as error messages name it.
+      sharding: where the arrays go (default: the first local device).
+
+    Returns:
+      The restored tree.
+
+    Raises:
+      CheckpointError: the arrays failed to load (a corrupted or incomplete checkpoint).
+    """
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), target
+    )
+    try:
+        return manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        ).state
+    except Exception as error:  # tensorstore and orbax raise assorted types for bad files
+        raise CheckpointError(
+            f"checkpoint {where} is corrupted or incomplete; its arrays failed to load "
+            f"({type(error).__name__}: {str(error)[:300]}). Delete it to fall back to an "
+            "earlier checkpoint."
+        ) from error
+
+
 def restore_checkpoint(
     manager: ocp.CheckpointManager,
     *,
@@ -477,20 +516,7 @@ def restore_checkpoint(
     stored = meta["arrays"]
     described = f"checkpoint {path} (model {meta.get('model_name')!r}, widths {meta['widths']})"
     _check_listing(described, stored, _listing(target, with_hashes=False))
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), target
-    )
-    try:
-        restored = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-        ).state
-    except Exception as error:  # tensorstore and orbax raise assorted types for bad files
-        raise CheckpointError(
-            f"checkpoint {path} is corrupted or incomplete; its arrays failed to load "
-            f"({type(error).__name__}: {str(error)[:300]}). Delete it to fall back to an "
-            "earlier checkpoint."
-        ) from error
+    restored = restore_state(manager, step, target, where=str(path), sharding=sharding)
     _check_hashes(f"checkpoint {path}", stored, restored)
     return Restored(state=restored, model=model, meta=meta)
 

@@ -714,15 +714,9 @@ def _restore(setup: _Setup, manager: Any) -> tuple[train.TrainState, Network, _P
         state = ckpt.restore_checkpoint(manager, step=step, target=target, sharding=sharding).state
     else:
         # restore_checkpoint rebuilds a zoo model from the stored spec; a user's model has none,
-        # so its arrays are read with orbax directly into the target built above.
-        import orbax.checkpoint as ocp
-
-        abstract_state = jax.tree.map(
-            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), target
-        )
-        state = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-        ).state
+        # so its arrays are read directly into the target built above.
+        where = f"{manager.directory} step {step}"
+        state = ckpt.restore_state(manager, step, target, where=where, sharding=sharding)
     return state, network, progress
 
 

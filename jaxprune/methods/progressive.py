@@ -819,19 +819,7 @@ def _restore(setup: _Setup, manager: Any) -> tuple[retraining.Network, _Progress
     abstract = jax.eval_shape(
         lambda v: prune(v, setup.base.graph, keep).variables, setup.base.variables
     )
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), abstract
-    )
-    try:
-        variables = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-        ).state
-    except Exception as error:  # tensorstore and orbax raise assorted types for bad files
-        raise ckpt.CheckpointError(
-            f"checkpoint {where} is corrupted or incomplete ({type(error).__name__}); delete it "
-            "to fall back to an earlier checkpoint."
-        ) from error
+    variables = ckpt.restore_state(manager, step, abstract, where=str(where))
     network = make_network(setup.rebuild, variables, setup.example_input)
     progress = _Progress(
         layers_done=int(meta["layers_done"]),
