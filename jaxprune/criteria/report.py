@@ -89,6 +89,32 @@ def average_ranks(values: Any) -> np.ndarray:
     return ranks
 
 
+def paired_scores(name: str, a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Two score vectors as float64, checked for what a rank correlation needs.
+
+    Args:
+      name: the correlation, as error messages name it.
+      a: a 1-D vector of scores.
+      b: a 1-D vector of the same length.
+
+    Returns:
+      ``(a, b)`` as float64 arrays.
+
+    Raises:
+      ValueError: different shapes, not 1-D, fewer than two entries, or NaN entries.
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(
+            f"{name} needs two 1-D vectors of the same length, got {a.shape} and {b.shape}."
+        )
+    if a.size < 2:
+        raise ValueError(f"{name} needs at least two entries, got {a.size}.")
+    if np.isnan(a).any() or np.isnan(b).any():
+        raise ValueError("Cannot rank NaN scores; remove them or fix the criterion.")
+    return a, b
+
+
 def spearman(a: Any, b: Any) -> float:
     """Spearman's rank correlation: the Pearson correlation of the average ranks.
 
@@ -103,13 +129,7 @@ def spearman(a: Any, b: Any) -> float:
     Raises:
       ValueError: different shapes, fewer than two entries, or NaN entries.
     """
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(
-            f"spearman needs two 1-D vectors of the same length, got {a.shape} and {b.shape}."
-        )
-    if a.size < 2:
-        raise ValueError(f"spearman needs at least two entries, got {a.size}.")
+    a, b = paired_scores("spearman", a, b)
     ra = average_ranks(a) - (a.size + 1) / 2.0
     rb = average_ranks(b) - (b.size + 1) / 2.0
     denominator = math.sqrt(float(np.dot(ra, ra)) * float(np.dot(rb, rb)))

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxprune.criteria.report import spearman
+from jaxprune.criteria.report import paired_scores, spearman
 
 SIMILARITIES = ("spearman", "kendall")
 LINKAGES = ("average", "complete", "single")
@@ -114,15 +114,7 @@ def kendall_tau(a: Any, b: Any) -> float:
     Raises:
       ValueError: different shapes, fewer than two entries, or NaN entries.
     """
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(
-            f"kendall_tau needs two 1-D vectors of the same length, got {a.shape} and {b.shape}."
-        )
-    if a.size < 2:
-        raise ValueError(f"kendall_tau needs at least two entries, got {a.size}.")
-    if np.isnan(a).any() or np.isnan(b).any():
-        raise ValueError("Cannot rank NaN scores; remove them or fix the criterion.")
+    a, b = paired_scores("kendall_tau", a, b)
     upper = np.triu_indices(a.size, k=1)
     sign_a = np.sign(a[:, None] - a[None, :])[upper]
     sign_b = np.sign(b[:, None] - b[None, :])[upper]
