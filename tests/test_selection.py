@@ -62,3 +62,50 @@ def test_a_selection_must_fit_the_model():
         check_against(layers, {"c": 3})
     with pytest.raises(SelectionError, match="another model"):
         check_against(layers, {"d": 4})
+
+
+def test_the_model_fingerprint_travels_with_the_file_and_another_model_is_refused(tmp_path):
+    ours, theirs = "a" * 64, "b" * 64
+    document = selection_document({"c": [1]}, {"c": 4}, model_fingerprint=ours)
+    assert document["model_fingerprint"] == ours
+    layers = read_selection(write_selection(tmp_path / "s.json", document))
+    assert layers["c"]["model_fingerprint"] == ours
+    check_against(layers, {"c": 4}, fingerprints=ours)
+    check_against(layers, {"c": 4}, fingerprints={theirs, ours})  # either is accepted
+    with pytest.raises(SelectionError) as refused:
+        check_against(layers, {"c": 4}, fingerprints=theirs)
+    message = str(refused.value)
+    # Both fingerprints, the file, and the fix.
+    assert "a" * 16 in message and "b" * 16 in message and "s.json" in message
+    assert "another model" in message and "jaxprune inspect" in message
+
+
+def test_a_file_without_a_fingerprint_is_taken_on_trust(tmp_path):
+    layers = read_selection(
+        write_selection(tmp_path / "s.json", selection_document({"c": [1]}, {"c": 4}))
+    )
+    assert layers["c"]["model_fingerprint"] is None
+    check_against(layers, {"c": 4}, fingerprints="f" * 64)
+
+
+def test_a_fingerprint_that_is_not_a_string_is_refused(tmp_path):
+    path = tmp_path / "s.json"
+    document = {"format": FORMAT, "model_fingerprint": 7, "layers": {}}
+    path.write_text(json.dumps(document))
+    with pytest.raises(SelectionError, match="must be a string"):
+        read_selection(path)
+
+
+def test_the_fingerprint_is_the_one_a_progressive_run_records():
+    import jax.numpy as jnp
+
+    from jaxprune.checkpoint import tree_fingerprint
+    from jaxprune.inspect.selection import model_fingerprint
+
+    variables = {"params": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}}
+    assert model_fingerprint(variables) == tree_fingerprint(variables)
+    # A progressive run hashes its base variables as JAX arrays: the same value.
+    as_jax = {"params": {"w": jnp.asarray(variables["params"]["w"])}}
+    assert model_fingerprint(as_jax) == model_fingerprint(variables)
+    variables["params"]["w"][0, 0] = 1.0
+    assert model_fingerprint(variables) != model_fingerprint(as_jax)

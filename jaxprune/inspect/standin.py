@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxprune.graph import ChannelGraph
 from jaxprune.inspect.maps import activation_maps
-from jaxprune.inspect.selection import selection_document
+from jaxprune.inspect.selection import model_fingerprint, selection_document
 
 RULE = "dead-then-duplicate"
 CHOSEN_BY = f"stand-in:{RULE}"
@@ -91,13 +91,17 @@ def standin_selection(
         `standin_removals`.
 
     Returns:
-      The document (`jaxprune.inspect.selection.write_selection` writes it).
+      The document (`jaxprune.inspect.selection.write_selection` writes it), with the
+      fingerprint of `variables` so that it is refused for another model.
     """
     removals = standin_removals(
         apply_fn, variables, graph, group, images, count, dead_fraction=dead_fraction
     )
     return selection_document(
-        {group: removals.tolist()}, {group: graph[group].size}, chosen_by=CHOSEN_BY
+        {group: removals.tolist()},
+        {group: graph[group].size},
+        chosen_by=CHOSEN_BY,
+        model_fingerprint=model_fingerprint(variables),
     )
 
 

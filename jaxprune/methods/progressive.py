@@ -357,18 +357,41 @@ def score_layer(
     return scores[group]
 
 
-def _wait_for_file(path: Path, config: ProgressiveConfig) -> None:
+def _wait_for_file(paths: Sequence[Path], config: ProgressiveConfig) -> Path:
+    """Waits until one of `paths` holds a whole file; returns it (the first listed wins).
+
+    A browser may create the file before it has written it: an empty file, or one that is not
+    JSON yet and was changed in the last few seconds, is not taken.
+    """
     began = time.monotonic()
-    while not path.is_file():
+    while True:
+        for path in paths:
+            if _complete(path):
+                return path
         if (
             config.selection_timeout_s is not None
             and time.monotonic() - began > config.selection_timeout_s
         ):
             raise TimeoutError(
-                f"No selection {path} after {config.selection_timeout_s} s; export it from the "
-                "page next to it, or raise ProgressiveConfig.selection_timeout_s."
+                f"No selection {' or '.join(str(p) for p in paths)} after "
+                f"{config.selection_timeout_s} s; export it from the page next to it, or raise "
+                "ProgressiveConfig.selection_timeout_s."
             )
         time.sleep(config.poll_seconds)
+
+
+def _complete(path: Path) -> bool:
+    try:
+        stat = path.stat()
+        if not path.is_file() or stat.st_size == 0:
+            return False
+        json.loads(path.read_text())
+        return True
+    except FileNotFoundError:
+        return False
+    except (ValueError, UnicodeDecodeError):
+        # Still being written, or broken: reading it says so once it has stopped changing.
+        return time.time() - stat.st_mtime > 5.0
 
 
 def subjective_removals(
@@ -378,8 +401,15 @@ def subjective_removals(
     images: jax.Array,
     batches: Sequence[Mapping[str, Any]],
     workdir: Path | None,
+    *,
+    model_fingerprint: str | None = None,
+    suggested: int | None = None,
 ) -> tuple[np.ndarray, str]:
     """A person's choice for `group`: from the selection file, or asked through the page.
+
+    The page is ``workdir/selection/<layer>.html``; the answer is read from
+    ``workdir/selection/<layer>.json`` or, failing that, ``selection_<layer>.json`` in the same
+    folder (the name the page's download gets).
 
     Args:
       config: the run (`selection`, `wait_for_selection`, polling and timeout).
@@ -388,20 +418,27 @@ def subjective_removals(
       images: the sample images the page shows.
       batches: training batches for the objective score the page shows next to each kernel.
       workdir: where the page is written and the answer awaited (``workdir/selection``).
+      model_fingerprint: the run's base model's fingerprint, recorded by the page; a selection
+        is accepted when it records this or the current network's fingerprint (or none).
+        None: the current network's only.
+      suggested: the count p means for this layer, shown on the page.
 
     Returns:
       (indices to remove in the layer's current width, who chose: "person" or "stand-in:...").
 
     Raises:
-      SelectionError: the selection does not fit the layer; TimeoutError: nobody answered.
+      SelectionError: the selection was made on another model or does not fit the layer;
+        TimeoutError: nobody answered.
     """
     from jaxprune.inspect import selection as selection_lib
 
     sizes = {group: network.graph[group].size}
+    current = selection_lib.model_fingerprint(network.variables)
+    accepted = {current} | ({model_fingerprint} if model_fingerprint else set())
     if config.selection:
         layers = selection_lib.read_selection(config.selection)
         if group in layers:
-            selection_lib.check_against({group: layers[group]}, sizes)
+            selection_lib.check_against({group: layers[group]}, sizes, fingerprints=accepted)
             return layers[group]["remove"], layers[group]["chosen_by"]
     if not config.wait_for_selection:
         raise selection_lib.SelectionError(
@@ -412,13 +449,19 @@ def subjective_removals(
     if workdir is None:
         raise ValueError("wait_for_selection needs a workdir (the page and the answer go there).")
     from jaxprune.inspect.macs import macs_per_kernel
-    from jaxprune.inspect.page import page_file_name, write_kernel_page
+    from jaxprune.inspect.page import (
+        PageConfig,
+        page_file_name,
+        selection_file_names,
+        write_kernel_page,
+    )
 
-    folder = Path(workdir) / "selection"
+    folder = (Path(workdir) / "selection").resolve()
     folder.mkdir(parents=True, exist_ok=True)
     page = folder / page_file_name(group)
-    answer = page.with_suffix(".json")
-    if not answer.is_file():
+    answers = [folder / name for name in selection_file_names(group)]
+    answer = next((path for path in answers if _complete(path)), None)
+    if answer is None:
         # The page shows each kernel's objective score next to its maps.
         objective = criteria.score(
             "oracle_loss",
@@ -440,13 +483,22 @@ def subjective_removals(
                 network.apply_fn, network.variables, network.graph, group, example
             ),
             title=f"layer {group}: choose kernels to remove",
+            config=PageConfig(
+                save_to=str(answers[0]),
+                count=suggested,
+                model_fingerprint=model_fingerprint or current,
+            ),
         )
-        print(f"Choose the kernels of layer {group!r} on {page}; waiting for {answer}", flush=True)
-        _wait_for_file(answer, config)
+        print(
+            f"Choose the kernels of layer {group!r} on {page}; waiting for {answers[0]} "
+            f"(or {answers[1].name} in that folder)",
+            flush=True,
+        )
+        answer = _wait_for_file(answers, config)
     layers = selection_lib.read_selection(answer)
     if group not in layers:
         raise selection_lib.SelectionError(f"{answer} holds no choice for layer {group!r}.")
-    selection_lib.check_against({group: layers[group]}, sizes)
+    selection_lib.check_against({group: layers[group]}, sizes, fingerprints=accepted)
     return layers[group]["remove"], layers[group]["chosen_by"]
 
 
@@ -458,6 +510,8 @@ def choose_kernels(
     batches: Sequence[Mapping[str, Any]],
     images: jax.Array,
     workdir: Path | None,
+    *,
+    model_fingerprint: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, str]:
     """The kernels of `group` to remove, their scores (when a criterion gave any) and who chose.
 
@@ -469,6 +523,7 @@ def choose_kernels(
       batches: preprocessed training batches for the criterion.
       images: sample images for the page and the stand-in.
       workdir: the run's workdir (the interactive page), or None.
+      model_fingerprint: the base model's fingerprint, which a selection may record.
 
     Returns:
       (sorted indices in the layer's current width, scores of all its kernels or None,
@@ -479,7 +534,16 @@ def choose_kernels(
     """
     size = network.graph[group].size
     if config.criterion == "subjective":
-        removed, chosen_by = subjective_removals(config, network, group, images, batches, workdir)
+        removed, chosen_by = subjective_removals(
+            config,
+            network,
+            group,
+            images,
+            batches,
+            workdir,
+            model_fingerprint=model_fingerprint,
+            suggested=removal_count(config, layer_index, size),
+        )
         return np.sort(np.asarray(removed, np.int64)), None, chosen_by
     count = removal_count(config, layer_index, size)
     if config.criterion == "standin":
@@ -647,7 +711,14 @@ def _simplify_layer(
     group = setup.layers[index]
     began = time.perf_counter()
     removed, scores, chosen_by = choose_kernels(
-        config, network, group, index, setup.score_batches, setup.sample_images, workdir
+        config,
+        network,
+        group,
+        index,
+        setup.score_batches,
+        setup.sample_images,
+        workdir,
+        model_fingerprint=setup.fingerprint,
     )
     size = network.graph[group].size
     keep = np.setdiff1d(np.arange(size), removed).astype(np.int64)
