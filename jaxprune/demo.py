@@ -237,17 +237,24 @@ def run(config: DemoConfig) -> dict[str, Any]:
             seed=config.seed,
         )
     rows["pruned"] = _measure(small, small_variables, dataset)
+    base_cost = cost.count(model.apply, variables, x)
+    pruned_cost = cost.count(small.apply, small_variables, x)
     report = {
         "config": dataclasses.asdict(config),
         "results": rows,
-        "layers": cost.compare(
-            cost.count(model.apply, variables, x), cost.count(small.apply, small_variables, x)
-        ),
+        "layers": cost.compare(base_cost, pruned_cost),
     }
     (workdir / "results.json").write_text(json.dumps(report, indent=2, default=float))
     _print_table(config, rows, report["layers"])
-    _plot(workdir / "summary.png", config, rows, graph, small_variables, model, variables)
-    print(f"\nwrote {workdir / 'results.json'} and {workdir / 'summary.png'}")
+    fractions = summary_fractions(
+        [g.name for g in graph.groups],
+        widths_from_params(variables["params"]),
+        widths_from_params(small_variables["params"]),
+        base_cost,
+        pruned_cost,
+    )
+    figures = _plot(workdir / "summary.png", config, rows, fractions)
+    print(f"\nwrote {workdir / 'results.json'}, " + " and ".join(str(p) for p in figures.values()))
     return report
 
 
@@ -345,30 +352,70 @@ def _print_table(config, rows, layers: str) -> None:
         )
 
 
-def _plot(path: Path, config, rows, graph, small_variables, model, variables) -> None:
-    import matplotlib
+def summary_fractions(
+    groups: list[str],
+    widths_before: dict[str, int],
+    widths_after: dict[str, int],
+    base_cost: cost.CostReport,
+    pruned_cost: cost.CostReport,
+) -> dict[str, Any]:
+    """The relative per-layer quantities `summary.png` plots, so that small layers show too.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Args:
+      groups: the prunable channel groups, in model order.
+      widths_before: kernels per group of the base model.
+      widths_after: kernels per group of the pruned model.
+      base_cost: `cost.count` of the base model.
+      pruned_cost: `cost.count` of the pruned model.
 
-    before = widths_from_params(variables["params"])
-    after = widths_from_params(small_variables["params"])
-    names = [g.name for g in graph.groups]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    pos = np.arange(len(names))
-    ax1.bar(pos - 0.2, [before[n] for n in names], 0.4, label="base")
-    ax1.bar(pos + 0.2, [after[n] for n in names], 0.4, label="pruned")
-    ax1.set_xticks(pos, names, rotation=45, ha="right")
-    ax1.set_ylabel("kernels (output channels)")
-    ax1.set_title("kernels per channel group")
-    ax1.legend()
+    Returns:
+      ``{"groups", "kept"}``: per group, the fraction of its kernels kept (in [0, 1]);
+      ``{"layers", "macs_base", "macs_pruned"}``: per conv / dense layer, its MACs as a share
+      of the base model's total (the base shares sum to 1, the pruned ones to the MACs ratio).
+    """
+    pruned_layers = {row.name: row.macs for row in pruned_cost.layers}
+    total = float(base_cost.macs)
+    layers = [row.name for row in base_cost.layers]
+    return {
+        "groups": list(groups),
+        "kept": [widths_after[g] / widths_before[g] for g in groups],
+        "layers": layers,
+        "macs_base": [row.macs / total for row in base_cost.layers],
+        "macs_pruned": [pruned_layers.get(name, 0.0) / total for name in layers],
+    }
+
+
+def _plot(path: Path, config, rows, fractions: dict[str, Any]) -> dict[str, Path]:
+    from jaxprune.figures import new_figure, save_figure
+
+    figure = new_figure(13.0, 4.2)
+    ax1, ax2, ax3 = figure.subplots(1, 3, width_ratios=(1.0, 1.3, 1.0))
+    groups = fractions["groups"]
+    ax1.bar(np.arange(len(groups)), fractions["kept"], 0.6, color="tab:orange")
+    ax1.axhline(1.0, color="0.5", linewidth=0.8, linestyle="--")
+    ax1.set_xticks(np.arange(len(groups)), groups, rotation=45, ha="right")
+    ax1.set_ylim(0, 1.05)
+    ax1.set_xlabel("layer (channel group)")
+    ax1.set_ylabel("kernels kept (fraction of the base layer's)")
+    ax1.set_title("kernels kept per layer")
+
+    layers = fractions["layers"]
+    pos = np.arange(len(layers))
+    ax2.bar(pos - 0.2, fractions["macs_base"], 0.4, label="base", color="tab:blue")
+    ax2.bar(pos + 0.2, fractions["macs_pruned"], 0.4, label="pruned", color="tab:orange")
+    ax2.set_xticks(pos, layers, rotation=45, ha="right")
+    ax2.set_xlabel("layer")
+    ax2.set_ylabel("MACs per image (fraction of the base total)")
+    ax2.set_title("share of MACs per layer")
+    ax2.legend()
+
+    base_macs = rows["base"]["macs"]
     for key, marker in zip(rows, ("o", "^", "s"), strict=False):
         r = rows[key]
-        ax2.scatter(r["macs"] / 1e6, 100 * r["test_accuracy"], marker=marker, s=60, label=key)
-    ax2.set_xlabel("MACs per image (M)")
-    ax2.set_ylabel("test accuracy (%)")
-    ax2.set_title(f"{config.criterion}, {config.ratio:.0%} removed")
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        ax3.scatter(r["macs"] / base_macs, 100 * r["test_accuracy"], marker=marker, s=60, label=key)
+    ax3.set_xlim(0, 1.05)
+    ax3.set_xlabel(f"MACs per image (fraction of base: {base_macs / 1e6:.3g} M)")
+    ax3.set_ylabel("test accuracy (%)")
+    ax3.set_title(f"{config.criterion}, {config.ratio:.0%} removed")
+    ax3.legend()
+    return save_figure(figure, path)

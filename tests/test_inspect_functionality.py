@@ -14,8 +14,8 @@ from jaxprune.cli import build_parser
 from jaxprune.criteria.functionality import VisualizationConfig
 from jaxprune.graph import channel_graph
 from jaxprune.inspect.functionality import (
+    cluster_figure,
     cluster_order,
-    grid_by_cluster,
     write_functionality_report,
 )
 from jaxprune.methods.functional import FunctionalConfig, layer_images
@@ -34,18 +34,24 @@ def png_size(data: bytes) -> tuple[int, int]:
     return height, width
 
 
-def test_clusters_are_drawn_largest_first_one_row_each():
-    labels = np.array([0, 1, 1, 2, 1, 0])
+def test_clusters_are_drawn_largest_first_one_row_each_and_labelled():
+    labels = np.array([0, 1, 1, 2, 1, 0, 3])
     clusters = cluster_order(labels)
-    assert [c.tolist() for c in clusters] == [[1, 2, 4], [0, 5], [3]]
-    cells = np.stack([np.full((2, 3, 3), 10 * (i + 1), np.uint8) for i in range(6)])
-    grid = grid_by_cluster(cells, clusters)
-    assert grid.shape == (3 * (2 + 6) + 2, 3 * (3 + 2) + 2, 3)
-    # Row 1 (cluster [0, 5]): filter 0 then filter 5, then background.
-    top = 2 + 1 * (2 + 6)
-    assert np.all(grid[top : top + 2, 2:5] == 10)
-    assert np.all(grid[top : top + 2, 7:10] == 60)
-    assert np.all(grid[top : top + 2, 12:15] == 255)
+    assert [c.tolist() for c in clusters] == [[1, 2, 4], [0, 5], [3], [6]]
+    cells = np.stack([np.full((2, 3, 3), 10 * (i + 1), np.uint8) for i in range(7)])
+    figure = cluster_figure(cells, clusters, title="layer conv: images", representatives=[2])
+    (ax,) = figure.axes
+    texts = [t.get_text() for t in ax.texts]
+    # Row labels: cluster number and size; the two filters alone share the last row.
+    assert texts.count("cluster 0\n3 filters") == 1 and "cluster 1\n2 filters" in texts
+    assert "clusters of one\n2 filters" in texts
+    # Every filter captioned with its index, once.
+    assert sorted(t for t in texts if t.isdigit()) == sorted(str(i) for i in range(7))
+    assert ax.get_title().startswith("layer conv: images\noutlined: the filter each cluster")
+    assert len(ax.images) == 7 and len(ax.patches) == 1  # filter 2 outlined
+    # Long clusters wrap after `columns` pictures.
+    wrapped = cluster_figure(cells, [np.arange(7)], title="t", columns=3)
+    assert [t.get_text() for t in wrapped.axes[0].texts].count("(cont.)") == 2
 
 
 def test_report_draws_every_filter_once_grouped_by_cluster(tmp_path):
@@ -55,7 +61,7 @@ def test_report_draws_every_filter_once_grouped_by_cluster(tmp_path):
     written = write_functionality_report(
         model.apply, variables, graph, tmp_path, images=images, config=FAST
     )
-    assert set(written) == {"conv", "conv:responses", "html"}
+    assert set(written) == {"conv", "conv:pdf", "conv:responses", "conv:responses:pdf", "html"}
     page = written["html"].read_text()
     assert "http://" not in page and "https://" not in page  # self-contained
     assert page.count('alt="filter ') == 4 and page.count('alt="response ') == 4
@@ -66,7 +72,8 @@ def test_report_draws_every_filter_once_grouped_by_cluster(tmp_path):
     assert page.count('class="cell rep"') == 3
     for name in ("conv", "conv:responses"):
         height, width = png_size(written[name].read_bytes())
-        assert height > width > 0  # three rows, at most two columns
+        assert height > 400 and width > 400  # labelled, at 200 dpi
+        assert written[f"{name}:pdf"].read_bytes()[:5] == b"%PDF-"
 
 
 def test_report_reuses_stored_images_and_refuses_dense_layers(tmp_path):
@@ -100,9 +107,13 @@ def test_inspect_command_writes_and_links_the_report(tmp_path):
     assert args.func(args) == 0
     report = out / "functionality"
     assert sorted(p.name for p in report.iterdir()) == [
+        "conv1_images.pdf",
         "conv1_images.png",
+        "conv1_responses.pdf",
         "conv1_responses.png",
+        "conv2_images.pdf",
         "conv2_images.png",
+        "conv2_responses.pdf",
         "conv2_responses.png",
         "functionality.html",
     ]

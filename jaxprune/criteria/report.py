@@ -10,7 +10,7 @@ scores with the absolute oracle (`oracle_abs`: ``|C(without c) - C|``), computed
 
 `criteria_report` scores the criteria and the oracle on the same batches and returns a `Report`
 (a printable table, CSV, JSON); `compare_scores` does the same from scores already computed, and
-`write_report` writes the files and a per-layer heatmap. The `jaxprune score` command
+`write_report` writes the files and a per-layer heatmap (PNG and PDF). The `jaxprune score` command
 (`add_score_command`, `run_score`) runs it on a model file and the validation split::
 
   context = ScoringContext(model.apply, channel_graph(model.apply, variables, x))
@@ -35,7 +35,7 @@ import textwrap
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -43,6 +43,9 @@ from jaxprune.criteria.base import Batch, Scores, ScoringContext, iter_batches
 from jaxprune.criteria.registry import CRITERIA
 from jaxprune.criteria.scoring import score
 from jaxprune.criteria.transforms import normalize_l2
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # The reference rankings themselves: never judged against each other by default.
 ORACLES = ("oracle_abs", "oracle_loss")
@@ -510,49 +513,79 @@ def criteria_report(
 # ---------------------------------------------------------------------------------------------
 
 
-def plot_report(report: Report, path: str | Path, *, title: str = "") -> Path:
-    """A heatmap of rho per criterion (rows) and layer (columns), plus the three summaries.
+def plot_report(report: Report, path: str | Path, *, title: str = "") -> dict[str, Path]:
+    """Writes `report_figure` as PNG and PDF (`jaxprune.figures.save_figure`).
 
     Args:
       report: the report.
-      path: the PNG to write.
+      path: the PNG to write; the PDF goes next to it.
       title: a title line (e.g. the model and data).
 
     Returns:
-      The path written.
+      {"png": path, "pdf": path}.
+    """
+    from jaxprune.figures import save_figure
+
+    return save_figure(report_figure(report, title=title), path)
+
+
+def report_figure(report: Report, *, title: str = "") -> Figure:
+    """A heatmap of rho per criterion (rows) and layer (columns), plus the three summaries.
+
+    Cells a criterion does not score are grey ("n/a"); cells where rho is undefined (constant
+    scores in that layer) are grey too ("const."). A criterion that scores none of the judged
+    layers gets no row; a note under the map names it.
+
+    Args:
+      report: the report.
+      title: a title line (e.g. the model and data).
+
+    Returns:
+      The figure.
     """
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from jaxprune.figures import new_figure
 
+    rows = [row for row in report.rows if row.groups]
+    left_out = [row.name for row in report.rows if not row.groups]
     columns = [*report.groups, "mean", "all", "all L2"]
-    grid = np.full((len(report.rows), len(columns)), np.nan)
-    for i, row in enumerate(report.rows):
+    grid = np.full((len(rows), len(columns)), np.nan)
+    for i, row in enumerate(rows):
         for j, group in enumerate(report.groups):
             grid[i, j] = row.per_layer.get(group, np.nan)
         grid[i, len(report.groups) :] = (row.mean_per_layer, row.all_layers, row.all_layers_l2)
-    height = 1.2 + 0.32 * len(report.rows)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(columns) + 1.6, height))
+    height = 1.9 + 0.3 * max(1, len(rows)) + (0.3 if left_out else 0.0)
+    figure = new_figure(2.4 + 0.62 * len(columns), height)
+    ax = figure.add_subplot()
+    seen = "" if report.examples is None else f", {report.examples} examples"
+    heading = f"Spearman rank correlation with {report.oracle}{seen}"
+    ax.set_title((title + "\n" if title else "") + heading, fontsize=10)
+    if not rows:
+        ax.text(0.5, 0.5, "no criterion scores a judged layer", ha="center", va="center")
+        ax.set_axis_off()
+        return figure
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="0.85")
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-1, vmax=1, aspect="auto")
-    for i in range(grid.shape[0]):
-        for j in range(grid.shape[1]):
-            scored = j >= len(report.groups) or report.groups[j] in report.rows[i].per_layer
-            text = "-" if not scored else ("nan" if np.isnan(grid[i, j]) else f"{grid[i, j]:.2f}")
-            ax.text(j, i, text, ha="center", va="center", fontsize=7)
+    for i, row in enumerate(rows):
+        for j in range(len(columns)):
+            scored = j >= len(report.groups) or report.groups[j] in row.per_layer
+            value = grid[i, j]
+            text = "n/a" if not scored else "const." if np.isnan(value) else f"{value:.2f}"
+            shade = "white" if np.isfinite(value) and abs(value) > 0.6 else "black"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color=shade)
     ax.axvline(len(report.groups) - 0.5, color="black", linewidth=1.5)
     ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
-    ax.set_yticks(range(len(report.rows)), report.names)
-    seen = "" if report.examples is None else f", {report.examples} examples"
-    ax.set_title((title + "\n" if title else "") + f"Spearman rho with {report.oracle}{seen}")
-    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    ax.set_yticks(range(len(rows)), [row.name for row in rows])
+    ax.set_xlabel("layer (channel group) | summary over layers")
+    ax.set_ylabel("criterion")
+    bar = figure.colorbar(image, ax=ax, pad=0.02)
+    bar.set_label("Spearman \u03c1 (unitless, -1 to 1)")
+    notes = ["grey: n/a = the criterion does not score that layer; const. = constant scores"]
+    if left_out:
+        notes.append(f"not shown (score no judged layer): {', '.join(left_out)}")
+    figure.supxlabel("\n".join(notes), fontsize=7, color="0.3", x=0.01, ha="left")
+    return figure
 
 
 def write_report(
@@ -571,7 +604,7 @@ def write_report(
       extra: JSON-ready facts about the run (model file, data, timing).
 
     Returns:
-      {"csv": path, "json": path, "png": path}.
+      {"csv": path, "json": path, "png": path, "pdf": path}.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -579,7 +612,7 @@ def write_report(
     paths["csv"].write_text(report.to_csv())
     document = {"run": dict(extra or {}), **report.to_dict()}
     paths["json"].write_text(json.dumps(document, indent=1) + "\n")
-    plot_report(report, paths["png"], title=title)
+    paths.update(plot_report(report, paths["png"], title=title))
     return paths
 
 
@@ -604,7 +637,7 @@ class ScoreConfig:
     scope: str = "conv"
     # The reference ranking.
     oracle: str = "oracle_abs"
-    # Where criteria_quality.{csv,json,png} go.
+    # Where criteria_quality.{csv,json,png,pdf} go.
     workdir: str = "workdirs/score"
     # Prepared TFDS data (None: the default data dir).
     data_dir: str | None = None
@@ -698,7 +731,7 @@ def run_score(config: ScoreConfig) -> Report:
       config: the model file, criteria, data size and workdir.
 
     Returns:
-      The report (also in `workdir`: criteria_quality.csv, .json and .png).
+      The report (also in `workdir`: criteria_quality.csv, .json, .png and .pdf).
 
     Raises:
       FileNotFoundError: no such model file.
@@ -797,7 +830,7 @@ def add_score_command(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--oracle", default=defaults.oracle, choices=ORACLES)
     parser.add_argument(
-        "--workdir", default=defaults.workdir, help="where criteria_quality.{csv,json,png} go"
+        "--workdir", default=defaults.workdir, help="where criteria_quality.{csv,json,png,pdf} go"
     )
     parser.add_argument("--data-dir", default=None, help="prepared TFDS data dir")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of 'random'")

@@ -1,9 +1,12 @@
 """The functionality report: each conv layer's activation-maximisation images, grouped by cluster.
 
 `write_functionality_report` (what ``jaxprune inspect --functionality`` calls) writes, per conv
-group, a PNG grid with one row per functionality cluster (largest clusters first, filters in
-index order, clusters separated by a blank line) and, given real images, a second grid of every
-filter's mean response pattern over them in the same layout; then one self-contained HTML page
+group, a labelled figure (PNG and PDF, `jaxprune.figures.save_figure`) with one row per
+functionality cluster (largest clusters first, filters in index order, each picture captioned
+with its filter index, each row with its cluster number and size, the layer in the title; the
+filters alone in their cluster share the last rows) and, given real images, a second figure of
+every filter's mean response pattern over them in the same layout; then one self-contained HTML
+page
 (PNG data URIs, no network) with the same pictures, each filter labelled and the filter
 nearest each cluster's centroid marked (the one ``representative="centroid"`` keeps;
 the page has no labels to score a criterion). Images come from
@@ -14,15 +17,17 @@ the page has no labels to score a criterion). Images come from
 from __future__ import annotations
 
 import html
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from jaxprune.criteria.functionality import response_patterns, responsive_filters
+from jaxprune.figures import new_figure, save_figure
 from jaxprune.graph import ChannelGraph
-from jaxprune.inspect.render import colormap, data_uri, display_images, png_bytes
+from jaxprune.inspect.render import colormap, data_uri, display_images
 from jaxprune.methods.functional import (
     FunctionalConfig,
     choose_representatives,
@@ -31,9 +36,10 @@ from jaxprune.methods.functional import (
 )
 from jaxprune.methods.oneshot import select_groups
 
-# Each picture cell is enlarged to about this many pixels on its longer side in the PNG files.
+# Each picture is enlarged to about this many pixels on its longer side (page and figures).
 CELL_SIDE = 56
-GAP = 2
+# Pictures per line of the figures; a longer cluster continues on the next line.
+FIGURE_COLUMNS = 16
 # Response maps run from dark (no response) to bright orange (the filter's strongest).
 _RESPONSE_STOPS = np.array([[10, 10, 30], [120, 40, 110], [240, 120, 30], [255, 240, 170]], float)
 
@@ -53,27 +59,66 @@ def _enlarge(rgb: np.ndarray) -> np.ndarray:
     return np.round(np.clip(big, 0, 1) * 255).astype(np.uint8)
 
 
-def grid_by_cluster(cells: np.ndarray, clusters: Sequence[np.ndarray]) -> np.ndarray:
-    """One row of cells per cluster on a white background.
+def cluster_figure(
+    cells: np.ndarray,
+    clusters: Sequence[np.ndarray],
+    *,
+    title: str,
+    representatives: Collection[int] = (),
+    columns: int = FIGURE_COLUMNS,
+) -> Figure:
+    """A labelled figure of one picture per filter, one row per cluster.
+
+    Clusters of two or more filters get a row each (wrapped after `columns` pictures), labelled
+    with the cluster's number and size; the filters alone in their cluster share the last rows.
+    Each picture is captioned with its filter index; representatives are outlined.
 
     Args:
       cells: (filters, H, W, 3) uint8 pictures, one per filter.
-      clusters: the filter indices of each row.
+      clusters: the filter indices of each cluster, in the order drawn (`cluster_order`).
+      title: the figure's title (name the layer and what the pictures are).
+      representatives: filters to outline (the ones a pruning keeps).
+      columns: pictures per line.
 
     Returns:
-      An (rows, columns) grid as one uint8 RGB image.
+      The figure (`jaxprune.figures.save_figure` writes it).
     """
-    n_cols = max(len(c) for c in clusters)
-    h, w = cells.shape[1:3]
-    grid = np.full(
-        (len(clusters) * (h + 3 * GAP) + GAP, n_cols * (w + GAP) + GAP, 3), 255, np.uint8
-    )
-    for row, members in enumerate(clusters):
-        top = GAP + row * (h + 3 * GAP)
+    from matplotlib.patches import Rectangle
+
+    lines: list[tuple[str, list[int]]] = []
+    alone = [int(members[0]) for members in clusters if len(members) == 1]
+    for number, members in enumerate(clusters):
+        if len(members) == 1:
+            continue
+        members = [int(f) for f in members]
+        for start in range(0, len(members), columns):
+            label = f"cluster {number}\n{len(members)} filters" if start == 0 else "(cont.)"
+            lines.append((label, members[start : start + columns]))
+    for start in range(0, len(alone), columns):
+        label = f"clusters of one\n{len(alone)} filters" if start == 0 else "(cont.)"
+        lines.append((label, alone[start : start + columns]))
+    width = max(len(members) for _, members in lines)
+    cell, gap_x, gap_y = 0.5, 0.08, 0.25  # inches; gap_y leaves room for the captions
+    figure = new_figure(1.3 + width * (cell + gap_x), 0.6 + len(lines) * (cell + gap_y))
+    ax = figure.add_subplot()
+    step_x, step_y = 1.0 + gap_x / cell, 1.0 + gap_y / cell
+    marked = {int(f) for f in representatives}
+    for row, (label, members) in enumerate(lines):
+        top = row * step_y
+        ax.text(-0.15, top + 0.5, label, ha="right", va="center", fontsize=7)
         for col, f in enumerate(members):
-            left = GAP + col * (w + GAP)
-            grid[top : top + h, left : left + w] = cells[f]
-    return grid
+            left = col * step_x
+            ax.imshow(cells[f], extent=(left, left + 1, top + 1, top), interpolation="nearest")
+            ax.text(left + 0.5, top + 1.04, str(f), ha="center", va="top", fontsize=6)
+            if f in marked:
+                ax.add_patch(Rectangle((left, top), 1, 1, fill=False, edgecolor="#d9480f", lw=1.2))
+    ax.set_xlim(-0.05, (width - 1) * step_x + 1.05)
+    ax.set_ylim(len(lines) * step_y, -0.05)
+    ax.set_aspect("equal")
+    ax.set_axis_off()
+    note = "\noutlined: the filter each cluster keeps (nearest its centroid)" if marked else ""
+    ax.set_title(title + note, fontsize=9)
+    return figure
 
 
 def _pattern_cells(patterns: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -175,8 +220,9 @@ def write_functionality_report(
       workdir: optional checkpoint folder for the images (reruns reuse them).
 
     Returns:
-      Name -> path: ``"<group>"`` (the image grid PNG), ``"<group>:responses"`` (the response
-      grid PNG, with `images`) and ``"html"`` (the page).
+      Name -> path: ``"<group>"`` and ``"<group>:pdf"`` (the image figure as PNG and PDF),
+      ``"<group>:responses"`` and ``"<group>:responses:pdf"`` (the response figure, with
+      `images`) and ``"html"`` (the page).
 
     Raises:
       ValueError: an unknown or non-conv group, or images of the wrong shape.
@@ -207,16 +253,28 @@ def write_functionality_report(
         clusters = cluster_order(labels)
         image_cells = _enlarge(display_images(layer))
         stem = group.replace("/", "_")
-        written[group] = out / f"{stem}_images.png"
-        written[group].write_bytes(png_bytes(grid_by_cluster(image_cells, clusters)))
+        figure = cluster_figure(
+            image_cells,
+            clusters,
+            title=f"layer {group}: each filter's activation-maximisation image, by cluster",
+            representatives=representatives,
+        )
+        figures = save_figure(figure, out / f"{stem}_images.png")
+        written[group], written[f"{group}:pdf"] = figures["png"], figures["pdf"]
         pattern_cells = None
         if images is not None:
             patterns = response_patterns(apply_fn, graph, variables, group, images)
             pattern_cells = _enlarge(_pattern_cells(patterns, *input_shape[:2]))
-            written[f"{group}:responses"] = out / f"{stem}_responses.png"
-            written[f"{group}:responses"].write_bytes(
-                png_bytes(grid_by_cluster(pattern_cells, clusters))
+            figure = cluster_figure(
+                pattern_cells,
+                clusters,
+                title=f"layer {group}: each filter's mean response over {len(images)} images "
+                "(dark: none, bright: its strongest), by cluster",
+                representatives=representatives,
             )
+            figures = save_figure(figure, out / f"{stem}_responses.png")
+            written[f"{group}:responses"] = figures["png"]
+            written[f"{group}:responses:pdf"] = figures["pdf"]
         sections.append(
             _layer_section(
                 group,
