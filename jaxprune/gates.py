@@ -22,10 +22,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.extend import core as jcore
 
-from jaxprune.graph import ChannelGraph, GatePoint, GraphError, analyse
-from jaxprune.trace import TracedProgram, open_jaxpr, sub_program, trace_apply
+from jaxprune.graph import AxisRef, ChannelGraph, GatePoint, GraphError, analyse
+from jaxprune.interpret import Interpreter, bind, frames_holding
+from jaxprune.trace import TracedProgram, split_kwargs, trace_apply
 
 Masks = Mapping[str, jax.Array]
 # Per group, one array per gate point of that group (in `ChannelGraph.gate_points` order).
@@ -64,7 +64,8 @@ def gated_call(
       group to one array per gate point.
     """
     program = trace_apply(apply_fn, variables, x, **kwargs)
-    points = points_for(program, graph)
+    local = local_graph(program, graph)
+    points = {g.name: local.gate_points[g.name] for g in graph.groups}
     masks = dict(masks or {})
     for name, mask in masks.items():
         size = graph[name].size
@@ -80,8 +81,8 @@ def gated_call(
                     f"Probes for {name!r} do not match its {len(points.get(name, ()))} gate "
                     "points; build them with `probe_shapes`."
                 )
-    interpreter = _Interpreter(program, points, masks, probes or {}, capture)
-    args = _program_args(variables, x, kwargs)
+    interpreter = _MaskedInterpreter(local, points, masks, probes or {}, capture)
+    args = program_args(variables, x, kwargs)
     outs = interpreter.run(args)
     output = jax.tree_util.tree_unflatten(program.output_tree, outs)
     if capture:
@@ -188,9 +189,8 @@ def map_over_masks(
 # --------------------------------------------------------------------------------------------
 
 
-def _program_args(variables: Any, x: Any, kwargs: Mapping[str, Any]) -> list[Any]:
-    from jaxprune.trace import split_kwargs
-
+def program_args(variables: Any, x: Any, kwargs: Mapping[str, Any]) -> list[Any]:
+    """The flat inputs of a program traced by `trace_apply(apply_fn, variables, x, **kwargs)`."""
     array_kwargs, _ = split_kwargs(kwargs)
     return (
         jax.tree_util.tree_leaves(variables)
@@ -199,8 +199,9 @@ def _program_args(variables: Any, x: Any, kwargs: Mapping[str, Any]) -> list[Any
     )
 
 
-def points_for(program: TracedProgram, graph: ChannelGraph) -> dict[str, tuple[GatePoint, ...]]:
-    """The gate points of this trace, checked against the graph's groups."""
+def local_graph(program: TracedProgram, graph: ChannelGraph) -> ChannelGraph:
+    """The graph of this trace of the model (gate points, reductions and counts for its value
+    ids), checked to have the groups of `graph`."""
     local = analyse(program, strict=False)
     for group in graph.groups:
         if group.name not in local.gate_points:
@@ -215,21 +216,87 @@ def points_for(program: TracedProgram, graph: ChannelGraph) -> dict[str, tuple[G
                 "in the graph: rebuild the graph after pruning (channel_graph on the pruned "
                 "model)."
             )
+    return local
+
+
+def points_for(program: TracedProgram, graph: ChannelGraph) -> dict[str, tuple[GatePoint, ...]]:
+    """The gate points of this trace, checked against the graph's groups."""
+    local = local_graph(program, graph)
     return {g.name: local.gate_points[g.name] for g in graph.groups}
 
 
-class _Interpreter:
-    """Evaluates a traced program, gating (and probing, capturing) values at gate points."""
+def position_mask(
+    refs: tuple[AxisRef, ...], size: int, masks: Masks, dtype: Any
+) -> jax.Array | None:
+    """Per position of an axis, the product of the masks of the groups along it (None when
+    no group along it is masked)."""
+    result = None
+    for ref in refs:
+        mask = masks.get(ref.group)
+        if mask is None:
+            continue
+        mask = jnp.asarray(mask, dtype)
+        if ref.channel_of_index is not None:
+            owner = jnp.asarray(ref.channel_of_index)
+            mask = jnp.where(owner >= 0, mask[jnp.maximum(owner, 0)], jnp.ones((), dtype))
+        result = mask if result is None else result * mask
+    if result is not None and result.shape != (size,):
+        raise GraphError(f"A mask laid along an axis of {size} positions has {result.shape}.")
+    return result
+
+
+def masked_operands(local: ChannelGraph, index: int, invals: list[Any], masks: Masks) -> list[Any]:
+    """Operands of equation `index` under masks: a reduction over channels reduces the masked
+    operand, and the divisor of a mean over channels is the sum of the masks."""
+    reduction = local.reductions.get(index)
+    if reduction is not None:
+        operand = invals[0]
+        for axis, refs in reduction.axes.items():
+            pm = position_mask(refs, operand.shape[axis], masks, operand.dtype)
+            if pm is None:
+                continue
+            shape = [1] * operand.ndim
+            shape[axis] = operand.shape[axis]
+            pm = pm.reshape(shape)
+            if reduction.kind == "sum":
+                operand = operand * pm
+            else:
+                fill = -jnp.inf if reduction.kind == "max" else jnp.inf
+                operand = jnp.where(pm > 0, operand, jnp.asarray(fill, operand.dtype))
+        invals = [operand, *invals[1:]]
+    for (eqn_index, j), spec in local.counts.items():
+        if eqn_index != index:
+            continue
+        count = jnp.asarray(float(spec.other), jnp.float32)
+        touched = False
+        for refs, size in zip(spec.axes, spec.sizes, strict=True):
+            pm = position_mask(refs, size, masks, jnp.float32)
+            touched = touched or pm is not None
+            count = count * (jnp.sum(pm) if pm is not None else size)
+        if touched:
+            dtype = jnp.result_type(invals[j])
+            invals = list(invals)
+            invals[j] = (1.0 / count if spec.inverse else count).astype(dtype)
+    return invals
+
+
+_OPAQUE_CALLS = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
+
+
+class _MaskedInterpreter(Interpreter):
+    """Evaluates a traced program with gates: masks (and probes, captures) at gate points, and
+    reductions and means over channels restricted to the unmasked ones."""
 
     def __init__(
         self,
-        program: TracedProgram,
+        local: ChannelGraph,
         points: Mapping[str, tuple[GatePoint, ...]],
         masks: Masks,
         probes: PointValues,
         capture: bool,
     ) -> None:
-        self.program = program
+        super().__init__(local.program)
+        self.local = local
         self.by_value: dict[int, list[tuple[GatePoint, int]]] = {}
         for pts in points.values():
             for k, p in enumerate(pts):
@@ -239,14 +306,10 @@ class _Interpreter:
         self.capture = capture
         self.captured: dict[int, jax.Array] = {}
         self.done: set[int] = set()
-        self.inline = _frames_to_inline(program, set(self.by_value))
+        hooked = (set(local.reductions) | {i for i, _ in local.counts}) if masks else set()
+        self.inline = frames_holding(self.program, hooked, set(self.by_value))
 
-    def run(self, args: list[Any]) -> list[Any]:
-        closed = self.program.closed_jaxpr
-        return self.eval(closed.jaxpr, list(closed.consts), args, ())
-
-    def gate(self, var: Any, value: Any, frame: tuple[int, ...]) -> Any:
-        vid = self.program.frame_ids[frame].get(var)
+    def on_value(self, vid: int | None, value: Any) -> Any:
         if vid is None or vid not in self.by_value or vid in self.done:
             return value
         self.done.add(vid)
@@ -261,39 +324,17 @@ class _Interpreter:
             self.captured[vid] = value
         return value
 
-    def eval(
-        self, jaxpr: Any, consts: list[Any], args: list[Any], frame: tuple[int, ...]
-    ) -> list[Any]:
-        env: dict[Any, Any] = {}
+    def apply(self, index: int, eqn: Any, invals: list[Any]) -> list[Any]:
+        if self.masks:
+            invals = masked_operands(self.local, index, invals, self.masks)
+        return bind(eqn, invals)
 
-        def read(atom: Any) -> Any:
-            return atom.val if isinstance(atom, jcore.Literal) else env[atom]
-
-        for var, value in zip(jaxpr.constvars, consts, strict=True):
-            env[var] = value
-        for var, value in zip(jaxpr.invars, args, strict=True):
-            env[var] = self.gate(var, value, frame)
-        for k, eqn in enumerate(jaxpr.eqns):
-            invals = [read(a) for a in eqn.invars]
-            program = sub_program(eqn)
-            name = eqn.primitive.name
-            # Custom-derivative calls run as they are (keeping their rules, e.g. relu'(0) = 0)
-            # unless a gate lies inside them.
-            if program is not None and (name not in _OPAQUE_CALLS or frame + (k,) in self.inline):
-                inner, inner_consts = open_jaxpr(program)
-                outs = self.eval(inner, inner_consts, invals, frame + (k,))
-            else:
-                params = eqn.primitive.get_bind_params(eqn.params)
-                if isinstance(params, tuple):  # older JAX returns (subfuns, params)
-                    subfuns, params = params
-                    invals = [*subfuns, *invals]
-                outs = eqn.primitive.bind(*invals, **params)
-                if not eqn.primitive.multiple_results:
-                    outs = [outs]
-            for var, value in zip(eqn.outvars, outs, strict=True):
-                if not isinstance(var, jcore.DropVar):
-                    env[var] = self.gate(var, value, frame)
-        return [read(v) for v in jaxpr.outvars]
+    def call(self, eqn: Any, invals: list[Any], frame: tuple[int, ...]) -> list[Any]:
+        # Custom-derivative calls run as they are (keeping their rules, e.g. relu'(0) = 0)
+        # unless a gate, a masked reduction or a mean's divisor lies inside them.
+        if eqn.primitive.name in _OPAQUE_CALLS and frame not in self.inline:
+            return bind(eqn, invals)
+        return self.eval_call(eqn, invals, frame)
 
 
 def expand_mask(mask: jax.Array, point: GatePoint, value: jax.Array) -> jax.Array:
@@ -305,27 +346,3 @@ def expand_mask(mask: jax.Array, point: GatePoint, value: jax.Array) -> jax.Arra
     shape = [1] * value.ndim
     shape[point.axis] = value.shape[point.axis]
     return mask.reshape(shape)
-
-
-def _frames_to_inline(program: TracedProgram, wanted: set[int]) -> set[tuple[int, ...]]:
-    """The frames of call equations whose body produces a `wanted` value that is not also one
-    of the call's own outputs (those can be gated after the call)."""
-    found: set[tuple[int, ...]] = set()
-
-    def visit(jaxpr: Any, frame: tuple[int, ...], exported: set[int]) -> bool:
-        ids = program.frame_ids[frame]
-        hit = False
-        for k, eqn in enumerate(jaxpr.eqns):
-            outs = {ids.get(v) for v in eqn.outvars if not isinstance(v, jcore.DropVar)}
-            sub = sub_program(eqn)
-            if sub is not None:
-                inner_hit = visit(open_jaxpr(sub)[0], frame + (k,), exported | outs)
-                if inner_hit:
-                    found.add(frame + (k,))
-            else:
-                inner_hit = bool((outs & wanted) - exported)
-            hit = hit or inner_hit
-        return hit
-
-    visit(program.closed_jaxpr.jaxpr, (), set())
-    return found

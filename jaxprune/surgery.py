@@ -1,11 +1,12 @@
-"""Physical removal of channels: `prune(variables, graph, keep)` returns smaller trees.
+"""Physical removal of channels: `prune(variables, graph, keep)` returns a smaller model.
 
 Surgery is a pure function. Given the indices each channel group keeps, it slices every
 parameter axis the group touches (producer kernels and biases, batch-norm scale, bias and
 statistics, consumer kernels' input axes, the rows of a dense layer after a flatten) and, when
 given, the optimizer state (momenta sliced alongside their parameters with
-`optax.tree_map_params`; step counts untouched), then reads the new width spec back from the
-pruned parameters so a zoo model can be rebuilt from it. Nothing passed in is modified.
+`optax.tree_map_params`; step counts untouched). The result carries the pruned program
+(`Pruned.apply_fn`), which runs the smaller model with the original calling convention and no
+module, and by default is checked once against the masked model. Nothing passed in is modified.
 
 Masks and keep indices are two views of one decision; `keep_to_masks` and `masks_to_keep`
 convert between them.
@@ -22,9 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxprune.gates import gated_call
 from jaxprune.graph import ChannelGraph, GraphError, Member
-from jaxprune.models.widths import widths_from_params
+from jaxprune.program import PrunedProgram
 from jaxprune.tree_paths import Path, path_of
+from jaxprune.widths import widths_from_params
 
 KeepIndices = Mapping[str, Sequence[int] | np.ndarray | jax.Array]
 
@@ -40,14 +43,17 @@ class Pruned:
     Attributes:
       variables: the pruned variables (same structure, smaller arrays).
       opt_state: the pruned optimizer state, or None if none was given.
-      widths: the width spec of the pruned parameters (`models.widths_from_params`).
+      widths: the width spec of the pruned parameters (`widths_from_params`).
       keep: the validated keep indices per group (sorted int arrays).
+      apply_fn: the pruned program, ``apply_fn(variables, x, **kwargs)`` with the original's
+        calling convention (see `program.PrunedProgram`); None when built without a graph.
     """
 
     variables: Any
     opt_state: Any
     widths: dict[str, int]
     keep: dict[str, np.ndarray]
+    apply_fn: PrunedProgram | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +103,53 @@ def validate_keep(graph: ChannelGraph, keep: KeepIndices) -> dict[str, np.ndarra
             raise PruneError(
                 f"keep[{name!r}] repeats indices {repeated}; each channel can be kept once."
             )
+        if group.block > 1:
+            blocks = np.unique(unique // group.block)
+            whole = (blocks[:, None] * group.block + np.arange(group.block)).reshape(-1)
+            if not np.array_equal(whole, unique):
+                raise PruneError(
+                    f"Group {name!r} is normalised in blocks of {group.block} channels "
+                    f"(GroupNorm), so it is pruned in whole blocks, and keep[{name!r}] splits "
+                    "some. Round it with jaxprune.round_keep_to_blocks(graph, keep)."
+                )
         checked[name] = unique.astype(np.int64)
     return checked
+
+
+def round_keep_to_blocks(
+    graph: ChannelGraph, keep: KeepIndices, scores: Mapping[str, Any] | None = None
+) -> dict[str, np.ndarray]:
+    """Rounds keep indices to whole blocks for groups pruned in blocks (GroupNorm).
+
+    A block is kept when at least half of its channels are (ties kept), unless `scores` are
+    given: then the blocks with the highest summed scores are kept, as many as the rounded count.
+    Groups with ``block == 1`` are returned unchanged.
+
+    Args:
+      graph: the channel graph.
+      keep: per group, the channel indices to keep.
+      scores: optionally, per group, one score per channel (higher = more relevant).
+
+    Returns:
+      Keep indices that `prune` accepts.
+    """
+    rounded = {}
+    for name, indices in keep.items():
+        group = graph[name]
+        arr = np.asarray(indices, dtype=np.int64)
+        if group.block == 1:
+            rounded[name] = arr
+            continue
+        n_blocks = group.size // group.block
+        counts = np.bincount(arr // group.block, minlength=n_blocks)
+        n_keep = max(1, int(round(arr.size / group.block)))
+        if scores is not None and name in scores:
+            block_scores = np.asarray(scores[name], dtype=np.float64).reshape(n_blocks, -1).sum(1)
+            blocks = np.sort(np.argsort(-block_scores, kind="stable")[:n_keep])
+        else:
+            blocks = np.sort(np.argsort(-counts, kind="stable")[:n_keep])
+        rounded[name] = (blocks[:, None] * group.block + np.arange(group.block)).reshape(-1)
+    return rounded
 
 
 def check_tree(graph: ChannelGraph, variables: Any) -> None:
@@ -164,6 +215,7 @@ def prune(
     *,
     opt_state: Any = None,
     optimizer: optax.GradientTransformation | None = None,
+    verify: bool = True,
 ) -> Pruned:
     """Removes channels physically: every dependent parameter, statistic and momentum.
 
@@ -177,18 +229,21 @@ def prune(
         with the same momentum for the surviving channels.
       optimizer: the optax transformation that made `opt_state` (needed to find its
         parameter-shaped parts).
+      verify: run the masked model and the pruned program once on a random input of the
+        graph's example shape and raise if they differ (two forward passes).
 
     Returns:
-      A `Pruned` with the smaller variables and optimizer state and the new width spec.
+      A `Pruned` with the smaller variables and optimizer state, the pruned program
+      (`apply_fn`) and the new width spec.
 
     Raises:
-      PruneError: bad keep indices, or variables that do not match the graph.
+      PruneError: bad keep indices, variables that do not match the graph, or (verify) a
+        pruned program that disagrees with the masked model.
 
     Example:
       >>> graph = channel_graph(model.apply, variables, x)
       >>> pruned = prune(variables, graph, {"conv1": [0, 2, 5]})
-      >>> small = build_model("lenet5", 10, pruned.widths)
-      >>> small.apply(pruned.variables, x)
+      >>> logits = pruned.apply_fn(pruned.variables, x)
     """
     checked = validate_keep(graph, keep)
     check_tree(graph, variables)
@@ -203,7 +258,66 @@ def prune(
     if opt_state is not None:
         new_opt_state = prune_opt_state(opt_state, optimizer, variables, slices)
     params = new_variables["params"] if "params" in new_variables else new_variables
-    return Pruned(new_variables, new_opt_state, widths_from_params(params), checked)
+    program = pruned_program(graph, checked)
+    result = Pruned(new_variables, new_opt_state, widths_from_params(params), checked, program)
+    if verify and graph.apply_fn is not None:
+        check_against_masks(graph, variables, result)
+    return result
+
+
+def pruned_program(graph: ChannelGraph, keep: Mapping[str, np.ndarray]) -> PrunedProgram:
+    """The pruned program for `keep`; a graph of an already pruned program is pruned from the
+    original, with the keeps composed, so programs do not nest."""
+    base = graph.apply_fn
+    if isinstance(base, PrunedProgram):
+        return PrunedProgram(base.graph, compose_keep(base.keep, keep))
+    return PrunedProgram(graph, keep)
+
+
+def probe_input(graph: ChannelGraph, seed: int = 0) -> np.ndarray:
+    """A random input of the graph's example shape (zeros for integer inputs)."""
+    struct = graph.program.input_struct
+    if not np.issubdtype(np.dtype(struct.dtype), np.floating):
+        return np.zeros(struct.shape, struct.dtype)
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(struct.shape).astype(struct.dtype)
+
+
+def check_against_masks(graph: ChannelGraph, variables: Any, pruned: Pruned) -> None:
+    """Raises `PruneError` unless the pruned program equals the masked model on a probe input.
+
+    Only the model's own outputs are compared (updated statistics, when the graph was traced
+    with ``mutable=``, have the pruned shapes).
+    """
+    x = probe_input(graph)
+    kwargs = dict(graph.call_kwargs)
+    masks = keep_to_masks(graph, pruned.keep)
+    masked = gated_call(graph.apply_fn, graph, variables, x, masks, **kwargs)
+    small = pruned.apply_fn(pruned.variables, x, **kwargs)
+    state = graph.program.state_output_paths
+    ours = jax.tree_util.tree_leaves(masked)
+    theirs = jax.tree_util.tree_leaves(small)
+    for k, (a, b, s) in enumerate(zip(ours, theirs, state, strict=True)):
+        if s is not None:
+            continue
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if a.shape != b.shape:
+            raise PruneError(
+                f"Output {k} of the pruned program has shape {b.shape}, the masked model's "
+                f"{a.shape}. Please report this with the model."
+            )
+        dtype = np.asarray(jax.tree_util.tree_leaves(small)[k]).dtype
+        eps = np.finfo(dtype).eps if np.issubdtype(dtype, np.floating) else 0.0
+        tol = max(1e-4, 16 * eps) * max(1.0, float(np.nanmax(np.abs(a), initial=0.0)))
+        diff = np.abs(a - b)
+        if np.any(np.isnan(a) != np.isnan(b)) or float(np.nanmax(diff, initial=0.0)) > tol:
+            raise PruneError(
+                f"The pruned program differs from the masked model on a probe input (output "
+                f"{k}: max difference {float(np.nanmax(diff, initial=0.0)):.3g}, tolerance "
+                f"{tol:.3g}). The model does something to these channels that jaxprune does "
+                "not resize correctly; please report it with the model. Pass verify=False to "
+                "get the result anyway."
+            )
 
 
 def prune_opt_state(

@@ -93,6 +93,10 @@ class TracedProgram:
         path of equation indices from the top program to the call that runs it (the top
         program is ``()``). Frames matter because JAX shares one sub-jaxpr object between
         identical calls (two relus of one shape), so a `Var` alone does not name a value.
+      eqn_index: for every non-call equation of the nested program, ``(frame, k)`` (its frame
+        and its position there), the index of its `FlatEqn` in `eqns`.
+      variables_struct: the variables as `jax.ShapeDtypeStruct`s (the tree that was traced).
+      input_struct: the model input as a `jax.ShapeDtypeStruct`.
     """
 
     closed_jaxpr: Any
@@ -105,6 +109,9 @@ class TracedProgram:
     shapes: Mapping[int, tuple[int, ...]]
     dtypes: Mapping[int, Any]
     frame_ids: Mapping[tuple[int, ...], Mapping[Hashable, int]]
+    eqn_index: Mapping[tuple[tuple[int, ...], int], int]
+    variables_struct: Any
+    input_struct: Any
 
     @property
     def variable_inputs(self) -> dict[Path, int]:
@@ -171,14 +178,14 @@ def trace_apply(
         + [("<input>",)]
         + [("<kwargs>",) + path_of(p) for p, _ in kw_leaves]
     )
-    out_leaves, out_tree = jax.tree_util.tree_flatten(out_shape)
-    state_paths = _state_output_paths(out_shape)
+    _, out_tree = jax.tree_util.tree_flatten(out_shape)
+    state_paths = _state_output_paths(out_shape, static_kwargs.get("mutable", False))
 
     builder = _Flattener()
     builder.enter(())
     input_ids = tuple(builder.new_id(v) for v in closed.jaxpr.invars)
     for var, value in zip(closed.jaxpr.constvars, closed.consts, strict=True):
-        builder.consts[var] = Const(value)
+        builder.frame_consts[var] = Const(value)  # closed-over arrays (e.g. a mean/std)
     builder.walk(closed.jaxpr, ())
     builder.enter(())
     output_ids = tuple(builder.operand(v) for v in closed.jaxpr.outvars)
@@ -193,12 +200,29 @@ def trace_apply(
         shapes=builder.shapes,
         dtypes=builder.dtypes,
         frame_ids=builder.frames,
+        eqn_index=builder.eqn_index,
+        variables_struct=jax.tree_util.tree_map(_struct, variables),
+        input_struct=_struct(x_leaves[0]),
     )
 
 
-def _state_output_paths(out_shape: Any) -> tuple[Path | None, ...]:
-    """Marks outputs that are updated variables: flax's `(y, mutated_collections)` convention."""
-    if isinstance(out_shape, tuple) and len(out_shape) == 2 and isinstance(out_shape[1], Mapping):
+def _struct(leaf: Any) -> jax.ShapeDtypeStruct:
+    dtype = leaf.dtype if hasattr(leaf, "dtype") else np.result_type(leaf)
+    return jax.ShapeDtypeStruct(np.shape(leaf), dtype)
+
+
+def _state_output_paths(out_shape: Any, mutable: Any) -> tuple[Path | None, ...]:
+    """Marks outputs that are updated variables: flax's `(y, mutated_collections)` convention.
+
+    Only a call made with flax's ``mutable=`` returns that pair; any other output, a
+    `(logits, features)` tuple included, is the model's own and its channels are fixed.
+    """
+    if (
+        mutable not in (False, None)
+        and isinstance(out_shape, tuple)
+        and len(out_shape) == 2
+        and isinstance(out_shape[1], Mapping)
+    ):
         y_count = len(jax.tree_util.tree_leaves(out_shape[0]))
         state = [path_of(p) for p, _ in jax.tree_util.tree_flatten_with_path(out_shape[1])[0]]
         return (None,) * y_count + tuple(state)
@@ -240,6 +264,7 @@ class _Flattener:
         self.shapes: dict[int, tuple[int, ...]] = {}
         self.dtypes: dict[int, Any] = {}
         self.eqns: list[FlatEqn] = []
+        self.eqn_index: dict[tuple[tuple[int, ...], int], int] = {}
 
     def enter(self, frame: tuple[int, ...]) -> None:
         self.ids = self.frames.setdefault(frame, {})
@@ -272,6 +297,7 @@ class _Flattener:
             if program is None:
                 inputs = tuple(self.operand(a) for a in eqn.invars)
                 outputs = tuple(self.new_id(v) for v in eqn.outvars)
+                self.eqn_index[(frame, k)] = len(self.eqns)
                 self.eqns.append(
                     FlatEqn(eqn.primitive.name, eqn.params, inputs, outputs, source_line(eqn))
                 )

@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from jaxprune.gates import expand_mask, points_for
+from jaxprune.gates import expand_mask, local_graph, masked_operands, program_args
 from jaxprune.graph import ChannelGraph, GatePoint
-from jaxprune.trace import Const, TracedProgram, open_jaxpr, split_kwargs, sub_program, trace_apply
+from jaxprune.interpret import bind
+from jaxprune.trace import Const, TracedProgram, open_jaxpr, sub_program, trace_apply
 
 # Value id of a consumer conv's output -> (lhs channel axis, rhs input-feature axis).
 DeltaSites = Mapping[int, tuple[int, int]]
@@ -92,7 +93,7 @@ class _Runner:
 
     def __init__(
         self,
-        program: TracedProgram,
+        local: ChannelGraph,
         points: Mapping[str, tuple[GatePoint, ...]],
         masks: Mapping[str, jax.Array],
         target: str,
@@ -100,7 +101,8 @@ class _Runner:
         ungated: Mapping[int, jax.Array] | None = None,
         change: Callable[[int, Any, list[Any]], Any] | None = None,
     ) -> None:
-        self.program = program
+        self.local = local
+        self.program = local.program
         self.by_value: dict[int, list[GatePoint]] = {}
         for pts in points.values():
             for p in pts:
@@ -114,6 +116,16 @@ class _Runner:
         self.ungated: dict[int, jax.Array] = {}
         self.dependent: set[int] = set()
         self.done: set[int] = set()
+        # Reductions and means over the target's channels follow its (candidate) mask.
+        self.target_hooked = {
+            index
+            for index, red in local.reductions.items()
+            if any(r.group == target for refs in red.axes.values() for r in refs)
+        } | {
+            index
+            for (index, _), spec in local.counts.items()
+            if any(r.group == target for refs in spec.axes for r in refs)
+        }
 
     def run(self, args: list[Any]) -> list[Any]:
         closed = self.program.closed_jaxpr
@@ -159,21 +171,24 @@ class _Runner:
                     if not isinstance(var, jcore.DropVar):
                         env[var] = value
                 continue
+            index = self.program.eqn_index[(frame, k)]
             if self.base is None:
-                outs = self._bind(eqn, [read(a) for a in eqn.invars])
+                outs = self._bind(index, eqn, [read(a) for a in eqn.invars])
                 for var, vid, value in zip(eqn.outvars, out_ids, outs, strict=True):
                     if vid is not None:
                         env[var] = self.settle(vid, value)
                 continue
             # A candidate run: reuse the base value unless the candidate changes it.
-            dependent = any(is_dependent(a) for a in eqn.invars)
+            dependent = any(is_dependent(a) for a in eqn.invars) or (
+                self.change is None and index in self.target_hooked
+            )
             changed = None
             if not dependent and self.change is not None and len(out_ids) == 1:
                 changed = self.change(out_ids[0], eqn, [read(a) for a in eqn.invars])
             if changed is not None:
                 outs = [changed]
             elif dependent:
-                outs = self._bind(eqn, [read(a) for a in eqn.invars])
+                outs = self._bind(index, eqn, [read(a) for a in eqn.invars])
             else:
                 outs = [None if vid is None else self.base[vid] for vid in out_ids]
             for var, vid, value in zip(eqn.outvars, out_ids, outs, strict=True):
@@ -207,14 +222,8 @@ class _Runner:
             ungated = ungated * expand_mask(self.masks[self.target], point, ungated)
         return ungated
 
-    @staticmethod
-    def _bind(eqn: Any, invals: list[Any]) -> list[Any]:
-        params = eqn.primitive.get_bind_params(eqn.params)
-        if isinstance(params, tuple):  # older JAX returns (subfuns, params)
-            subfuns, params = params
-            invals = [*subfuns, *invals]
-        outs = eqn.primitive.bind(*invals, **params)
-        return list(outs) if eqn.primitive.multiple_results else [outs]
+    def _bind(self, index: int, eqn: Any, invals: list[Any]) -> list[Any]:
+        return bind(eqn, masked_operands(self.local, index, invals, self.masks))
 
 
 def removal_losses(
@@ -252,27 +261,25 @@ def removal_losses(
     if mode not in ("auto", "mask", "delta"):
         raise ValueError(f"mode must be 'auto', 'mask' or 'delta', got {mode!r}.")
     program = trace_apply(apply_fn, variables, x, **kwargs)
-    points = points_for(program, graph)
+    local = local_graph(program, graph)
+    points = {g.name: local.gate_points[g.name] for g in graph.groups}
     size = graph[group].size
     base_masks = {name: jnp.asarray(m, jnp.float32) for name, m in (masks or {}).items()}
     target_mask = base_masks.get(group, jnp.ones(size, jnp.float32))
     sites = delta_sites(program, points[group], size) if mode != "mask" else {}
+    if _Runner(local, points, {}, group).target_hooked:
+        sites = {}  # a reduction over the channels also sees the removal: not a plain chain
     if mode == "delta" and not sites:
         raise ValueError(
             f"Group {group!r} cannot be scored with deltas: its channels are not read only by "
             "convolutions at its gate values. Use mode='mask' or 'auto'."
         )
-    array_kwargs, _ = split_kwargs(kwargs)
-    args = (
-        jax.tree_util.tree_leaves(variables)
-        + jax.tree_util.tree_leaves(x)
-        + jax.tree_util.tree_leaves(array_kwargs)
-    )
+    args = program_args(variables, x, kwargs)
 
     def loss_of(outs: list[Any]) -> jax.Array:
         return loss_fn(jax.tree_util.tree_unflatten(program.output_tree, outs))
 
-    base_runner = _Runner(program, points, {**base_masks, group: target_mask}, group)
+    base_runner = _Runner(local, points, {**base_masks, group: target_mask}, group)
     base_loss = loss_of(base_runner.run(args))
     recorded, ungated = base_runner.values, base_runner.ungated
 
@@ -288,16 +295,18 @@ def removal_losses(
                     jax.lax.dynamic_slice_in_dim(lhs, c, 1, axis=lhs_axis),
                     jax.lax.dynamic_slice_in_dim(rhs, c, 1, axis=rhs_axis),
                 ]
-                return recorded[vid] - _Runner._bind(eqn, one)[0]
+                return recorded[vid] - bind(eqn, one)[0]
 
-            runner = _Runner(program, points, base_masks, group, recorded, ungated, change)
+            runner = _Runner(local, points, base_masks, group, recorded, ungated, change)
             return loss_of(runner.run(args))
 
     else:
 
         def candidate(c: jax.Array) -> jax.Array:
             mask = target_mask * (1.0 - jax.nn.one_hot(c, size, dtype=jnp.float32))
-            runner = _Runner(program, points, {**base_masks, group: mask}, group, recorded, ungated)
+            runner = _Runner(
+                local, points, {**base_masks, group: mask}, group, recorded, ungated
+            )
             return loss_of(runner.run(args))
 
     removed = jax.lax.map(candidate, jnp.arange(size), batch_size=min(batch_size or size, size))

@@ -16,49 +16,10 @@ import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import jax
-from flax.core import meta
-
-from jaxprune.tree_paths import key_name
+from jaxprune.widths import widths_from_params  # noqa: F401  (re-exported)
 
 # Hashable form of a width spec, as stored on a linen module: sorted (path, width) pairs.
 FrozenWidths = tuple[tuple[str, int], ...]
-
-
-def widths_from_params(params: Any) -> dict[str, int]:
-    """Reads the width spec of any flax params tree.
-
-    Every leaf named ``"kernel"`` is one layer; its key is the path of the module holding it,
-    joined with ``"/"`` (the empty string for a bare layer initialised on its own), and its
-    width is ``kernel.shape[-1]`` (output features of `nn.Conv` and `nn.Dense`).
-
-    Args:
-      params: the ``"params"`` collection of a flax model (``variables["params"]``, not the
-        whole variables dict), as arrays or as `jax.ShapeDtypeStruct` from `jax.eval_shape`.
-        Boxed metadata (e.g. `nn.Partitioned`) is unboxed first.
-
-    Returns:
-      A dict from layer path to its number of output features, in the tree's key order.
-
-    Example:
-      >>> import jax, jax.numpy as jnp, flax.linen as nn
-      >>> params = nn.Dense(3).init(jax.random.key(0), jnp.ones((1, 2)))["params"]
-      >>> widths_from_params({"fc": params})
-      {'fc': 3}
-    """
-    leaves = jax.tree_util.tree_leaves_with_path(meta.unbox(params))
-    widths: dict[str, int] = {}
-    for path, leaf in leaves:
-        if not path or key_name(path[-1]) != "kernel":
-            continue
-        shape = getattr(leaf, "shape", None)
-        if not shape:
-            raise ValueError(
-                f"kernel at {'/'.join(key_name(k) for k in path)!r} has no shape ({leaf!r}); "
-                "pass a params tree of arrays or jax.ShapeDtypeStruct."
-            )
-        widths["/".join(key_name(k) for k in path[:-1])] = int(shape[-1])
-    return widths
 
 
 def _as_width(path: str, value: Any) -> int:
