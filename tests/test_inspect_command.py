@@ -31,7 +31,7 @@ def test_every_conv_layer_gets_a_page_a_standin_file_and_an_index_entry(lenet_fi
     out = tmp_path / "inspect"
     args = build_parser().parse_args(
         ["inspect", "--model-file", str(lenet_file), "--layer", "all", "--images", "3"]
-        + ["--scores", "l1", "--standin", "2", "--out", str(out)]
+        + ["--scores", "l1", "--standin", "2", "--ratio", "0.25", "--out", str(out)]
     )
     assert args.func(args) == 0
     assert sorted(p.name for p in out.iterdir()) == [
@@ -47,6 +47,9 @@ def test_every_conv_layer_gets_a_page_a_standin_file_and_an_index_entry(lenet_fi
     page = (out / "conv2.html").read_text()
     assert page.count('class="kernel"') == 16 and "rank 16" in page  # l1 scores shown
     assert "Score: l1 (higher" in page and "objective criterion" not in page
+    # p = 25%: 4 of conv2's 16 kernels; 1.5 of conv1's 6 rounds (half to even) to 2.
+    assert '<b id="p-count">4</b>' in page
+    assert '<b id="p-count">2</b>' in (out / "conv1.html").read_text()
     layers = read_selection(out / "standin_conv2.json")
     assert layers["conv2"]["chosen_by"].startswith("stand-in:")
     assert layers["conv2"]["num_kernels"] == 16 and len(layers["conv2"]["remove"]) == 2
@@ -68,6 +71,7 @@ def test_the_default_layer_is_the_first_conv_and_scores_can_be_off(lenet_file, t
         ({"standin": 6}, "would remove every kernel"),
         ({"scores": "nope"}, "not a registered criterion"),
         ({"images": 0}, "at least 1"),
+        ({"ratio": 1.0}, r"--ratio must be in \[0, 1\)"),
     ],
 )
 def test_bad_requests_name_the_fix(lenet_file, tmp_path, change, message):

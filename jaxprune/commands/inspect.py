@@ -44,6 +44,9 @@ class InspectConfig:
     scores: str = "oracle_loss"
     # Validation examples the scores are computed on.
     score_examples: int = 256
+    # p, the fraction of each layer a progressive run removes: the page shows the count it
+    # means and offers to select that many of the lowest scores (the paper's 5%).
+    ratio: float = 0.05
     # Examples per batch when scoring.
     batch_size: int = 128
     # Output folder.
@@ -75,6 +78,8 @@ def run_inspect(config: InspectConfig) -> dict[str, Path]:
 
     if config.images < 1:
         raise ValueError(f"--images must be at least 1, got {config.images}.")
+    if not 0.0 <= config.ratio < 1.0:
+        raise ValueError(f"--ratio must be in [0, 1), got {config.ratio}.")
     if config.standin is not None and config.standin < 0:
         raise ValueError(f"--standin must be a count >= 0, got {config.standin}.")
     scoring = config.scores.lower() != "none"
@@ -116,6 +121,7 @@ def run_inspect(config: InspectConfig) -> dict[str, Path]:
             scores.get(group),
             title_base,
             config.scores,
+            config.ratio,
         )
         row = {"group": group, "kernels": graph[group].size, "page": page_file_name(group)}
         if config.standin is not None:
@@ -196,6 +202,7 @@ def _write_page(
     scores: np.ndarray | None,
     title_base: str,
     score_name: str,
+    ratio: float,
 ) -> Path:
     return write_kernel_page(
         out / page_file_name(group),
@@ -206,7 +213,7 @@ def _write_page(
         images,
         scores=scores,
         title=f"{group}: kernels of {title_base}",
-        config=PageConfig(score_name=score_name),
+        config=PageConfig(score_name=score_name, ratio=ratio),
     )
 
 
@@ -242,7 +249,8 @@ def _write_index(
 <style>body {{ font: 14px/1.4 system-ui, sans-serif; margin: 16px; }}
 td, th {{ padding: 2px 12px; text-align: left; }}</style></head>
 <body><h1>Kernel pages: {html.escape(title)}</h1>
-<p>One page per layer: click kernels to remove, then export the selection. {scores}
+<p>One page per layer: click kernels to remove, then export the selection (each page says
+where the file goes). {scores}
 Stand-in files are a script's choice (dead kernels first, then duplicates), not a person's.</p>
 <table><tr><th>layer</th><th>kernels</th><th>stand-in selection</th></tr>
 {"".join(rows)}
@@ -260,6 +268,7 @@ def _from_args(args: argparse.Namespace) -> int:
         images=args.images,
         scores=args.scores,
         score_examples=args.score_examples,
+        ratio=args.ratio,
         batch_size=args.batch_size,
         out=args.out,
         standin=args.standin,
@@ -317,6 +326,14 @@ def add_command(subparsers: Any) -> argparse.ArgumentParser:
         type=int,
         default=defaults.score_examples,
         help="validation examples the scores are computed on",
+    )
+    parser.add_argument(
+        "--ratio",
+        type=float,
+        default=defaults.ratio,
+        metavar="P",
+        help="p, the fraction of each layer to remove: the page shows the count it means and "
+        "offers to select that many of the lowest scores (default: the paper's 0.05)",
     )
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--out", default=defaults.out, help="output folder")
