@@ -37,7 +37,16 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
-from jaxprune.trace import Const, FlatEqn, Operand, Path, TracedProgram, split_kwargs, trace_apply
+from jaxprune.trace import (
+    Const,
+    FlatEqn,
+    Operand,
+    Path,
+    TracedProgram,
+    parameter_origins,
+    split_kwargs,
+    trace_apply,
+)
 
 if TYPE_CHECKING:
     from jaxprune.graph import ChannelGroup
@@ -394,7 +403,7 @@ def _total_params(program: TracedProgram) -> int:
 
 def _layers(program: TracedProgram, batch: int) -> tuple[LayerCost, ...]:
     params = _param_paths(program)
-    producer = {out: eqn for eqn in program.eqns for out in eqn.outputs}
+    origins = parameter_origins(program)
     consumers: dict[int, list[FlatEqn]] = {}
     for eqn in program.eqns:
         for op in eqn.inputs:
@@ -402,15 +411,8 @@ def _layers(program: TracedProgram, batch: int) -> tuple[LayerCost, ...]:
                 consumers.setdefault(op, []).append(eqn)
 
     def source(op: Operand) -> Path | None:
-        # Walks back through shape-only ops to the parameter leaf, if the value is one.
-        while not isinstance(op, Const):
-            if op in params:
-                return params[op]
-            eqn = producer.get(op)
-            if eqn is None or eqn.primitive not in SHAPE_ONLY_PRIMITIVES:
-                return None
-            op = eqn.inputs[0]
-        return None
+        # The parameter a value is computed from (a kernel, transposed or standardised).
+        return None if isinstance(op, Const) else origins.get(op)
 
     rows: list[LayerCost] = []
     uses: dict[str, int] = {}

@@ -38,7 +38,15 @@ from typing import Any
 
 import numpy as np
 
-from jaxprune.trace import Const, FlatEqn, Operand, Path, TracedProgram, trace_apply
+from jaxprune.trace import (
+    Const,
+    FlatEqn,
+    Operand,
+    Path,
+    TracedProgram,
+    parameter_origins,
+    trace_apply,
+)
 
 ELEMENTWISE = frozenset(
     """abs acos acosh add add_any and asin asinh atan atan2 atanh cbrt ceil clamp conj copy copy_p
@@ -584,7 +592,6 @@ class _Analysis:
         self.windows: list[tuple[int, int, tuple[int, ...], str]] = []
         self.sum_of: dict[int, int] = {}
         self.divisions: list[tuple[int, int, int, bool]] = []
-        self.constants: set[int] = set()
         self.position = 0
 
     # -- labels of operands
@@ -629,9 +636,9 @@ class _Analysis:
 
     def run(self, strict: bool) -> ChannelGraph:
         prog = self.program
-        for path, vid in prog.variable_inputs.items():
+        self.param_origin = parameter_origins(prog)
+        for vid in prog.variable_inputs.values():
             self.labels[vid] = self.fresh_labels(prog.shapes[vid])
-            self.param_origin[vid] = path
         for vid in prog.input_ids:
             if vid not in self.labels:
                 self.labels[vid] = self.fresh_labels(prog.shapes[vid])
@@ -686,12 +693,6 @@ class _Analysis:
             self.unsupported(eqn)
         if name in _SUM_CARRIERS and eqn.inputs and eqn.inputs[0] in self.sum_of:
             self.sum_of[eqn.outputs[0]] = self.sum_of[eqn.inputs[0]]
-        if all(self.is_constant(i) for i in eqn.inputs):
-            self.constants.update(eqn.outputs)
-
-    def is_constant(self, op: Operand) -> bool:
-        """Whether a value is computed from literals and closed-over constants only."""
-        return isinstance(op, Const) or op < 0 or op in self.constants
 
     def unsupported(self, eqn: FlatEqn, what: str | None = None) -> None:
         reason = what or f"unsupported operation {self.describe(eqn)}"
@@ -738,18 +739,7 @@ class _Analysis:
             return
         # Integer/bool ops (dropout masks, comparisons) keep whatever labels their inputs had.
         self.set_out(eqn, [label] * len(eqn.outputs))
-        self.derive_origin(eqn)
         self.note_division(eqn)
-
-    def derive_origin(self, eqn: FlatEqn) -> None:
-        """A value computed from parameters and constants only (a weight-standardised or
-        weight-normalised kernel) derives from the parameter of its own shape."""
-        values = [i for i in eqn.inputs if not self.is_constant(i)]
-        if not values or any(i not in self.param_origin for i in values):
-            return
-        out_shape = self.program.shapes[eqn.outputs[0]]
-        same = [i for i in values if self.program.shapes[i] == out_shape]
-        self.param_origin[eqn.outputs[0]] = self.param_origin[(same or values)[0]]
 
     def note_division(self, eqn: FlatEqn) -> None:
         """Records a channel sum divided by (or multiplied with) a scalar: a mean candidate."""
@@ -761,11 +751,6 @@ class _Analysis:
                 if ins[j] in self.sum_of and self.shape_of(ins[1 - j]) == ():
                     self.divisions.append((self.position, self.sum_of[ins[j]], 1 - j, True))
 
-    def inherit_origin(self, eqn: FlatEqn) -> None:
-        src = eqn.inputs[0]
-        if not isinstance(src, Const) and src in self.param_origin:
-            self.param_origin[eqn.outputs[0]] = self.param_origin[src]
-
     def reduction(self, eqn: FlatEqn) -> None:
         axes = tuple(eqn.params.get("axes", ()))
         labs = self.labels_of(eqn.inputs[0])
@@ -774,7 +759,6 @@ class _Analysis:
         )
         kept = [t for ax, t in enumerate(labs) if ax not in axes]
         self.set_out(eqn, [kept] * len(eqn.outputs))
-        self.inherit_origin(eqn)
         if eqn.primitive == "reduce_sum":
             self.sum_of[eqn.outputs[0]] = self.position
 
@@ -805,30 +789,24 @@ class _Analysis:
         self.set_out(eqn, [out])
         if len(eqn.inputs) > 1:  # dynamic shapes carry extra operands: not supported
             self.unsupported(eqn)
-        else:
-            self.inherit_origin(eqn)
 
     def op_transpose(self, eqn: FlatEqn) -> None:
         labs = self.labels_of(eqn.inputs[0])
         self.set_out(eqn, [[labs[p] for p in eqn.params["permutation"]]])
-        self.inherit_origin(eqn)
 
     def op_squeeze(self, eqn: FlatEqn) -> None:
         labs = self.labels_of(eqn.inputs[0])
         drop = {d % len(labs) for d in eqn.params["dimensions"]}
         self.set_out(eqn, [[t for ax, t in enumerate(labs) if ax not in drop]])
-        self.inherit_origin(eqn)
 
     def op_expand_dims(self, eqn: FlatEqn) -> None:
         labs = list(self.labels_of(eqn.inputs[0]))
         for d in sorted(eqn.params["dimensions"]):
             labs.insert(d, None)
         self.set_out(eqn, [labs])
-        self.inherit_origin(eqn)
 
     def op_convert_element_type(self, eqn: FlatEqn) -> None:
         self.set_out(eqn, [self.labels_of(eqn.inputs[0])])
-        self.inherit_origin(eqn)
 
     op_copy = op_copy_p = op_convert_element_type
 
@@ -842,9 +820,7 @@ class _Analysis:
         starts, limits = eqn.params["start_indices"], eqn.params["limit_indices"]
         strides = eqn.params.get("strides") or (1,) * len(shape)
         changed = [
-            ax
-            for ax, n in enumerate(shape)
-            if (starts[ax], limits[ax], strides[ax]) != (0, n, 1)
+            ax for ax, n in enumerate(shape) if (starts[ax], limits[ax], strides[ax]) != (0, n, 1)
         ]
         self.pass_through(eqn, changed, "slicing")
 
@@ -918,7 +894,6 @@ class _Analysis:
                 out[a] = self.u.fresh(out_shape[a])
                 self.u.tag_taint(out[a], reason)
         self.set_out(eqn, [out])
-        self.inherit_origin(eqn)
 
     def op_concatenate(self, eqn: FlatEqn) -> None:
         dim = eqn.params["dimension"]
@@ -1062,11 +1037,7 @@ class _Builder:
         u = self.u
         if isinstance(term, Product) and len(term.factors) == 2:
             outer, inner = (u.resolve(f) for f in term.factors)
-            if (
-                isinstance(outer, int)
-                and isinstance(inner, int)
-                and not u.tags[inner].producers
-            ):
+            if isinstance(outer, int) and isinstance(inner, int) and not u.tags[inner].producers:
                 return outer, inner
         kind = "split into several axes" if isinstance(term, Product) else "laid out in parts"
         self.refuse(
@@ -1365,9 +1336,7 @@ class _Builder:
                 return site
         return None
 
-    def hoist(
-        self, vid: int, ax: int, unit: _Unit
-    ) -> list[tuple[int, int, np.ndarray | None]]:
+    def hoist(self, vid: int, ax: int, unit: _Unit) -> list[tuple[int, int, np.ndarray | None]]:
         """Where to gate a read: the value itself, or, through a flatten or concatenation that
         is its only use, the earlier value that holds the channels as a plain axis."""
         a = self.a

@@ -27,7 +27,14 @@ from flax import nnx
 
 from jaxprune.graph import ChannelGraph
 from jaxprune.graph import channel_graph as _linen_graph
-from jaxprune.surgery import KeepIndices, PruneError, Pruned, axis_slices, probe_input
+from jaxprune.surgery import (
+    KeepIndices,
+    Pruned,
+    PruneError,
+    axis_slices,
+    first_difference,
+    probe_input,
+)
 from jaxprune.surgery import prune as _prune_variables
 from jaxprune.tree_paths import Path, path_of
 
@@ -209,16 +216,15 @@ def _check_module(small: nnx.Module, graph: ChannelGraph, pruned: Pruned) -> Non
         why = f"it fails at the new widths: {type(e).__name__}: {e}"
         raise PruneError(_module_refused(why)) from e
     expected = pruned.apply_fn(pruned.variables, x, **kwargs)
-    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(expected)):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        scale = max(1.0, float(np.abs(b).max(initial=0.0)))
-        if a.shape != b.shape or float(np.abs(a - b).max(initial=0.0)) > 1e-4 * scale:
-            raise PruneError(
-                _module_refused(
-                    "its output differs from the pruned program's (it takes another code path "
-                    "at these widths or uses a width jaxprune cannot set)"
-                )
+    difference = first_difference(expected, ours)
+    if difference is not None:
+        raise PruneError(
+            _module_refused(
+                f"its output differs from the pruned program's ({difference}); its code takes "
+                "another path at these widths (a branch on shapes) or uses a width jaxprune "
+                "cannot set"
             )
+        )
 
 
 def _module_refused(why: str) -> str:

@@ -18,10 +18,9 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax
 import numpy as np
 
-from jaxprune.surgery import PruneError, Pruned, probe_input
+from jaxprune.surgery import Pruned, PruneError, first_difference, probe_input
 
 _FEATURE_LAYERS = (nn.Conv, nn.ConvTranspose, nn.ConvLocal, nn.Dense)
 
@@ -109,16 +108,15 @@ def _check(rebuilt: nn.Module, pruned: Pruned) -> None:
     except Exception as e:
         raise PruneError(_refused(f"it fails at the new widths: {type(e).__name__}: {e}")) from e
     expected = pruned.apply_fn(pruned.variables, x, **kwargs)
-    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(expected)):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        scale = max(1.0, float(np.abs(b).max(initial=0.0)))
-        if a.shape != b.shape or float(np.abs(a - b).max(initial=0.0)) > 1e-4 * scale:
-            raise PruneError(
-                _refused(
-                    "its output differs from the pruned program's (its code takes another "
-                    "path at these widths, e.g. a branch on shapes)"
-                )
+    difference = first_difference(expected, ours)
+    if difference is not None:
+        raise PruneError(
+            _refused(
+                f"its output differs from the pruned program's ({difference}); its code takes "
+                "another path at these widths (a branch on shapes) or uses a width jaxprune "
+                "cannot set"
             )
+        )
 
 
 def _refused(why: str) -> str:

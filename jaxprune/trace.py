@@ -133,6 +133,34 @@ class TracedProgram:
         )
 
 
+# Products of two arrays; a value computed with one of them is not "a parameter" any more.
+_PRODUCTS = frozenset({"conv_general_dilated", "dot_general"})
+
+
+def parameter_origins(program: TracedProgram) -> dict[int, Path]:
+    """For every value computed from one parameter (and constants) only, that parameter's path.
+
+    Shape ops, casts, reductions and elementwise arithmetic keep a parameter's identity: a
+    kernel that is transposed, cast, or standardised (``(w - mean(w)) / std(w)``) is still that
+    kernel, and the layer that uses it is still that kernel's layer. When several parameters
+    meet (``v * g / |v|``), the one of the result's shape is the origin.
+    """
+    origin = {vid: path for path, vid in program.variable_inputs.items()}
+    constant: set[int] = set()
+    for eqn in program.eqns:
+        values = [i for i in eqn.inputs if not isinstance(i, Const) and i not in constant]
+        if not values:
+            constant.update(eqn.outputs)
+            continue
+        if eqn.primitive in _PRODUCTS or any(v not in origin for v in values):
+            continue
+        shape = program.shapes[eqn.outputs[0]]
+        same = [v for v in values if program.shapes[v] == shape]
+        for out in eqn.outputs:
+            origin[out] = origin[(same or values)[0]]
+    return origin
+
+
 def split_kwargs(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Splits keyword arguments into array leaves (traced) and everything else (static)."""
     arrays, static = {}, {}
@@ -244,12 +272,19 @@ def open_jaxpr(program: Any) -> tuple[Any, list[Any]]:
     return program, []
 
 
+# Library code between the user's model and the primitive: a model line is the user's own.
+_LIBRARY_PARTS = ("/flax/", "/optax/", "/jaxprune/", "/equinox/", "/haiku/")
+
+
 def source_line(eqn: Any) -> str:
-    """The innermost user frame of an equation, as 'file:line (function)'."""
+    """The innermost frame of the user's model code that made an equation, as
+    'file:line (function)' (library frames such as flax's layers are skipped)."""
     try:
         from jax._src import source_info_util
 
-        frame = source_info_util.user_frame(eqn.source_info.traceback)
+        frames = list(source_info_util.user_frames(eqn.source_info.traceback))
+        own = [f for f in frames if not any(part in f.file_name for part in _LIBRARY_PARTS)]
+        frame = (own or frames or [None])[0]
         if frame is not None:
             return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
     except Exception:  # source info is best effort, only for messages
@@ -290,17 +325,18 @@ class _Flattener:
         else:
             self.ids[inner] = outer
 
-    def walk(self, jaxpr: Any, frame: tuple[int, ...]) -> None:
+    def walk(self, jaxpr: Any, frame: tuple[int, ...], where: str = "<unknown source>") -> None:
         for k, eqn in enumerate(jaxpr.eqns):
             self.enter(frame)
             program = sub_program(eqn)
+            line = source_line(eqn)
+            if line.startswith("<"):  # inside a library's jit (jnp.pad): the call's line
+                line = where
             if program is None:
                 inputs = tuple(self.operand(a) for a in eqn.invars)
                 outputs = tuple(self.new_id(v) for v in eqn.outvars)
                 self.eqn_index[(frame, k)] = len(self.eqns)
-                self.eqns.append(
-                    FlatEqn(eqn.primitive.name, eqn.params, inputs, outputs, source_line(eqn))
-                )
+                self.eqns.append(FlatEqn(eqn.primitive.name, eqn.params, inputs, outputs, line))
                 continue
             operands = [self.operand(a) for a in eqn.invars]
             inner, consts = open_jaxpr(program)
@@ -310,7 +346,7 @@ class _Flattener:
                 self.frame_consts[var] = Const(value)
             for var, op in zip(inner.invars, operands, strict=True):
                 self.bind(var, op)
-            self.walk(inner, sub)
+            self.walk(inner, sub, line)
             self.enter(sub)
             results = [self.operand(v) for v in inner.outvars]
             self.enter(frame)

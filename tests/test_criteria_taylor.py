@@ -1,5 +1,6 @@
 """Taylor criteria: Eq. 8 and its variants against NumPy, per-example gradients, BN and weights."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,7 @@ from core_helpers import init
 from toy_models import ConvBNDense, ResidualProjection
 
 from jaxprune.criteria import ScoringContext, score, taylor
-from jaxprune.gates import activations_and_gradients, gated_call
+from jaxprune.gates import activations_and_gradients, gate_points, gated_call
 from jaxprune.graph import channel_graph
 
 X = jax.random.normal(jax.random.key(1), (6, 8, 8, 3))
@@ -56,14 +57,17 @@ def test_variants_place_the_absolute_value_as_documented(residual):
     )(variables)
     got = {name: score(name, context, variables, BATCH) for name in VARIANTS}
     for group in context.graph.names:
-        # Per point: channels last, spatial mean of a * g for each example.
+        # Per point: channels last, a * g summed over positions, divided by the number of
+        # positions M of the group's first point (the spatial mean when there is one point).
+        first = np.asarray(acts[group][0])
+        m = float(np.prod(first.shape[1:-1]))
         terms = []
         abs_terms = []
         for a, g in zip(acts[group], grads[group], strict=True):
             prod = np.asarray(a, np.float64) * np.asarray(g, np.float64)
             axes = tuple(range(1, prod.ndim - 1))
-            terms.append(prod.mean(axis=axes) if axes else prod)
-            abs_terms.append(np.abs(prod).mean(axis=axes) if axes else np.abs(prod))
+            terms.append((prod.sum(axis=axes) if axes else prod) / m)
+            abs_terms.append((np.abs(prod).sum(axis=axes) if axes else np.abs(prod)) / m)
         t = sum(terms)  # (examples, channels): summed over points before any |.|
         np.testing.assert_allclose(got["taylor"][group], np.abs(t).mean(0), rtol=1e-4, atol=1e-9)
         np.testing.assert_allclose(
@@ -89,6 +93,36 @@ def test_signed_sum_is_the_first_order_change_of_the_mean_loss():
         np.testing.assert_allclose(
             got[group], np.abs(np.asarray(mask_grad[group])) / m, rtol=1e-4, atol=1e-9
         )
+
+
+class TwoScales(nn.Module):
+    """A group read at two map sizes: by a strided conv at 8x8 and, pooled and added to that
+    conv's output, by the next conv at 4x4."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        a = nn.relu(nn.Conv(6, (3, 3), name="stem")(x))
+        b = nn.relu(nn.Conv(6, (3, 3), strides=(2, 2), name="down")(a))
+        y = nn.avg_pool(a, (2, 2), (2, 2)) + b
+        z = nn.relu(nn.Conv(4, (3, 3), name="mix")(y))
+        return nn.Dense(3, name="head")(z.reshape(z.shape[0], -1))
+
+
+def test_a_group_read_at_maps_of_two_sizes_gets_the_first_order_loss_change():
+    # Removing channel c of "stem" everywhere changes the mean loss by -d(loss)/d(mask_c) to
+    # first order; the signed Taylor score times the first point's positions (8 x 8) is that
+    # derivative. Weighting each point by its own positions (a spatial mean per point) is not.
+    variables, context = setup(TwoScales())
+    points = gate_points(context.apply_fn, context.graph, variables, X)["stem"]
+    assert sorted(p.shape[1] for p in points) == [4, 8]
+    ones = {g.name: jnp.ones(g.size) for g in context.graph}
+    mask_grad = jax.jit(jax.grad(lambda m: mean_loss_of(context, variables, X, jnp.asarray(Y), m)))(
+        ones
+    )
+    got = score("taylor_signed_sum", context, variables, BATCH)
+    np.testing.assert_allclose(
+        got["stem"] * 64, np.abs(np.asarray(mask_grad["stem"])), rtol=1e-4, atol=1e-9
+    )
 
 
 def test_gradient_rows_are_per_example(residual):

@@ -89,8 +89,8 @@ class ShapeBranchResNet(nn.Module):
     def __call__(self, x):
         x = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(16, (3, 3))(x)))
         x = BottleneckBlock(4)(x)  # 16 -> 16 channels: identity shortcut
-        x = BottleneckBlock(8, (2, 2))(x)  # 16 -> 32: projection
-        x = BottleneckBlock(8)(x)
+        x = BottleneckBlock(8)(x)  # 16 -> 32: a projection, because the widths differ
+        x = BottleneckBlock(8, (2, 2))(x)  # a projection, because of the stride
         return nn.Dense(5)(jnp.mean(x, axis=(1, 2)))
 
 
@@ -323,10 +323,18 @@ def init_linen(model_cls, seed: int = 0):
     variables = model.init(jax.random.key(seed), x, **kwargs)
     # Non-trivial statistics, so BatchNorm is not the identity.
     if "batch_stats" in variables:
-        rng = np.random.default_rng(seed + 1)
         variables = dict(variables)
-        variables["batch_stats"] = jax.tree_util.tree_map(
-            lambda v: jnp.asarray(rng.uniform(0.5, 1.5, v.shape), v.dtype),
-            variables["batch_stats"],
-        )
+        variables["batch_stats"] = random_statistics(variables["batch_stats"], seed + 1)
     return model, variables, x, kwargs
+
+
+def random_statistics(stats, seed: int):
+    """BatchNorm running means near 0 and variances near 1, different per channel."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, v):
+        if jax.tree_util.keystr(path).endswith("['var']"):
+            return jnp.asarray(rng.uniform(0.5, 1.5, v.shape), v.dtype)
+        return jnp.asarray(rng.normal(0.0, 0.2, v.shape), v.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, stats)

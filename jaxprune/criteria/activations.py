@@ -69,7 +69,13 @@ def _batch_summary(
                 mean = values.mean(0)
                 stats.append({"count": count, "mean": mean, "m2": ((values - mean) ** 2).sum(0)})
             elif kind == "zeros":
-                stats.append({"count": count, "zeros": (values == 0).sum(0).astype(jnp.float32)})
+                stats.append(
+                    {
+                        "count": count,
+                        "zeros": (values == 0).sum(0).astype(jnp.float32),
+                        "negatives": (values < 0).sum().astype(jnp.float32),
+                    }
+                )
             elif kind == "rank":
                 if view.ndim != 4:  # only (batch, height, width, channels) maps have a rank
                     stats.append({})
@@ -195,14 +201,21 @@ def apoz() -> Criterion:
     """Average Percentage of Zeros (Hu et al., "Network Trimming", arXiv 1607.03250, 2016).
 
     ``APoZ_c = (1 / (N M)) sum_n sum_p [a[n, p, c] == 0]`` and ``s_c = 1 - APoZ_c``: a channel
-    that is mostly zero after its ReLU is the least relevant.
+    that is mostly zero after its ReLU is the least relevant. APoZ is defined on rectified
+    activations: a gate point where any activation is negative (no ReLU there, e.g. after a
+    GELU or a LayerNorm) does not count, and a group with no rectified point is left out of
+    the result (it would otherwise score 1 for every channel).
 
     Returns:
       The criterion "apoz".
     """
-    return _summary_criterion(
-        "apoz", "zeros", _add, lambda m, labels: 1.0 - m["zeros"] / m["count"]
-    )
+
+    def point_score(merged: dict, labels: Any) -> np.ndarray | None:
+        if merged["negatives"] > 0:
+            return None
+        return 1.0 - merged["zeros"] / merged["count"]
+
+    return _summary_criterion("apoz", "zeros", _add, point_score)
 
 
 def hrank() -> Criterion:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.graph import ChannelGraph, ChannelGroup, GatePoint
+from jaxprune.graph import ChannelGraph, ChannelGroup, GatePoint, layer_name
 from jaxprune.tree_paths import Path, path_of
 
 
@@ -38,23 +38,30 @@ def producer_kernel_paths(group: ChannelGroup) -> list[tuple[Path, int]]:
 
     A residual group has several producers; a depthwise conv that keeps the group's channels is
     one of them. The output axis is the kernel's last axis (flax's layout), on which channel c is
-    index c.
+    index c. Kernels are found by their layer path, so linen variables (``params/conv1/kernel``)
+    and NNX states (``conv1/kernel``) both work.
     """
-    wanted = {("params", *layer.split("/"), "kernel") for layer in group.producers}
-    found = []
+    kernels = {}
     for member in group.members:
-        if member.path in wanted:
-            if member.channel_of_index is not None:
-                raise NotImplementedError(
-                    f"The kernel {'/'.join(member.path)} of group {group.name!r} interleaves "
-                    "the group's channels with others on its output axis; weight criteria "
-                    "need one output index per channel."
-                )
-            found.append((member.path, member.axis))
+        if member.path[-1] != "kernel" or layer_name(member.path) not in group.producers:
+            continue
+        # A kernel reading and writing the group (conv(x) + x) holds it on two axes; flax's
+        # output axis is the last one.
+        if member.path not in kernels or member.axis > kernels[member.path].axis:
+            kernels[member.path] = member
+    found = []
+    for member in kernels.values():
+        if member.channel_of_index is not None:
+            raise NotImplementedError(
+                f"The kernel {'/'.join(member.path)} of group {group.name!r} interleaves "
+                "the group's channels with others on its output axis; weight criteria "
+                "need one output index per channel."
+            )
+        found.append((member.path, member.axis))
     if not found:
         raise ValueError(
             f"Group {group.name!r} has no producer kernel among its parameters (producers: "
-            f"{list(group.producers)}); weight criteria need params/<layer>/kernel leaves."
+            f"{list(group.producers)}); weight criteria need <layer>/kernel leaves."
         )
     return found
 
@@ -77,23 +84,43 @@ def channel_rows(variables: Any, group: ChannelGroup) -> jax.Array:
     return jnp.concatenate(rows, axis=1)
 
 
-def batch_norm_paths(graph: ChannelGraph, group: ChannelGroup, which: str) -> list[Path]:
-    """The paths of the group's BatchNorm scales (`which="scale"`) or shifts (`"bias"`).
+def batch_norm_members(
+    graph: ChannelGraph, group: ChannelGroup, which: str
+) -> list[tuple[Path, np.ndarray | None]]:
+    """The group's BatchNorm scales (`which="scale"`) or shifts (`"bias"`), with the positions
+    of the group's channels in each (None: position c is channel c).
 
-    A BatchNorm module is recognised by holding a "scale" leaf; a conv or dense bias (a module
-    without "scale") is not a BatchNorm shift. A group with several BatchNorm layers (a residual
-    stage) returns all of them; a group without BatchNorm returns an empty list.
+    A BatchNorm layer is a module holding `which` and running statistics ("mean", "var"); a
+    LayerNorm or GroupNorm (no running statistics) or a conv bias is not one. A BatchNorm after a
+    concatenation holds several groups' channels: the positions pick this group's. A group with
+    several BatchNorm layers (a residual stage) returns all of them; one without, an empty list.
     """
     if which not in ("scale", "bias"):
         raise ValueError(f"which must be 'scale' or 'bias', got {which!r}.")
-    paths = []
+    with_stats = {layer_name(p) for p in graph.variable_shapes if p[-1] in ("mean", "var")}
+    found = []
     for member in group.members:
         path = member.path
-        if path[0] != "params" or path[-1] != which:
+        if path[-1] != which or path[0] == "batch_stats" or layer_name(path) not in with_stats:
             continue
-        if (*path[:-1], "scale") in graph.variable_shapes and member.channel_of_index is None:
-            paths.append(path)
-    return sorted(paths)
+        owner = member.channel_of_index
+        if owner is None:
+            found.append((path, None))
+            continue
+        positions = [np.flatnonzero(np.asarray(owner) == c) for c in range(group.size)]
+        if any(p.size != 1 for p in positions):
+            continue  # not one position per channel: not a per-channel BatchNorm of this group
+        found.append((path, np.array([int(p[0]) for p in positions])))
+    return sorted(found, key=lambda item: item[0])
+
+
+def batch_norm_values(variables: Any, members: list[tuple[Path, np.ndarray | None]]) -> list:
+    """The BatchNorm vectors of `batch_norm_members`, each reduced to the group's channels."""
+    values = []
+    for path, positions in members:
+        value = leaf_at(variables, path)
+        values.append(value if positions is None else jnp.take(value, jnp.asarray(positions)))
+    return values
 
 
 def channel_view(value: jax.Array, point: GatePoint, group_size: int) -> jax.Array:

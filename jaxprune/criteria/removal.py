@@ -304,9 +304,7 @@ def removal_losses(
 
         def candidate(c: jax.Array) -> jax.Array:
             mask = target_mask * (1.0 - jax.nn.one_hot(c, size, dtype=jnp.float32))
-            runner = _Runner(
-                local, points, {**base_masks, group: mask}, group, recorded, ungated
-            )
+            runner = _Runner(local, points, {**base_masks, group: mask}, group, recorded, ungated)
             return loss_of(runner.run(args))
 
     removed = jax.lax.map(candidate, jnp.arange(size), batch_size=min(batch_size or size, size))

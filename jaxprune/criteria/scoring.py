@@ -10,6 +10,7 @@ import numpy as np
 
 from jaxprune.criteria.base import Batch, Criterion, Scores, ScoringContext, iter_batches, to_numpy
 from jaxprune.criteria.registry import get_criterion
+from jaxprune.surgery import PruneError, check_tree
 
 
 def check_masks(context: ScoringContext, masks: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -76,6 +77,12 @@ def score(
             f"Options {sorted(options)} were given with a Criterion object; pass them to its "
             "constructor, or give the criterion by name."
         )
+    try:
+        check_tree(context.graph, variables)
+    except PruneError as e:  # a stale graph would give scores for channels that do not exist
+        raise ValueError(
+            str(e).replace("The variables do not match", "The variables scored do not match")
+        ) from None
     checked = check_masks(context, masks)
     state = criterion.init(context, variables, checked)
     if criterion.uses_batches:

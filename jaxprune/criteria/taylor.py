@@ -28,7 +28,7 @@ from jaxprune.criteria.base import (
     summed_criterion,
 )
 from jaxprune.criteria.layout import (
-    batch_norm_paths,
+    batch_norm_members,
     channel_view,
     leaf_at,
     producer_kernel_paths,
@@ -69,11 +69,16 @@ def _activation_taylor_batch(
         points = all_points[group.name]
         signed = jnp.zeros((image.shape[0], group.size))
         of_abs = jnp.zeros((image.shape[0], group.size))
+        # Positions are summed at every point and divided by the first point's count M, so a
+        # group read at maps of several sizes gets the first-order change of removing the
+        # channel everywhere (times 1 / M), and a group read once the paper's spatial mean.
+        first = channel_view(acts[group.name][0], points[0], group.size)
+        positions = float(np.prod(first.shape[1:-1]))
         for a, g, point in zip(acts[group.name], grads[group.name], points, strict=True):
             product = channel_view(a, point, group.size) * channel_view(g, point, group.size)
             axes = spatial_axes(product)
-            signed = signed + product.mean(axes)
-            of_abs = of_abs + jnp.abs(product).mean(axes)
+            signed = signed + product.sum(axes) / positions
+            of_abs = of_abs + jnp.abs(product).sum(axes) / positions
         stats[group.name] = {
             "mean_then_abs": jnp.abs(signed).sum(0),
             "abs_then_mean": of_abs.sum(0),
@@ -87,15 +92,18 @@ def taylor(*, variant: str = "mean_then_abs") -> Criterion:
     """First-order Taylor expansion on the activations (Molchanov et al., "Pruning
     Convolutional Neural Networks for Resource Efficient Inference", ICLR 2017, Eq. 8).
 
-    With ``a[n, p, c]`` the activation of example n at position p (M positions) and
-    ``g = dC_n/da`` its gradient, the per-example term is
-    ``t[n, c] = sum_points (1 / M) sum_p a[n, p, c] g[n, p, c]``: for a group read at several
-    gate points (a residual stage) the per-point spatial means are summed before any absolute
-    value, which is the first-order change of the loss when channel c is removed everywhere.
+    With ``a[n, p, c]`` the activation of example n at position p and ``g = dC_n/da`` its
+    gradient, the per-example term is ``t[n, c] = (1 / M) sum_points sum_p a[n, p, c] g[n, p, c]``
+    with M the number of positions of the group's first gate point. For a group read at one
+    point this is the paper's spatial mean of ``a g``; for a group read at several (a residual
+    stage whose maps have different sizes) every position of every point counts once, so
+    ``M t[n, c]`` is the derivative of example n's loss with respect to the channel's mask and
+    ``-M t[n, c]`` the first-order change of that loss when channel c is removed everywhere.
+
     The variants place the absolute value differently (N examples over all batches):
 
     * ``"mean_then_abs"`` (default, Eq. 8): ``s_c = (1 / N) sum_n |t[n, c]|``.
-    * ``"abs_then_mean"``: ``s_c = (1 / N) sum_n sum_points (1 / M) sum_p |a g|``.
+    * ``"abs_then_mean"``: ``s_c = (1 / N) sum_n (1 / M) sum_points sum_p |a g|``.
     * ``"signed_sum"``: ``s_c = |(1 / N) sum_n t[n, c]|``, the first-order change of the mean
       loss over the data.
 
@@ -118,8 +126,8 @@ def taylor(*, variant: str = "mean_then_abs") -> Criterion:
     )
 
 
-def _all_batch_norm_paths(graph: Any, which: str) -> dict[str, list[Path]]:
-    return {g.name: batch_norm_paths(graph, g, which) for g in graph.groups}
+def _all_batch_norm_members(graph: Any, which: str) -> dict[str, list]:
+    return {g.name: batch_norm_members(graph, g, which) for g in graph.groups}
 
 
 @functools.partial(jax.jit, static_argnames=("context", "which"))
@@ -131,18 +139,22 @@ def _batch_norm_taylor_batch(
     masks: Masks | None,
     which: str,
 ) -> dict[str, jax.Array]:
-    by_group = _all_batch_norm_paths(context.graph, which)
-    leaves = {p: leaf_at(variables, p) for paths in by_group.values() for p in paths}
+    by_group = _all_batch_norm_members(context.graph, which)
+    leaves = {p: leaf_at(variables, p) for members in by_group.values() for p, _ in members}
 
     def mean_loss(bn_leaves):
         output = context.output(replace_leaves(variables, bn_leaves), image, masks)
         return jnp.mean(context.example_losses(output, label))
 
     grads = jax.grad(mean_loss)(leaves)
+
+    def own(value, positions):  # a BatchNorm after a concatenation: this group's channels
+        return value if positions is None else jnp.take(value, jnp.asarray(positions))
+
     return {
-        name: sum(grads[p] * leaves[p] for p in paths) ** 2
-        for name, paths in by_group.items()
-        if paths
+        name: sum(own(grads[p] * leaves[p], pos) for p, pos in members) ** 2
+        for name, members in by_group.items()
+        if members
     }
 
 

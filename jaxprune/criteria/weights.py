@@ -17,7 +17,12 @@ from typing import Any
 import numpy as np
 
 from jaxprune.criteria.base import Criterion, Masks, Scores, ScoringContext, ignore_batch, no_state
-from jaxprune.criteria.layout import batch_norm_paths, channel_rows, leaf_at, masked_channels
+from jaxprune.criteria.layout import (
+    batch_norm_members,
+    batch_norm_values,
+    channel_rows,
+    masked_channels,
+)
 
 
 def _rows(variables: Any, group: Any) -> np.ndarray:
@@ -155,10 +160,11 @@ def fermat(*, iterations: int = 200, tolerance: float = 1e-10) -> Criterion:
 
 def _batch_norm_criterion(name: str, which: str) -> Criterion:
     def per_group(variables, graph, group, removed):
-        paths = batch_norm_paths(graph, group, which)
-        if not paths:
+        members = batch_norm_members(graph, group, which)
+        if not members:
             return None
-        return sum(np.abs(np.asarray(leaf_at(variables, p), np.float64)) for p in paths)
+        values = batch_norm_values(variables, members)
+        return sum(np.abs(np.asarray(v, np.float64)) for v in values)
 
     return _weight_criterion(name, per_group)
 
