@@ -233,7 +233,8 @@ def prune(
       optimizer: the optax transformation that made `opt_state` (needed to find its
         parameter-shaped parts).
       verify: run the masked model and the pruned program once on a random input of the
-        graph's example shape and raise if they differ (two forward passes).
+        graph's example shape and raise if they differ (two forward passes). Skipped when the
+        variables are traced (inside `jax.jit` or `jax.eval_shape`).
 
     Returns:
       A `Pruned` with the smaller variables and optimizer state, the pruned program
@@ -263,7 +264,8 @@ def prune(
     params = new_variables["params"] if "params" in new_variables else new_variables
     program = pruned_program(graph, checked)
     result = Pruned(new_variables, new_opt_state, widths_from_params(params), checked, program)
-    if verify and graph.apply_fn is not None:
+    concrete = not any(isinstance(v, jax.core.Tracer) for v in jax.tree_util.tree_leaves(variables))
+    if verify and concrete and graph.apply_fn is not None:
         check_against_masks(graph, variables, result)
     return result
 

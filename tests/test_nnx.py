@@ -65,6 +65,10 @@ def test_prune_returns_a_new_smaller_module_with_matching_attributes(model):
     np.testing.assert_allclose(small(x5), masked, atol=1e-5)
     pruned = jp.nnx.pruned_state(model, graph, keep)
     np.testing.assert_allclose(pruned.apply_fn(pruned.variables, x5), masked, atol=1e-5)
+    # ... and exported, serialised and reloaded with no model code.
+    exported = jax.export.export(jax.jit(pruned.apply_fn))(pruned.variables, x5)
+    reloaded = jax.export.deserialize(exported.serialize())
+    np.testing.assert_allclose(reloaded.call(pruned.variables, x5), masked, atol=1e-5)
 
 
 def test_the_optimizer_state_is_pruned_and_training_continues(model):
