@@ -2,7 +2,7 @@
 
 A checkpoint directory holds one orbax step directory per saved step, each with two items:
 
-- ``state``: the arrays of a `TrainState` (params, batch_stats, opt_state, step, rng, masks),
+- ``state``: the arrays of a `TrainState` (params, collections, opt_state, step, rng, masks),
   saved with orbax's standard handler;
 - ``meta``: a JSON document with what is needed to rebuild the state's structure (model name,
   number of classes, width spec, example input shape, optimizer config), the run's config and
@@ -680,7 +680,7 @@ def export_latest(
         "checkpoint": str(_step_path(manager, stored["step"])),
         **(meta or {}),
     }
-    variables = {"params": restored.state.params, "batch_stats": restored.state.batch_stats}
+    variables = {"params": restored.state.params, **restored.state.collections}
     return save_model_file(
         path,
         model_name=stored["model_name"],

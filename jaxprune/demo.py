@@ -38,6 +38,7 @@ import numpy as np
 from jaxprune import checkpoint, cost, data, train
 from jaxprune.graph import channel_graph
 from jaxprune.methods.oneshot import OneShotConfig, oneshot_prune
+from jaxprune.model import Model
 from jaxprune.models import widths_from_params
 from jaxprune.surgery import Pruned
 
@@ -294,16 +295,9 @@ def _paper_method(config: DemoConfig, model, variables, dataset, workdir: Path):
 def _measure(model, variables, dataset, timing: bool = True) -> dict[str, float]:
     x1 = jnp.zeros((1, *dataset.image_shape), jnp.float32)
     counted = cost.count(model.apply, variables, x1)
-    state = train.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=variables["params"],
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=(),
-        rng=jax.random.key_data(jax.random.key(0)),
-        apply_fn=model.apply,
-        tx=None,
+    test = train.evaluate(
+        Model.linen(model, x1), variables, data.preprocessed_batches(dataset, "test", 500)
     )
-    test = train.evaluate(state, data.preprocessed_batches(dataset, "test", 500))
     row = {
         "test_accuracy": test["accuracy"],
         "test_kappa": test["kappa"],

@@ -1,10 +1,13 @@
 """Flax NNX models: graph, prune and fine-tune an `nnx.Module` like a linen one.
 
 An NNX module holds its arrays, so jaxprune sees it as a pure function of its state:
-`as_apply(module)` gives ``(apply_fn, variables)`` where `variables` is the module's state as a
-plain nested dict (``{"conv1": {"kernel": ..., "bias": ...}, "bn1": {"mean": ...}}``) and
-``apply_fn(variables, x, **kwargs)`` calls a copy of the module holding those arrays. Group
-names are module paths ("conv1", "blocks/0/conv"), as for linen.
+`as_apply(module)` gives ``(apply_fn, variables)`` where `variables` holds the module's state as
+linen-like collections of plain nested dicts (``{"params": {"conv1": {"kernel": ...}},
+"batch_stats": {"bn1": {"mean": ...}}}``, other variable types under ``"other"``) and
+``apply_fn(variables, x, train=False, mutable=False, **kwargs)`` calls a copy of the module,
+in its ``train()`` or ``eval()`` mode, holding those arrays (with ``mutable``, it also returns
+the updated collections, as flax does). Group names are module paths ("conv1",
+"blocks/0/conv"), as for linen.
 
 `prune(module, graph, keep)` returns a *new*, smaller module (the input is not touched) whose
 arrays are the pruned ones and whose attributes agree with them (`in_features`,
@@ -38,24 +41,71 @@ from jaxprune.surgery import (
 from jaxprune.surgery import prune as _prune_variables
 from jaxprune.tree_paths import Path, path_of
 
+# Collections by NNX variable type; every other type goes to "other".
+_COLLECTIONS = (("params", nnx.Param), ("batch_stats", nnx.BatchStat))
+
+
+def _split(module: nnx.Module) -> tuple[Any, dict[str, Any]]:
+    """(graphdef, {collection: State}) with the collections that hold something."""
+    filters = [f for _, f in _COLLECTIONS]
+    graphdef, *states = nnx.split(module, *filters, ...)
+    names = [n for n, _ in _COLLECTIONS] + ["other"]
+    return graphdef, dict(zip(names, states, strict=True))
+
+
+def _fresh(template: Any, values: Mapping[str, Any]) -> Any:
+    """A new State like `template` holding `values` (a pure dict, possibly other shapes)."""
+    state = jax.tree_util.tree_map(lambda leaf: leaf, template)  # new Variables, same types
+    nnx.replace_by_pure_dict(state, values)
+    return state
+
 
 def as_apply(module: nnx.Module) -> tuple[Callable[..., Any], dict[str, Any]]:
-    """An NNX module as ``(apply_fn, variables)``: a pure function and its state as a dict.
+    """An NNX module as ``(apply_fn, variables)``: a pure function and its state.
 
     Args:
       module: any `nnx.Module` (it is not modified).
 
     Returns:
-      ``apply_fn(variables, x, **kwargs)`` calls a copy of `module` holding `variables`, which
-      may be smaller (pruned) arrays; `variables` is the module's state as a pure dict.
+      ``apply_fn(variables, x, train=False, mutable=False, **kwargs)``: calls a copy of
+      `module` (in ``train()`` mode when `train`) holding `variables`, which may be smaller
+      (pruned) arrays; with a list of collections as `mutable`, returns ``(output, updated
+      collections)``. `variables` is ``{"params": ..., "batch_stats": ..., "other": ...}``
+      (the collections the module has), each a pure dict.
     """
-    graphdef, state = nnx.split(module)
-    variables = nnx.to_pure_dict(state)
+    eval_module, train_module = nnx.clone(module), nnx.clone(module)
+    eval_module.eval()
+    train_module.train()
+    eval_def, templates = _split(eval_module)
+    train_def, _ = _split(train_module)
+    present = [n for n, st in templates.items() if jax.tree_util.tree_leaves(st)]
+    variables = {n: nnx.to_pure_dict(templates[n]) for n in present}
+    filters = dict(_COLLECTIONS)
 
-    def apply_fn(variables: Mapping[str, Any], x: Any, **kwargs: Any) -> Any:
-        fresh = jax.tree_util.tree_map(lambda leaf: leaf, state)  # new Variables, same types
-        nnx.replace_by_pure_dict(fresh, variables)
-        return nnx.merge(graphdef, fresh)(x, **kwargs)
+    def apply_fn(
+        variables: Mapping[str, Any],
+        x: Any,
+        *,
+        train: bool = False,
+        mutable: Any = False,
+        rngs: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        del rngs  # an NNX module draws from its own Rngs (in the "other" collection)
+        states = [_fresh(templates[n], variables.get(n, {})) for n in templates]
+        model = nnx.merge(train_def if train else eval_def, *states)
+        output = model(x, **kwargs)
+        if not mutable:
+            return output
+        names = present if mutable is True else list(mutable)
+        updated = {}
+        for name in names:
+            if name == "other":
+                state = nnx.state(model, nnx.Not(nnx.Any(*filters.values())))
+            else:
+                state = nnx.state(model, filters[name])
+            updated[name] = nnx.to_pure_dict(state)
+        return output, updated
 
     apply_fn.__name__ = type(module).__name__
     return apply_fn, variables
@@ -67,10 +117,10 @@ def channel_graph(
     """The channel graph of an NNX module (see `jaxprune.channel_graph`).
 
     Args:
-      module: the model; put it in the mode you prune it in (``module.eval()``).
+      module: the model (traced in its ``eval()`` mode unless ``train=True`` is passed).
       example_input: an input of the shape the model is used with.
       strict: as for `jaxprune.channel_graph`.
-      **kwargs: passed to the module's call.
+      **kwargs: passed to the module's call (and ``train``, see `as_apply`).
     """
     apply_fn, variables = as_apply(module)
     return _linen_graph(apply_fn, variables, example_input, strict=strict, **kwargs)
@@ -96,11 +146,10 @@ def prune(
       PruneError: bad keep indices, or a new module that does not compute what the pruned
         program computes (its code uses a width jaxprune cannot change).
     """
-    graphdef, state = nnx.split(module)
     pruned = pruned_state(module, graph, keep, verify=verify)
-    fresh = jax.tree_util.tree_map(lambda leaf: leaf, state)
-    nnx.replace_by_pure_dict(fresh, pruned.variables)
-    small = nnx.merge(graphdef, fresh)
+    graphdef, templates = _split(module)
+    states = [_fresh(templates[n], pruned.variables.get(n, {})) for n in templates]
+    small = nnx.merge(graphdef, *states)
     _set_widths(module, small)
     if verify:
         _check_module(small, graph, pruned)
@@ -110,8 +159,9 @@ def prune(
 def pruned_state(
     module: nnx.Module, graph: ChannelGraph, keep: KeepIndices, *, verify: bool = True
 ) -> Pruned:
-    """The pruned state (a pure dict) and pruned program of an NNX module, without building
-    the new module: ``pruned.apply_fn(pruned.variables, x)`` runs it."""
+    """The pruned state (collections of pure dicts, as `as_apply`) and the pruned program of an
+    NNX module, without building the new module: ``pruned.apply_fn(pruned.variables, x)``
+    runs it."""
     _, variables = as_apply(module)
     return _prune_variables(variables, graph, keep, verify=verify)
 
@@ -154,11 +204,12 @@ def prune_optimizer(
 def _param_suffix(
     path: Path, shape: tuple[int, ...], variable_shapes: Mapping[Path, tuple[int, ...]]
 ) -> Path | None:
-    """The model variable whose path ends `path` and whose shape is `shape`, if any."""
+    """The parameter (``("params", *module path, name)``) whose path within its collection
+    ends `path` and whose shape is `shape`, if any (an optimizer moment of that parameter)."""
     for n in range(len(path)):
-        suffix = path[n:]
-        if variable_shapes.get(suffix) == tuple(shape):
-            return suffix
+        candidate = ("params", *path[n:])
+        if variable_shapes.get(candidate) == tuple(shape):
+            return candidate
     return None
 
 

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -37,6 +38,7 @@ from tqdm import tqdm
 
 from jaxprune import data as data_lib
 from jaxprune import ops
+from jaxprune.model import Model
 from jaxprune.models import build_model, widths_from_params
 
 PyTree = Any
@@ -53,32 +55,41 @@ class TrainState(struct.PyTreeNode):
 
     Attributes:
       step: number of optimizer steps taken (int32 scalar).
-      params: the ``"params"`` collection.
-      batch_stats: the ``"batch_stats"`` collection; ``{}`` for models without BatchNorm.
+      params: the ``"params"`` collection (what is trained).
+      collections: every other collection of the variables (``{"batch_stats": ...}`` for
+        BatchNorm; ``{}`` for a model without state); a training call updates those in
+        `Model.mutable`.
       opt_state: the optimizer state of `tx`.
       rng: raw PRNG key data (uint32), split at every step for dropout. Raw data rather than a
         typed key, so that checkpoints store it as a plain array.
-      apply_fn: the model's apply function (static).
+      model: how the model is called (static).
       tx: the optimizer (static).
-      masks: optional pytree of per-channel gate vectors, passed to `apply_fn` as the
-        ``"masks"`` collection. They are traced inputs, so changing them never recompiles.
+      masks: optional pytree of per-channel gate vectors, passed to the model as the
+        ``"masks"`` collection (see `gates.gated_apply_fn`). They are traced inputs, so changing
+        them never recompiles.
     """
 
     step: jax.Array
     params: PyTree
-    batch_stats: PyTree
+    collections: dict[str, PyTree]
     opt_state: optax.OptState
     rng: jax.Array
-    apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
+    model: Model = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     masks: PyTree | None = None
 
+    @property
+    def batch_stats(self) -> PyTree:
+        """The ``"batch_stats"`` collection (``{}`` without BatchNorm)."""
+        return self.collections.get("batch_stats", {})
+
+    @property
+    def apply_fn(self) -> Callable[..., Any]:
+        return self.model.apply_fn
+
     def variables(self, params: PyTree | None = None) -> dict[str, PyTree]:
-        """Returns the variables dict for `apply_fn` (with `params` in place of the state's)."""
-        variables = {
-            "params": self.params if params is None else params,
-            "batch_stats": self.batch_stats,
-        }
+        """The variables for the model (with `params` in place of the state's)."""
+        variables = {"params": self.params if params is None else params, **self.collections}
         if self.masks is not None:
             variables["masks"] = self.masks
         return variables
@@ -98,32 +109,44 @@ def create_train_state(
     example_input: jax.Array,
     *,
     masks: PyTree | None = None,
+    variables: Mapping[str, PyTree] | None = None,
 ) -> TrainState:
-    """Initialises a model and its optimizer.
+    """A train state at step 0, for a `Model` and its variables, or a linen module to initialise.
 
     Args:
-      model: a flax.linen module following the call convention
-        ``model.apply(variables, x, train=False)``.
+      model: a `jaxprune.Model` (then `variables` are required), or a flax.linen module
+        (initialised here, called as `Model.linen` finds it).
       tx: the optimizer, e.g. from `make_optimizer`.
       rng: a PRNG key (typed or raw); split into init, dropout-init and state keys.
       example_input: a batch whose shape (any batch size) fixes the parameter shapes.
       masks: optional per-channel gate vectors stored in the state (see `TrainState`).
+      variables: the model's variables (``{"params": ..., ...}``); for a module, they replace
+        the initialised ones.
 
     Returns:
       A `TrainState` at step 0.
     """
     key = jax.random.wrap_key_data(_as_key_data(rng))
     init_key, dropout_key, state_key = jax.random.split(key, 3)
-    init = jax.jit(lambda rngs, x: model.init(rngs, x, train=False))
-    variables = init({"params": init_key, "dropout": dropout_key}, example_input)
-    params = variables["params"]
+    if not isinstance(model, Model):
+        module = model
+        if variables is None:
+            eval_kwargs = Model.linen(module, example_input).eval_kwargs
+            init = jax.jit(lambda rngs, x: module.init(rngs, x, **eval_kwargs))
+            variables = init({"params": init_key, "dropout": dropout_key}, example_input)
+        model = Model.linen(module, example_input, variables=variables)
+    if variables is None:
+        raise ValueError("create_train_state with a Model needs its variables=.")
+    variables = dict(variables)
+    params = variables.pop("params")
+    variables.pop("masks", None)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        batch_stats=variables.get("batch_stats", {}),
+        collections=variables,
         opt_state=tx.init(params),
         rng=jax.random.key_data(state_key),
-        apply_fn=model.apply,
+        model=model,
         tx=tx,
         masks=masks,
     )
@@ -321,53 +344,61 @@ def make_optimizer(
 # ---------------------------------------------------------------------------------------------
 
 
-@jax.jit
-def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on a batch with softmax cross-entropy.
+def cross_entropy(logits: jax.Array, batch: Batch) -> jax.Array:
+    """Mean softmax cross-entropy of a batch's integer ``"label"``."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn",))
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    loss_fn: Callable[[Any, Batch], jax.Array] = cross_entropy,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a batch: the model's training call, `loss_fn`, the optimizer.
 
     Args:
       state: the train state.
-      batch: ``{"image": model input, "label": int labels}``.
+      batch: ``{"image": model input, "label": int labels, ...}``.
+      loss_fn: ``(model output, batch) -> scalar loss`` (static; default cross-entropy).
 
     Returns:
-      The new state and ``{"loss", "accuracy"}`` (means over the batch) and ``grad_norm``
-      (global norm of the gradients, so that a non-finite gradient is seen at the step that
-      produced it even when the loss stayed finite).
+      The new state and ``{"loss", "accuracy", "grad_norm"}`` (accuracy of the argmax
+      against ``"label"`` when the batch has labels and the output is 2-D; the global norm of
+      the gradients, so that a non-finite gradient is seen at the step that produced it even
+      when the loss stayed finite).
     """
-    next_key, dropout_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+    next_key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
 
-    def loss_fn(params: PyTree) -> tuple[jax.Array, tuple[jax.Array, Any]]:
-        logits, updates = state.apply_fn(
-            state.variables(params),
-            batch["image"],
-            train=True,
-            mutable=["batch_stats"],
-            rngs={"dropout": dropout_key},
-        )
-        labels = batch["label"]
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        return loss, (logits, updates)
+    def loss_of(params: PyTree) -> tuple[jax.Array, tuple[Any, Any]]:
+        output, updates = state.model.train_apply(state.variables(params), batch["image"], step_key)
+        return loss_fn(output, batch), (output, updates)
 
-    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (output, updates)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     param_updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    collections = {**state.collections, **{k: v for k, v in updates.items() if k != "masks"}}
     new_state = state.replace(
         step=state.step + 1,
         params=optax.apply_updates(state.params, param_updates),
-        batch_stats=updates.get("batch_stats", state.batch_stats),
+        collections=collections,
         opt_state=opt_state,
         rng=jax.random.key_data(next_key),
     )
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    if "label" in batch and getattr(output, "ndim", 0) == 2:
+        metrics["accuracy"] = jnp.mean(jnp.argmax(output, -1) == batch["label"])
+    else:
+        metrics["accuracy"] = jnp.zeros(())
     return new_state, metrics
 
 
-@jax.jit
-def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("model",))
+def eval_step(model: Model, variables: PyTree, batch: Batch) -> dict[str, jax.Array]:
     """Sums of evaluation statistics over a batch, for exact aggregation over a split.
 
     Args:
-      state: the train state.
+      model: how the model is called (its evaluation call).
+      variables: its variables.
       batch: ``{"image", "label"}`` and optionally ``"weight"`` (1 for real examples, 0 for
         padding), so that a padded last batch counts each real example once.
 
@@ -376,7 +407,7 @@ def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
       ``[num_classes, num_classes]`` matrix with true labels on rows and predictions on
       columns.
     """
-    logits = state.apply_fn(state.variables(), batch["image"], train=False)
+    logits = model(variables, batch["image"])
     labels = batch["label"]
     weight = batch.get("weight", jnp.ones(labels.shape, jnp.float32)).astype(jnp.float32)
     num_classes = logits.shape[-1]
@@ -486,7 +517,8 @@ def _pad_batch(batch: Batch, size: int) -> dict[str, np.ndarray]:
 
 
 def evaluate(
-    state: TrainState,
+    model: Model,
+    variables: PyTree,
     batches: Iterable[Batch],
     *,
     mesh: Mesh | None = None,
@@ -499,7 +531,8 @@ def evaluate(
     compiled step and is still counted exactly.
 
     Args:
-      state: the train state.
+      model: how the model is called (its evaluation call).
+      variables: its variables (a train state's are ``state.variables()``).
       batches: host batches ``{"image", "label"}``.
       mesh: devices to shard over; default: every local device.
       preprocess: optional jitted function applied to each sharded batch before the model
@@ -520,7 +553,7 @@ def evaluate(
         device_batch = shard_batch(_pad_batch(batch, padded_size), mesh)
         if preprocess is not None:
             device_batch = preprocess(device_batch)
-        sums = jax.device_get(eval_step(state, device_batch))
+        sums = jax.device_get(eval_step(model, variables, device_batch))
         loss_sum += float(sums["loss_sum"])
         correct += int(sums["correct"])
         count += int(sums["count"])
@@ -781,19 +814,16 @@ def _start_from_file(state: TrainState, path: str) -> TrainState:
     from jaxprune import checkpoint as ckpt  # checkpoint.py imports this module
 
     _, variables, _ = ckpt.load_model_file(path)
-    have = jax.tree.map(jnp.shape, {"params": state.params, "batch_stats": state.batch_stats})
-    got = jax.tree.map(
-        jnp.shape, {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    )
+    have = jax.tree.map(jnp.shape, {"params": state.params, **state.collections})
+    got = jax.tree.map(jnp.shape, dict(variables))
     if have != got:
         raise ValueError(
             f"TrainConfig.init_from={path} holds variables of other shapes than the configured "
             "model; set TrainConfig.widths to the file's width spec (widths_from_params)."
         )
-    params = variables["params"]
-    return state.replace(
-        params=params, batch_stats=variables.get("batch_stats", {}), opt_state=state.tx.init(params)
-    )
+    variables = dict(variables)
+    params = variables.pop("params")
+    return state.replace(params=params, collections=variables, opt_state=state.tx.init(params))
 
 
 def _restore_or_create(
@@ -896,7 +926,9 @@ def train_and_evaluate(
         batches = dataset.iterate(
             split, config.eval_batch_size, shuffle=False, drop_remainder=False
         )
-        return evaluate(state, batches, mesh=mesh, preprocess=preprocess_eval)
+        return evaluate(
+            state.model, state.variables(), batches, mesh=mesh, preprocess=preprocess_eval
+        )
 
     manager = ckpt.open_checkpoints(
         workdir / "checkpoints", max_to_keep=config.keep_checkpoints, cleanup_tmp=True
@@ -1003,7 +1035,7 @@ def fine_tune(
       seed: data order and dropout seed.
 
     Returns:
-      The fine-tuned variables ``{"params", "batch_stats"}``.
+      The fine-tuned variables ``{"params", ...}`` (every collection).
     """
     from jaxprune import checkpoint as ckpt  # checkpoint.py imports this module
 
@@ -1027,4 +1059,4 @@ def fine_tune(
     train_and_evaluate(config, workdir)
     with ckpt.open_checkpoints(Path(workdir) / "checkpoints") as manager:
         state = ckpt.restore_checkpoint(manager).state
-    return {"params": state.params, "batch_stats": state.batch_stats}
+    return {"params": state.params, **state.collections}

@@ -54,7 +54,7 @@ def main(out_path: str) -> None:
         losses.append(float(metrics["loss"]))
     batches = [{"image": images[i : i + 8], "label": labels[i : i + 8]} for i in (0, 8, 16)]
     batches[-1] = {key: value[:5] for key, value in batches[-1].items()}
-    evaluation = train.evaluate(state, batches, mesh=mesh)
+    evaluation = train.evaluate(state.model, state.variables(), batches, mesh=mesh)
     try:
         train.shard_batch({"image": images[:6], "label": labels[:6]}, mesh)
         error = ""

@@ -82,10 +82,10 @@ def test_criteria_read_nnx_state_paths():
     apply_fn, variables = jp.nnx.as_apply(model)
     context = ScoringContext(apply_fn, graph, apply_kwargs={})
     l1 = score("l1", context, variables)
-    kernel = np.asarray(variables["conv1"]["kernel"])
+    kernel = np.asarray(variables["params"]["conv1"]["kernel"])
     np.testing.assert_allclose(l1["conv1"], np.abs(kernel).reshape(-1, 16).sum(0), rtol=1e-6)
     gamma = score("bn_gamma", context, variables)
-    np.testing.assert_allclose(gamma["conv1"], np.abs(np.asarray(variables["bn1"]["scale"])))
+    np.testing.assert_allclose(gamma["conv1"], np.abs(np.asarray(variables["params"]["bn1"]["scale"])))
     assert "conv2" not in gamma  # no BatchNorm there
     taylor = score("taylor", context, variables, {"image": x, "label": _y(4)})
     assert {k: v.shape for k, v in taylor.items()} == {

@@ -32,6 +32,7 @@ from jaxprune.methods.iterative import (
     remove_channels,
     shrink,
 )
+from jaxprune.model import Model
 from jaxprune.models import build_model, widths_from_params
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -157,15 +158,9 @@ def test_shrink_gives_the_masked_outputs_and_keeps_surviving_momentum(lenet):
     masks = {n: jnp.ones(network.graph[n].size) for n in network.graph.names}
     masks["conv1"] = masks["conv1"].at[jnp.array([0, 4])].set(0.0)
     masks["conv2"] = masks["conv2"].at[jnp.array([1, 2, 15])].set(0.0)
-    state = train.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=lenet["params"],
-        batch_stats={},
-        opt_state=tx.init(lenet["params"]),
-        rng=jax.random.key_data(jax.random.key(0)),
-        apply_fn=network.gated_apply_fn,
-        tx=tx,
-        masks=masks,
+    model = Model.from_apply(network.gated_apply_fn, x[:1], train_flag="train")
+    state = train.create_train_state(
+        model, tx, jax.random.key(0), x[:1], masks=masks, variables=lenet
     )
     batch = {"image": x, "label": jnp.arange(8) % 10}
     for _ in range(2):  # some momentum to carry over

@@ -167,8 +167,11 @@ def test_masks_reach_apply_fn_as_a_collection():
             **kwargs,
         )
 
-    state = tiny_state().replace(apply_fn=gated_apply, masks={"gate": jnp.zeros(1)})
-    metrics = train.eval_step(state, synthetic_problem(6))
+    state = tiny_state()
+    state = state.replace(
+        model=state.model.with_apply_fn(gated_apply), masks={"gate": jnp.zeros(1)}
+    )
+    metrics = train.eval_step(state.model, state.variables(), synthetic_problem(6))
     assert seen["masks"] is not None
     assert int(metrics["count"]) == 6
 
@@ -227,21 +230,21 @@ def test_evaluate_counts_every_example_exactly_once():
             {key: value[start:stop] for key, value in examples.items()}
             for start, stop in zip(bounds[:-1], bounds[1:], strict=True)
         ]
-        result = train.evaluate(state, batches)
+        result = train.evaluate(state.model, state.variables(), batches)
         assert result["count"] == 17
         np.testing.assert_allclose(result["loss"], expected_loss, rtol=1e-5)
         assert result["accuracy"] == pytest.approx(np.mean(predictions == examples["label"]))
         np.testing.assert_allclose(result["kappa"], numpy_kappa(confusion), rtol=1e-5)
 
     padded = dict(examples, weight=np.r_[np.ones(10), np.zeros(7)].astype(np.float32))
-    sums = train.eval_step(state, padded)
+    sums = train.eval_step(state.model, state.variables(), padded)
     assert int(sums["count"]) == 10
     np.testing.assert_array_equal(
         sums["confusion"],
         np.histogram2d(examples["label"][:10], predictions[:10], bins=[np.arange(4)] * 2)[0],
     )
     with pytest.raises(ValueError, match="no examples"):
-        train.evaluate(state, [])
+        train.evaluate(state.model, state.variables(), [])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,21 +19,9 @@ import numpy as np
 
 from jaxprune import checkpoint, cost, train
 from jaxprune.methods.iterative import evaluate_split
+from jaxprune.model import Model
 
 json_default = checkpoint.json_default
-
-
-def eval_state(apply_fn: Any, variables: Mapping[str, Any]) -> train.TrainState:
-    """A train state that only evaluates (no optimizer) `apply_fn` with `variables`."""
-    return train.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=variables["params"],
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=(),
-        rng=jax.random.key_data(jax.random.key(0)),
-        apply_fn=apply_fn,
-        tx=None,
-    )
 
 
 def measure(
@@ -58,10 +46,13 @@ def measure(
     Returns:
       ``{split: {"loss", "accuracy", "kappa", ...}}``.
     """
-    state = eval_state(apply_fn, variables)
+    example = jax.ShapeDtypeStruct((1, *dataset.image_shape), jnp.float32)
+    model = Model.from_apply(apply_fn, example, train_flag="train")
     mesh = train.make_mesh()
     return {
-        split: evaluate_split(state, dataset, split, batch_size=batch_size, limit=limit, mesh=mesh)
+        split: evaluate_split(
+            model, variables, dataset, split, batch_size=batch_size, limit=limit, mesh=mesh
+        )
         for split in splits
     }
 

@@ -53,6 +53,7 @@ from jaxprune import data as data_lib
 from jaxprune.gates import gated_apply_fn
 from jaxprune.graph import ChannelGraph, channel_graph
 from jaxprune.methods.oneshot import select_groups
+from jaxprune.model import Model
 from jaxprune.models import Rebuild, rebuild_fn, widths_from_params
 from jaxprune.surgery import compose_keep, keep_to_masks, masks_to_keep, prune
 
@@ -367,8 +368,8 @@ def make_network(apply_fn: ApplyFn, variables: PyTree, example_input: jax.Array)
 
 
 def plain_variables(state: train.TrainState) -> dict[str, PyTree]:
-    """``{"params", "batch_stats"}`` of a train state, without its masks."""
-    return {"params": state.params, "batch_stats": state.batch_stats}
+    """The variables of a train state (every collection), without its masks."""
+    return {"params": state.params, **state.collections}
 
 
 def shrink(
@@ -404,9 +405,9 @@ def shrink(
         )
     new_state = state.replace(
         params=pruned.variables["params"],
-        batch_stats=pruned.variables.get("batch_stats", {}),
+        collections={k: v for k, v in pruned.variables.items() if k != "params"},
         opt_state=pruned.opt_state,
-        apply_fn=smaller.gated_apply_fn,
+        model=state.model.with_apply_fn(smaller.gated_apply_fn),
         masks=keep_to_masks(smaller.graph, {}),
     )
     return new_state, smaller, pruned.keep
@@ -479,7 +480,8 @@ def train_batches(
 
 
 def evaluate_split(
-    state: train.TrainState,
+    model: Model,
+    variables: PyTree,
     dataset: Any,
     split: str,
     *,
@@ -503,7 +505,7 @@ def evaluate_split(
         images, _ = dataset.preprocess(batch["image"], batch["label"], train=False)
         return {**batch, "image": images}
 
-    return train.evaluate(state, batches(), mesh=mesh, preprocess=preprocess)
+    return train.evaluate(model, variables, batches(), mesh=mesh, preprocess=preprocess)
 
 
 class CompileClock:
@@ -597,15 +599,16 @@ def _target_reached(config: IterativeConfig, remaining: Mapping[str, float]) -> 
 def _initial_state(
     setup: _Setup, network: Network, variables: PyTree, rng: jax.Array
 ) -> train.TrainState:
-    return train.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=variables["params"],
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=setup.tx.init(variables["params"]),
-        rng=jax.random.key_data(rng),
-        apply_fn=network.gated_apply_fn,
-        tx=setup.tx,
+    model = Model.from_apply(
+        network.gated_apply_fn, setup.example_input, train_flag="train", variables=variables
+    )
+    return train.create_train_state(
+        model,
+        setup.tx,
+        rng,
+        setup.example_input,
         masks=keep_to_masks(network.graph, {}),
+        variables=variables,
     )
 
 
@@ -883,7 +886,8 @@ def _pruning_step(
     if step % config.eval_every == 0 or config.min_accuracy is not None:
         began_eval = time.perf_counter()
         validation = evaluate_split(
-            state,
+            state.model,
+            state.variables(),
             setup.dataset,
             "validation",
             batch_size=config.eval_batch_size,
@@ -1065,7 +1069,8 @@ def iterative_prune(
         test = None
         if config.test_at_end:
             test = evaluate_split(
-                state,
+                state.model,
+                state.variables(),
                 dataset,
                 "test",
                 batch_size=config.eval_batch_size,

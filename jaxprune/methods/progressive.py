@@ -70,6 +70,7 @@ from jaxprune.graph import channel_graph
 from jaxprune.methods import progressive_retrain as retraining
 from jaxprune.methods.iterative import evaluate_split
 from jaxprune.methods.oneshot import select_groups
+from jaxprune.model import Model
 from jaxprune.models import Rebuild, rebuild_fn, widths_from_params
 from jaxprune.surgery import compose_keep, prune
 
@@ -656,17 +657,10 @@ def _cost_of(network: retraining.Network, example: jax.Array) -> dict[str, float
 
 
 def _evaluate(setup: _Setup, network: retraining.Network, split: str, limit: int | None):
-    state = train.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=network.variables["params"],
-        batch_stats=network.variables.get("batch_stats", {}),
-        opt_state=(),
-        rng=jax.random.key_data(jax.random.key(0)),
-        apply_fn=network.apply_fn,
-        tx=None,
-    )
+    model = Model.from_apply(network.apply_fn, setup.example_input, train_flag="train")
     return evaluate_split(
-        state,
+        model,
+        network.variables,
         setup.dataset,
         split,
         batch_size=setup.config.score_batch_size,
