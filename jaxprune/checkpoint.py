@@ -172,7 +172,7 @@ def _array_hash(value: Any) -> str:
     return digest.hexdigest()
 
 
-def _listing(tree: PyTree, *, with_hashes: bool) -> dict[str, dict[str, Any]]:
+def array_listing(tree: PyTree, *, with_hashes: bool) -> dict[str, dict[str, Any]]:
     """Shape, dtype and (optionally) SHA-256 of every array of `tree`, by name."""
     listing = {}
     for name, leaf in _named_leaves(tree).items():
@@ -209,7 +209,7 @@ def _summarise(differences: Sequence[str]) -> str:
     return listed + (f"\n  ... and {more} more" if more > 0 else "")
 
 
-def _check_listing(where: str, stored: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
+def check_listing(where: str, stored: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
     differences = _describe_differences(stored, expected)
     if differences:
         raise CheckpointError(
@@ -219,7 +219,7 @@ def _check_listing(where: str, stored: Mapping[str, Any], expected: Mapping[str,
         )
 
 
-def _check_hashes(where: str, stored: Mapping[str, Any], tree: PyTree) -> None:
+def check_hashes(where: str, stored: Mapping[str, Any], tree: PyTree) -> None:
     corrupted = [
         name
         for name, leaf in _named_leaves(tree).items()
@@ -342,7 +342,7 @@ def save_checkpoint(
         "config": dict(config) if config is not None else None,
         "history": list(history),
         "extra": dict(extra) if extra is not None else {},
-        "arrays": _listing(host_state, with_hashes=True),
+        "arrays": array_listing(host_state, with_hashes=True),
     }
     manager.save(
         step,
@@ -515,9 +515,9 @@ def restore_checkpoint(
         )
     stored = meta["arrays"]
     described = f"checkpoint {path} (model {meta.get('model_name')!r}, widths {meta['widths']})"
-    _check_listing(described, stored, _listing(target, with_hashes=False))
+    check_listing(described, stored, array_listing(target, with_hashes=False))
     restored = restore_state(manager, step, target, where=str(path), sharding=sharding)
-    _check_hashes(f"checkpoint {path}", stored, restored)
+    check_hashes(f"checkpoint {path}", stored, restored)
     return Restored(state=restored, model=model, meta=meta)
 
 
@@ -579,7 +579,7 @@ def save_model_file(
         "widths": actual_widths,
         "input_shape": [int(d) for d in input_shape],
         "meta": dict(meta),
-        "arrays": _listing(host_variables, with_hashes=True),
+        "arrays": array_listing(host_variables, with_hashes=True),
     }
     payload = serialization.msgpack_serialize(
         {"header": json.dumps(header), "variables": host_variables}
@@ -635,10 +635,10 @@ def load_model_file(path: str | os.PathLike) -> tuple[Any, dict[str, PyTree], di
         ) from error
     stored = header["arrays"]
     where = f"model file {path}"
-    _check_listing(where, stored, _listing(target, with_hashes=False))
+    check_listing(where, stored, array_listing(target, with_hashes=False))
     # The header's listing could itself be stale: check the decoded arrays too.
-    _check_listing(where, _listing(stored_variables, with_hashes=False), stored)
-    _check_hashes(where, stored, stored_variables)
+    check_listing(where, array_listing(stored_variables, with_hashes=False), stored)
+    check_hashes(where, stored, stored_variables)
     variables = serialization.from_state_dict(target, stored_variables)
     return model, jax.tree.map(jnp.asarray, variables), header["meta"]
 

@@ -1,0 +1,366 @@
+"""One run directory for training and every method: identity, lock, checkpoints, files.
+
+A run's workdir is owned by one process at a time (a lock file), and belongs to one run: its
+*identity* (the kind of run, the config fields that change its result, and fingerprints of its
+inputs: base variables, data) is written to ``run.json`` when the run starts. Running again in
+the same workdir resumes when the identity is the same and is refused, with the changed fields
+named, when it is not; nothing stale is ever reused.
+
+Inside: ``checkpoints/`` (orbax, each step with a listing of its arrays and their SHA-256, so a
+corrupted checkpoint is an error, never silently loaded), JSON files written atomically (write,
+fsync, rename), artifacts that are reused only when the identity stored with them matches, and
+``metrics.jsonl`` (truncated to the resumed step, so a resumed run's log equals an uninterrupted
+run's).
+
+Example:
+  >>> with RunDir.open(workdir, kind="oneshot", identity={"config": asdict(config)}) as run:
+  ...     step = run.latest_step()
+  ...     run.save(step=1, state=tree, meta={"history": history})
+  ...     run.write_json("result.json", summary)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import json
+import os
+from collections.abc import Collection, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxprune import checkpoint as ckpt
+from jaxprune.checkpoint import CheckpointError, json_default
+
+RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
+METRICS_FILE = "metrics.jsonl"
+
+
+class RunMismatchError(CheckpointError):
+    """The workdir holds another run; the message names what differs and what to do."""
+
+
+class RunLockedError(CheckpointError):
+    """Another process owns the workdir."""
+
+
+def write_json_atomic(path: str | os.PathLike, value: Any) -> Path:
+    """Writes JSON so that readers see the old file or the new one, never a partial one.
+
+    The text goes to a temporary file in the same folder, is flushed to disk, then renamed over
+    `path` (a rename is atomic on POSIX file systems). On any error (a full disk) the old file
+    is left as it was and the temporary one removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w") as f:
+            json.dump(value, f, indent=2, default=json_default)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return path
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON at `path`, or None if there is none; a broken file is a `CheckpointError`."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({error}); it was damaged. Delete it (the run recomputes "
+            "what it holds) or use another workdir."
+        ) from error
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as ``{"a.b": value}``."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _normalise(value: Any) -> Any:
+    """The value as it reads back from JSON (tuples become lists, arrays lists)."""
+    return json.loads(json.dumps(value, default=json_default))
+
+
+def config_identity(config: Any, cosmetic: Collection[str] = ()) -> dict[str, Any]:
+    """A config dataclass as identity: every field but the `cosmetic` ones (flattened names,
+    such as "progress" or "optimizer.log_every"), which do not change a run's result."""
+    values = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    flat = flatten(_normalise(values))
+    return {k: v for k, v in flat.items() if k not in cosmetic}
+
+
+@dataclasses.dataclass
+class RunDir:
+    """An open run directory (use `RunDir.open`, as a context manager).
+
+    Attributes:
+      path: the workdir.
+      kind: the kind of run ("train", "oneshot", "iterative", ...).
+      identity: what the run is (flattened JSON values).
+      resumed: whether the workdir already held this run.
+    """
+
+    path: Path
+    kind: str
+    identity: dict[str, Any]
+    resumed: bool
+    _lock: Any = None
+    _sequences: dict[str, Checkpoints] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(
+        cls,
+        path: str | os.PathLike,
+        *,
+        kind: str,
+        identity: Mapping[str, Any],
+        fresh: bool = False,
+    ) -> Iterator[RunDir]:
+        """Opens `path` for the run `identity` of `kind`, locking it for this process.
+
+        Args:
+          path: the workdir (created if needed).
+          kind: the kind of run.
+          identity: what makes the run what it is (config fields, input fingerprints); JSON.
+          fresh: refuse a workdir that already holds a run, instead of resuming it.
+
+        Raises:
+          RunLockedError: another process has the workdir.
+          RunMismatchError: the workdir holds another run (the differences are named).
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        lock = _acquire(path)
+        run = None
+        try:
+            flat = flatten(_normalise(dict(identity)))
+            stored = read_json(path / RUN_FILE)
+            if stored is None:
+                write_json_atomic(path / RUN_FILE, {"kind": kind, "identity": flat})
+                resumed = False
+            else:
+                _check_identity(path, stored, kind, flat)
+                if fresh:
+                    raise RunMismatchError(
+                        f"{path} already holds this {kind} run and a fresh start was asked; "
+                        "use another workdir, or resume it by leaving out the fresh option."
+                    )
+                resumed = True
+            run = cls(path, kind, flat, resumed, lock)
+            yield run
+        finally:
+            if run is not None:
+                run.close()
+            _release(lock)
+
+    # -- checkpoints
+
+    def checkpoints(self, name: str = "main") -> Checkpoints:
+        """The run's checkpoint sequence `name` (``checkpoints/<name>/``): a run may hold
+        several (e.g. one per fine-tuning)."""
+        if name not in self._sequences:
+            self._sequences[name] = Checkpoints(self.path / "checkpoints" / name)
+        return self._sequences[name]
+
+    # -- files
+
+    def write_json(self, name: str, value: Any) -> Path:
+        """Writes ``<workdir>/<name>`` atomically."""
+        return write_json_atomic(self.path / name, value)
+
+    def read_json(self, name: str) -> Any:
+        return read_json(self.path / name)
+
+    def artifact(self, name: str, identity: Mapping[str, Any]) -> Any:
+        """A JSON artifact stored with `save_artifact`, if its identity matches (else None:
+        it belongs to another computation and is recomputed)."""
+        try:
+            stored = self.read_json(name)
+        except CheckpointError:
+            return None  # damaged: recompute
+        if not isinstance(stored, Mapping) or stored.get("identity") != _normalise(identity):
+            return None
+        return stored.get("value")
+
+    def save_artifact(self, name: str, identity: Mapping[str, Any], value: Any) -> None:
+        self.write_json(name, {"identity": _normalise(identity), "value": value})
+
+    def metrics(self, resumed_step: int | None = None) -> MetricsLog:
+        """The run's ``metrics.jsonl``, truncated after `resumed_step` (None: kept whole)."""
+        return MetricsLog(self.path / METRICS_FILE, resumed_step)
+
+    def close(self) -> None:
+        for sequence in self._sequences.values():
+            sequence.close()
+        self._sequences.clear()
+
+
+class Checkpoints:
+    """A sequence of checkpoints (orbax), each step with its arrays' listing and hashes."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._manager: Any = None
+
+    @property
+    def manager(self) -> Any:
+        if self._manager is None:
+            self._manager = ckpt.open_checkpoints(self.directory, max_to_keep=2, cleanup_tmp=True)
+        return self._manager
+
+    def latest_step(self) -> int | None:
+        """The latest finished step, or None."""
+        if not self.directory.exists():
+            return None
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: Mapping[str, Any] | None = None) -> None:
+        """Checkpoints `state` (a tree of arrays) with a JSON `meta`, atomically, with the
+        arrays' listing and hashes for `restore` to check."""
+        listing = ckpt.array_listing(state, with_hashes=True)
+        document = {"step": int(step), "arrays": listing, "meta": _normalise(dict(meta or {}))}
+        self.manager.save(
+            int(step),
+            args=ckpt.ocp.args.Composite(
+                state=ckpt.ocp.args.StandardSave(state),
+                meta=ckpt.ocp.args.JsonSave(document),
+            ),
+        )
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
+        """Step `step` read into `target`'s shapes and dtypes, and its meta.
+
+        Raises:
+          CheckpointError: arrays of other names, shapes or dtypes than `target`, arrays that
+            differ from the hashes recorded when they were saved, or damaged files.
+        """
+        where = str(self.directory / str(step))
+        try:
+            document = self.manager.restore(
+                step, args=ckpt.ocp.args.Composite(meta=ckpt.ocp.args.JsonRestore())
+            ).meta
+        except Exception as error:  # orbax raises assorted types for damaged files
+            raise CheckpointError(
+                f"checkpoint {where} is damaged ({type(error).__name__}); delete it to fall "
+                "back to an earlier one."
+            ) from error
+        ckpt.check_listing(where, document["arrays"], ckpt.array_listing(target, with_hashes=False))
+        state = ckpt.restore_state(self.manager, step, target, where=where)
+        ckpt.check_hashes(where, document["arrays"], state)
+        return state, dict(document["meta"])
+
+    def close(self) -> None:
+        if self._manager is not None:
+            self._manager.wait_until_finished()
+            self._manager.close()
+            self._manager = None
+
+
+class MetricsLog:
+    """Appends one JSON line per record; lines after the step a run resumed from are dropped
+    first, so they are written again exactly once."""
+
+    def __init__(self, path: Path, resumed_step: int | None) -> None:
+        self.path = path
+        if path.exists() and resumed_step is not None:
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+                if record.get("step", 0) <= resumed_step:
+                    kept.append(line)
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
+        elif path.exists() and resumed_step is None:
+            path.unlink()
+
+    def write(self, **record: Any) -> dict[str, Any]:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, default=json_default) + "\n")
+        return record
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _check_identity(path: Path, stored: Mapping[str, Any], kind: str, flat: dict) -> None:
+    if stored.get("kind") != kind:
+        raise RunMismatchError(
+            f"{path} holds a {stored.get('kind')!r} run, not a {kind!r} one; use another workdir."
+        )
+    before = stored.get("identity", {})
+    changed = sorted(k for k in set(before) | set(flat) if before.get(k) != flat.get(k))
+    if changed:
+        described = "; ".join(
+            f"{k}: {_short(before.get(k))} -> {_short(flat.get(k))}" for k in changed[:8]
+        )
+        more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+        raise RunMismatchError(
+            f"{path} holds another {kind} run: {described}{more}. Use another workdir for "
+            "these settings, or set them back to resume that run."
+        )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 70 else text[:67] + "..."
+
+
+def _acquire(path: Path) -> Any:
+    handle = (path / LOCK_FILE).open("a+")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        handle.close()
+        if error.errno in (errno.EAGAIN, errno.EACCES):
+            raise RunLockedError(
+                f"{path} is in use by another jaxprune process; wait for it to finish or use "
+                "another workdir."
+            ) from None
+        raise
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def _release(handle: Any) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    handle.close()
+
+
+def fingerprint(tree: Any) -> str:
+    """The identity fingerprint of an input (variables, a batch of data)."""
+    return ckpt.tree_fingerprint(jax.device_get(tree))
