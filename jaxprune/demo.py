@@ -37,6 +37,7 @@ import numpy as np
 
 from jaxprune import checkpoint, cost, data, train
 from jaxprune.graph import channel_graph
+from jaxprune.methods.contract import DatasetData
 from jaxprune.methods.oneshot import OneShotConfig, oneshot_prune
 from jaxprune.model import Model
 from jaxprune.models import widths_from_params
@@ -200,16 +201,20 @@ def run(config: DemoConfig) -> dict[str, Any]:
         elif config.method in METHOD_SETTINGS:
             pruned = _paper_method(config, model, variables, dataset, workdir)
         else:
-            batches = data.preprocessed_batches(dataset, "validation", 128, config.score_examples)
-            pruned = oneshot_prune(
-                model.apply,
-                graph,
+            result = oneshot_prune(
+                Model.linen(model, x, variables=variables),
                 variables,
-                batches,
-                criterion=config.criterion,
-                config=OneShotConfig(ratio=config.ratio, scope="conv"),
-                seed=config.seed,
+                DatasetData(dataset, 128, seed=config.seed),
+                OneShotConfig(
+                    criterion=config.criterion,
+                    ratio=config.ratio,
+                    scope="conv",
+                    score_batches=max(1, -(-config.score_examples // 128)),
+                    seed=config.seed,
+                ),
             )
+            widths = widths_from_params(result.variables["params"])
+            pruned = Pruned(result.variables, None, widths, dict(result.keep))
         keep = pruned.keep
         checkpoint.save_model_file(
             pruned_file,

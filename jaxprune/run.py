@@ -175,6 +175,18 @@ class RunDir:
                 run.close()
             _release(lock)
 
+    @classmethod
+    @contextlib.contextmanager
+    def maybe(
+        cls, path: str | os.PathLike | None, *, kind: str, identity: Mapping[str, Any]
+    ) -> Iterator[RunDir | None]:
+        """`open` when a workdir is given, else nothing (a run kept in memory only)."""
+        if path is None:
+            yield None
+            return
+        with cls.open(path, kind=kind, identity=identity) as run:
+            yield run
+
     # -- checkpoints
 
     def checkpoints(self, name: str = "main") -> Checkpoints:
@@ -319,16 +331,39 @@ def _check_identity(path: Path, stored: Mapping[str, Any], kind: str, flat: dict
             f"{path} holds a {stored.get('kind')!r} run, not a {kind!r} one; use another workdir."
         )
     before = stored.get("identity", {})
-    changed = sorted(k for k in set(before) | set(flat) if before.get(k) != flat.get(k))
+    changed = _differences(before, flat)
     if changed:
-        described = "; ".join(
-            f"{k}: {_short(before.get(k))} -> {_short(flat.get(k))}" for k in changed[:8]
-        )
-        more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+        described = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, a, b in changed[:6])
+        more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
         raise RunMismatchError(
             f"{path} holds another {kind} run: {described}{more}. Use another workdir for "
             "these settings, or set them back to resume that run."
         )
+
+
+def _differences(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[tuple]:
+    """(name, before, after) of every changed field, shallowest first; a sub-config that
+    appears or disappears (``finetune: {...} -> None``) is one difference, not one per field."""
+    found: dict[str, tuple[Any, Any]] = {}
+    for key in set(before) | set(after):
+        if key in before and key in after:
+            if before[key] != after[key]:
+                found[key] = (before[key], after[key])
+            continue
+        present, other = (before, after) if key in before else (after, before)
+        parts = key.split(".")
+        prefix = next(
+            (
+                ".".join(parts[:n])
+                for n in range(len(parts) - 1, 0, -1)
+                if ".".join(parts[:n]) in other
+            ),
+            key,
+        )
+        value = "{...}" if prefix != key else present[key]
+        pair = (value, other.get(prefix)) if present is before else (other.get(prefix), value)
+        found[prefix] = pair
+    return sorted(((k, a, b) for k, (a, b) in found.items()), key=lambda t: (t[0].count("."), t[0]))
 
 
 def _short(value: Any) -> str:

@@ -43,3 +43,15 @@ def test_bad_input(graph):
         keep_from_scores(graph, {"conv0": np.ones(3)}, OneShotConfig())
     with pytest.raises(ValueError, match="scope"):
         select_groups(graph, "everything")
+
+
+def test_a_group_normalised_in_blocks_loses_whole_blocks():
+    from user_models import GroupNormNet, init_linen
+
+    model, variables, x, _ = init_linen(GroupNormNet)
+    graph = channel_graph(model.apply, variables, x)
+    # Block sums of Conv_0 (4 blocks of 4): 10, 2, 7, 1 -> keep blocks 0 and 2.
+    scores = {"Conv_0": np.repeat([2.5, 0.5, 1.75, 0.25], 4), "Conv_1": np.arange(24.0)}
+    keep = keep_from_scores(graph, scores, OneShotConfig(ratio=0.5))
+    np.testing.assert_array_equal(keep["Conv_0"], np.r_[0:4, 8:12])
+    np.testing.assert_array_equal(keep["Conv_1"], np.r_[12:24])

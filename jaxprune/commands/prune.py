@@ -23,14 +23,17 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jaxprune import checkpoint, data
+from jaxprune import checkpoint, data, train
 from jaxprune.commands import reporting, run_blending, run_functional, run_progressive
-from jaxprune.graph import channel_graph
+from jaxprune.fit import FitConfig
 from jaxprune.methods.blending import BlendingConfig
+from jaxprune.methods.contract import DatasetData
 from jaxprune.methods.functional import FunctionalConfig
 from jaxprune.methods.iterative import IterativeConfig, iterative_prune
-from jaxprune.methods.oneshot import OneShotConfig, oneshot_prune, select_groups
+from jaxprune.methods.oneshot import OneShotConfig, oneshot_prune
 from jaxprune.methods.progressive import ProgressiveConfig
+from jaxprune.methods.selection import Selection, select_groups
+from jaxprune.model import Model
 from jaxprune.models import MODELS, build_model, widths_from_params
 
 # The methods whose runner module has `FLAGS` and `run(config, name, model, variables, dataset,
@@ -52,7 +55,7 @@ class OneShotJob:
     criterion: str = "l1"
     # How many channels go, from which groups, ranked per layer or globally (a global ranking
     # compares L2-normalised scores).
-    selection: OneShotConfig = dataclasses.field(default_factory=OneShotConfig)
+    selection: Selection = dataclasses.field(default_factory=Selection)
     # Validation images the criterion reads.
     score_examples: int = 1024
     # Batch size of scoring and evaluation.
@@ -155,7 +158,7 @@ def run_job(job: PruneJob, workdir: str | Path, *, progress: bool = True) -> dic
     if job.method == "iterative":
         report = _run_iterative(job, name, variables, dataset, workdir)
     elif job.method == "oneshot":
-        report = _run_oneshot(job, name, model, variables, dataset, workdir)
+        report = _run_oneshot(job, name, model, variables, dataset, workdir, progress)
     else:
         config = getattr(job, job.method)
         runner = RUNNERS[job.method]
@@ -189,59 +192,64 @@ def _run_iterative(job: PruneJob, name: str, variables: Any, dataset: Any, workd
     }
 
 
-def _run_oneshot(job: PruneJob, name: str, model: Any, variables: Any, dataset: Any, workdir):
+def _run_oneshot(
+    job: PruneJob, name: str, module: Any, variables: Any, dataset: Any, workdir: Path, progress
+):
     settings = job.oneshot
+    selection = settings.selection
     x = jnp.zeros((1, *dataset.image_shape), jnp.float32)
-    graph = channel_graph(model.apply, variables, x)
-    pruned_file = workdir / "pruned.msgpack"
-    if not pruned_file.is_file():
-        batches = data.preprocessed_batches(
-            dataset, "validation", settings.batch_size, settings.score_examples
-        )
-        pruned = oneshot_prune(
-            model.apply,
-            graph,
-            variables,
-            batches,
-            criterion=settings.criterion,
-            config=settings.selection,
+    model = Model.linen(module, x, variables=variables)
+    finetune = None
+    if settings.finetune_epochs > 0:
+        finetune = FitConfig(
+            epochs=settings.finetune_epochs,
+            optimizer=train.OptimizerConfig(
+                name="sgd",
+                learning_rate=settings.finetune_lr,
+                momentum=0.9,
+                schedule="cosine",
+                weight_decay=5e-4,
+            ),
             seed=settings.seed,
         )
-        reporting.save_pruned(
-            pruned_file,
-            model_name=name,
-            dataset=dataset,
-            widths=pruned.widths,
-            variables=pruned.variables,
-            method="oneshot",
-            criterion=settings.criterion,
-            keep=pruned.keep,
-        )
-    small, small_variables, meta = checkpoint.load_model_file(pruned_file)
-    fine_tune = reporting.fine_tuner(
-        name,
-        pruned_file,
-        job.data,
-        workdir / "finetune",
-        epochs=settings.finetune_epochs,
-        learning_rate=settings.finetune_lr,
+    config = OneShotConfig(
+        criterion=settings.criterion,
+        ratio=selection.ratio,
+        scope=selection.scope,
+        ranking=selection.ranking,
+        min_channels=selection.min_channels,
+        score_batches=max(1, -(-settings.score_examples // settings.batch_size)),
+        finetune=finetune,
         seed=settings.seed,
     )
+    data_source = DatasetData(dataset, settings.batch_size, seed=settings.seed)
+    result = oneshot_prune(
+        model, variables, data_source, config, workdir=workdir / "oneshot", progress=progress
+    )
+    widths = widths_from_params(result.variables["params"])
+    graph = result.graph
     summary, _ = reporting.pruned_summary(
-        (model.apply, variables),
-        (small.apply, small_variables),
+        (module.apply, variables),
+        (result.apply_fn, result.variables),
         dataset,
         batch_size=settings.batch_size,
         channels_remaining=reporting.channels_remaining(
-            graph, select_groups(graph, settings.selection.scope), meta["keep"]
+            graph, select_groups(graph, selection.scope), reporting.keep_lists(result.keep)
         ),
-        fine_tune=fine_tune,
     )
-    return {
-        "widths": widths_from_params(small_variables["params"]),
-        "keep": meta["keep"],
-        "summary": summary,
-    }
+    # The pruned model file is the run's final model (fine-tuned, when asked), with its metrics.
+    reporting.save_pruned(
+        workdir / "pruned.msgpack",
+        model_name=name,
+        dataset=dataset,
+        widths=widths,
+        variables=result.variables,
+        method="oneshot",
+        criterion=settings.criterion,
+        keep=result.keep,
+        summary=reporting.plain_json(summary),
+    )
+    return {"widths": widths, "keep": reporting.keep_lists(result.keep), "summary": summary}
 
 
 def _print_report(report: dict[str, Any]) -> None:
