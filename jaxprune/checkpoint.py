@@ -183,8 +183,11 @@ def array_listing(tree: PyTree, *, with_hashes: bool) -> dict[str, dict[str, Any
     return listing
 
 
-def _describe_differences(stored: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
-    """Lists how a stored array listing differs from the one a target expects."""
+def _describe_differences(
+    stored: Mapping[str, Any], expected: Mapping[str, Any], *, dtypes: bool = True
+) -> list[str]:
+    """Lists how a stored array listing differs from the one a target expects (names, shapes
+    and, with `dtypes`, dtypes)."""
     differences = []
     for name in expected:
         if name not in stored:
@@ -195,7 +198,8 @@ def _describe_differences(stored: Mapping[str, Any], expected: Mapping[str, Any]
     for name in expected:
         if name in stored:
             s, e = stored[name], expected[name]
-            if (list(s["shape"]), s["dtype"]) != (list(e["shape"]), e["dtype"]):
+            same_dtype = s["dtype"] == e["dtype"] or not dtypes
+            if list(s["shape"]) != list(e["shape"]) or not same_dtype:
                 differences.append(
                     f"{name}: stored {s['dtype']}{list(s['shape'])}, "
                     f"expected {e['dtype']}{list(e['shape'])}"
@@ -209,8 +213,11 @@ def _summarise(differences: Sequence[str]) -> str:
     return listed + (f"\n  ... and {more} more" if more > 0 else "")
 
 
-def check_listing(where: str, stored: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
-    differences = _describe_differences(stored, expected)
+def check_listing(
+    where: str, stored: Mapping[str, Any], expected: Mapping[str, Any], *, dtypes: bool = True
+) -> None:
+    """Raises `CheckpointError` when a stored listing does not match the expected arrays."""
+    differences = _describe_differences(stored, expected, dtypes=dtypes)
     if differences:
         raise CheckpointError(
             f"{where} does not match the expected model ({len(differences)} differences):\n  "
@@ -635,7 +642,9 @@ def load_model_file(path: str | os.PathLike) -> tuple[Any, dict[str, PyTree], di
         ) from error
     stored = header["arrays"]
     where = f"model file {path}"
-    check_listing(where, stored, array_listing(target, with_hashes=False))
+    # A model may be stored in another precision (bfloat16, float16): the architecture check
+    # compares names and shapes, and the stored dtypes are kept.
+    check_listing(where, stored, array_listing(target, with_hashes=False), dtypes=False)
     # The header's listing could itself be stale: check the decoded arrays too.
     check_listing(where, array_listing(stored_variables, with_hashes=False), stored)
     check_hashes(where, stored, stored_variables)

@@ -445,3 +445,23 @@ def test_check_same_run_names_other_base_variables_and_changed_fields():
         checkpoint.check_same_run(
             "ckpt/3", stored_config=config, config=changed, whole=("options",), **same
         )
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_model_file_in_lower_precision_loads_in_its_precision(tmp_path, dtype):
+    model = build_model("lenet5", 10, TINY_LENET)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
+    low = jax.tree.map(lambda a: a.astype(dtype), variables)
+    path = checkpoint.save_model_file(
+        tmp_path / "low.msgpack",
+        model_name="lenet5",
+        num_classes=10,
+        widths=widths_from_params(low["params"]),
+        variables=low,
+        meta={},
+        input_shape=(28, 28, 1),
+    )
+    _, loaded, _ = checkpoint.load_model_file(path)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(low), strict=True):
+        assert a.dtype == jnp.dtype(dtype)
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
