@@ -8,7 +8,8 @@ Result on this 2-core CPU: see experiments/results/base_models.md.
 """
 
 from jaxprune.data import DataConfig
-from jaxprune.train import OptimizerConfig, TrainConfig
+from jaxprune.train import OptimizerConfig
+from jaxprune.train_job import TrainConfig
 
 
 def get_config() -> TrainConfig:

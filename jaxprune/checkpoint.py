@@ -658,7 +658,7 @@ def export_latest(
     """Writes the latest checkpoint of a training workdir as a single model file.
 
     Args:
-      workdir: a `jaxprune.train.train_and_evaluate` workdir (its ``checkpoints`` folder is read).
+      workdir: a workdir of the old training checkpoints (its ``checkpoints`` folder is read).
       path: the model file to write.
       meta: extra JSON-serialisable description, merged over the one taken from the
         checkpoint (step, config, history, checkpoint path).

@@ -67,17 +67,15 @@ def _replace_path(obj: Any, keys: list[str], value: Any, full: str) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from jaxprune import train
+    from jaxprune import train_job
 
-    config = load_config(args.config) if args.config else train.TrainConfig()
+    config = load_config(args.config) if args.config else train_job.TrainConfig()
     config = apply_overrides(config, args.set or [])
     workdir = Path(args.workdir)
-    result = train.train_and_evaluate(config, workdir)
+    result = train_job.train_and_evaluate(config, workdir)
     print(json.dumps(result, indent=2, default=float))
     if args.export:
-        from jaxprune import checkpoint
-
-        path = checkpoint.export_latest(workdir, args.export, meta={"result": result})
+        path = train_job.export_latest(workdir, args.export, meta={"result": result})
         print(f"exported the trained model to {path}")
     return 0
 

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import checkpoint, cost, data, train
+from jaxprune import checkpoint, cost, data, train, train_job
 from jaxprune.graph import channel_graph
 from jaxprune.methods.contract import DatasetData
 from jaxprune.methods.oneshot import OneShotConfig, oneshot_prune
@@ -175,8 +175,8 @@ def base_model_file(config: DemoConfig) -> Path:
     print(f"no shipped base model: training one with {experiment} (resumable)")
     train_config = dataclasses.replace(load_config(experiment))
     workdir = Path(config.workdir) / "base"
-    result = train.train_and_evaluate(train_config, workdir)
-    return checkpoint.export_latest(workdir, trained, meta={"result": result})
+    result = train_job.train_and_evaluate(train_config, workdir)
+    return train_job.export_latest(workdir, trained, meta={"result": result})
 
 
 def run(config: DemoConfig) -> dict[str, Any]:
@@ -233,7 +233,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
     rows = {"base": _measure(model, variables, dataset)}
     if config.finetune_epochs > 0:
         rows["pruned, before fine-tuning"] = _measure(small, small_variables, dataset, timing=False)
-        small_variables = train.fine_tune(
+        small_variables = train_job.fine_tune(
             config.model,
             pruned_file,
             data.DataConfig(name=config.dataset, train_examples=config.finetune_examples or None),

@@ -262,6 +262,22 @@ class Checkpoints:
         )
         self.manager.wait_until_finished()
 
+    def meta(self, step: int) -> dict[str, Any]:
+        """The JSON meta saved with step `step` (without reading its arrays)."""
+        return dict(self._document(step)["meta"])
+
+    def _document(self, step: int) -> dict[str, Any]:
+        where = str(self.directory / str(step))
+        try:
+            return self.manager.restore(
+                step, args=ckpt.ocp.args.Composite(meta=ckpt.ocp.args.JsonRestore())
+            ).meta
+        except Exception as error:  # orbax raises assorted types for damaged files
+            raise CheckpointError(
+                f"checkpoint {where} is damaged ({type(error).__name__}); delete it to fall "
+                "back to an earlier one."
+            ) from error
+
     def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
         """Step `step` read into `target`'s shapes and dtypes, and its meta.
 
@@ -270,15 +286,7 @@ class Checkpoints:
             differ from the hashes recorded when they were saved, or damaged files.
         """
         where = str(self.directory / str(step))
-        try:
-            document = self.manager.restore(
-                step, args=ckpt.ocp.args.Composite(meta=ckpt.ocp.args.JsonRestore())
-            ).meta
-        except Exception as error:  # orbax raises assorted types for damaged files
-            raise CheckpointError(
-                f"checkpoint {where} is damaged ({type(error).__name__}); delete it to fall "
-                "back to an earlier one."
-            ) from error
+        document = self._document(step)
         ckpt.check_listing(where, document["arrays"], ckpt.array_listing(target, with_hashes=False))
         state = ckpt.restore_state(self.manager, step, target, where=where)
         ckpt.check_hashes(where, document["arrays"], state)
@@ -350,7 +358,7 @@ def _differences(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[tu
             if before[key] != after[key]:
                 found[key] = (before[key], after[key])
             continue
-        present, other = (before, after) if key in before else (after, before)
+        other = after if key in before else before
         parts = key.split(".")
         prefix = next(
             (
@@ -360,10 +368,17 @@ def _differences(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[tu
             ),
             key,
         )
-        value = "{...}" if prefix != key else present[key]
-        pair = (value, other.get(prefix)) if present is before else (other.get(prefix), value)
-        found[prefix] = pair
-    return sorted(((k, a, b) for k, (a, b) in found.items()), key=lambda t: (t[0].count("."), t[0]))
+        found[prefix] = (_subtree(before, prefix), _subtree(after, prefix))
+    ordered = sorted(found.items(), key=lambda item: (item[0].count("."), item[0]))
+    return [(k, a, b) for k, (a, b) in ordered]
+
+
+def _subtree(flat: Mapping[str, Any], prefix: str) -> Any:
+    """The value at `prefix` of a flattened dict, rebuilt as a dict when it is one."""
+    if prefix in flat:
+        return flat[prefix]
+    inner = {k[len(prefix) + 1 :]: v for k, v in flat.items() if k.startswith(prefix + ".")}
+    return inner or None
 
 
 def _short(value: Any) -> str:

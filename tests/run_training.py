@@ -35,11 +35,11 @@ CONFIG = dict(
 
 def main(workdir: str) -> None:
     enable_compilation_cache()
-    from jaxprune import data, train
+    from jaxprune import data, train_job
 
-    config = train.TrainConfig.from_dict(CONFIG)
+    config = train_job.TrainConfig.from_dict(CONFIG)
     dataset = DelayedDataset(data.load(config.data), STEP_DELAY_S)
-    result = train.train_and_evaluate(config, workdir, dataset=dataset)
+    result = train_job.train_and_evaluate(config, workdir, dataset=dataset)
     Path(workdir, "result.json").write_text(json.dumps(result))
 
 

@@ -16,8 +16,9 @@ import pytest
 from flax import serialization
 from kill_resume import kill_when, numbered_entries, run_through
 
-from jaxprune import checkpoint, data, train
+from jaxprune import checkpoint, data, train, train_job
 from jaxprune.models import build_model, widths_from_params
+from jaxprune.run import RunMismatchError
 
 # When one array of a corrupted checkpoint fails to load, orbax abandons the reads of the
 # others on its background event loop; they end after the loop is closed, during whichever test
@@ -326,10 +327,9 @@ def killed_and_resumed(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     whole, resumed = root / "whole", root / "resumed"
     run_through(training_command(whole))
-    returncode = kill_when(
-        training_command(resumed), lambda: numbered_entries(resumed / "checkpoints")
-    )
-    killed_at = numbered_entries(resumed / "checkpoints")
+    checkpoints = resumed / "checkpoints" / "train"
+    returncode = kill_when(training_command(resumed), lambda: numbered_entries(checkpoints))
+    killed_at = numbered_entries(checkpoints)
     killed_result_exists = (resumed / "result.json").exists()
 
     run_through(training_command(resumed))
@@ -350,13 +350,11 @@ def test_kill_and_resume_reaches_the_uninterrupted_params(killed_and_resumed):
     # A mid-epoch checkpoint: resuming must start inside an epoch (start_batch > 0).
     assert max(run["killed_at"]) % 20 != 0
 
-    whole = checkpoint.restore_checkpoint(checkpoint.open_checkpoints(run["whole"] / "checkpoints"))
-    resumed = checkpoint.restore_checkpoint(
-        checkpoint.open_checkpoints(run["resumed"] / "checkpoints")
-    )
-    assert int(whole.state.step) == int(resumed.state.step) == FINAL_STEP
-    assert_states_equal(resumed.state, whole.state)
-    assert strip_times(resumed.meta["history"]) == strip_times(whole.meta["history"])
+    whole, whole_meta = train_job.latest_state(run["whole"])
+    resumed, resumed_meta = train_job.latest_state(run["resumed"])
+    assert int(whole["step"]) == int(resumed["step"]) == FINAL_STEP
+    chex.assert_trees_all_equal(resumed, whole)  # params, statistics, momenta, rng
+    assert strip_times(resumed_meta["history"]) == strip_times(whole_meta["history"])
     whole_result = json.loads((run["whole"] / "result.json").read_text())
     assert json.loads((run["resumed"] / "result.json").read_text()) == whole_result
     # metrics.jsonl holds each log step and evaluation once, with the same values.
@@ -364,38 +362,38 @@ def test_kill_and_resume_reaches_the_uninterrupted_params(killed_and_resumed):
     assert whole_result["test"]["count"] == 128
 
 
-def test_resuming_another_architecture_is_refused(killed_and_resumed):
-    config = train.TrainConfig.from_dict(run_training.CONFIG)
+def test_another_run_in_the_workdir_is_refused_and_cosmetic_changes_resume(killed_and_resumed):
+    config = train_job.TrainConfig.from_dict(run_training.CONFIG)
     dataset = data.load(config.data)
     workdir = killed_and_resumed["whole"]
-    other_widths = train.TrainConfig.from_dict({**run_training.CONFIG, "widths": {"conv1": 4}})
-    with pytest.raises(checkpoint.CheckpointError, match=r"conv1: stored 6, config 4"):
-        train.train_and_evaluate(other_widths, workdir, dataset=dataset)
-    other_model = train.TrainConfig.from_dict({**run_training.CONFIG, "model": "vgg_small"})
-    with pytest.raises(checkpoint.CheckpointError, match="'lenet5'.*'vgg_small'"):
-        train.train_and_evaluate(other_model, workdir, dataset=dataset)
-    other_batch = train.TrainConfig.from_dict(
+    other_widths = train_job.TrainConfig.from_dict({**run_training.CONFIG, "widths": {"conv1": 4}})
+    with pytest.raises(RunMismatchError, match=r"config.widths: None -> \{'conv1': 4\}"):
+        train_job.train_and_evaluate(other_widths, workdir, dataset=dataset)
+    other_model = train_job.TrainConfig.from_dict({**run_training.CONFIG, "model": "vgg_small"})
+    with pytest.raises(RunMismatchError, match="config.model: 'lenet5' -> 'vgg_small'"):
+        train_job.train_and_evaluate(other_model, workdir, dataset=dataset)
+    other_batch = train_job.TrainConfig.from_dict(
         {**run_training.CONFIG, "data": {**run_training.CONFIG["data"], "batch_size": 64}}
     )
-    with pytest.raises(checkpoint.CheckpointError, match="data.batch_size"):
-        train.train_and_evaluate(other_batch, workdir, dataset=dataset)
-    # Other changes are allowed, with a warning; the finished run just re-reports its test.
-    relogged = train.TrainConfig.from_dict({**run_training.CONFIG, "log_every_steps": 5})
-    with pytest.warns(UserWarning, match="log_every_steps: 4 -> 5"):
-        result = train.train_and_evaluate(relogged, workdir, dataset=dataset)
+    with pytest.raises(RunMismatchError, match="config.data.batch_size: 32 -> 64"):
+        train_job.train_and_evaluate(other_batch, workdir, dataset=dataset)
+    # Fields that do not change the result (logging) resume the finished run, which just
+    # re-reports its test.
+    relogged = train_job.TrainConfig.from_dict({**run_training.CONFIG, "log_every_steps": 5})
+    result = train_job.train_and_evaluate(relogged, workdir, dataset=dataset)
     assert result == json.loads((workdir / "result.json").read_text())
 
 
 def test_export_latest_writes_the_final_weights(killed_and_resumed, tmp_path):
     workdir = killed_and_resumed["whole"]
-    path = checkpoint.export_latest(workdir, tmp_path / "lenet5.msgpack", meta={"note": "x"})
+    path = train_job.export_latest(workdir, tmp_path / "lenet5.msgpack", meta={"note": "x"})
     model, variables, meta = checkpoint.load_model_file(path)
     assert meta["step"] == FINAL_STEP and meta["note"] == "x"
     assert meta["config"]["model"] == "lenet5"
-    final = checkpoint.restore_checkpoint(checkpoint.open_checkpoints(workdir / "checkpoints"))
-    chex.assert_trees_all_equal(variables["params"], final.state.params)
-    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
-        checkpoint.export_latest(tmp_path / "empty", tmp_path / "none.msgpack")
+    final, _ = train_job.latest_variables(workdir)
+    chex.assert_trees_all_equal(variables["params"], final["params"])
+    with pytest.raises(checkpoint.CheckpointError, match="no training checkpoint"):
+        train_job.export_latest(tmp_path / "empty", tmp_path / "none.msgpack")
 
 
 def test_tree_fingerprint_sees_values_shapes_dtypes_and_paths():

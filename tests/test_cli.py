@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from jaxprune.cli import apply_overrides, load_config, main
-from jaxprune.train import TrainConfig
+from jaxprune.train_job import TrainConfig
 
 
 def test_overrides_reach_nested_fields():

@@ -16,7 +16,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxprune import checkpoint, data, train
+from jaxprune import data, train, train_job
+from jaxprune.run import Checkpoints
 
 TESTS_DIR = Path(__file__).parent
 REPO_ROOT = TESTS_DIR.parent
@@ -110,7 +111,7 @@ class SyntheticDataset:
         return jnp.asarray(images, jnp.float32), jnp.asarray(labels, jnp.int32)
 
 
-def loop_config(**overrides) -> train.TrainConfig:
+def loop_config(**overrides) -> train_job.TrainConfig:
     values = dict(
         model="lenet5",
         widths=TINY_LENET,
@@ -123,7 +124,7 @@ def loop_config(**overrides) -> train.TrainConfig:
         progress=False,
     )
     values.update(overrides)
-    return train.TrainConfig(**values)
+    return train_job.TrainConfig(**values)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,14 +431,14 @@ def test_four_devices_match_one_device(tmp_path):
 
 def test_train_config_round_trips_through_json():
     config = loop_config(optimizer=train.OptimizerConfig(schedule="step", decay_epochs=(1, 2)))
-    restored = train.TrainConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    restored = train_job.TrainConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert restored == config
     with pytest.raises(ValueError, match="no fields"):
-        train.TrainConfig.from_dict({"modle": "lenet5"})
+        train_job.TrainConfig.from_dict({"modle": "lenet5"})
 
 
 def test_train_and_evaluate_logs_and_counts_whole_splits(tmp_path):
-    result = train.train_and_evaluate(loop_config(), tmp_path, dataset=SyntheticDataset())
+    result = train_job.train_and_evaluate(loop_config(), tmp_path, dataset=SyntheticDataset())
     assert result["step"] == 8
     assert result["validation"]["count"] == result["test"]["count"] == 24
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -446,15 +447,14 @@ def test_train_and_evaluate_logs_and_counts_whole_splits(tmp_path):
     assert train_steps == [2, 4, 6, 8]
     assert evals == [(4, "validation"), (8, "validation"), (8, "test")]
     assert all({"epoch", "time", "elapsed_s"} <= set(r) for r in records)
-    assert checkpoint.latest_step(checkpoint.open_checkpoints(tmp_path / "checkpoints")) == 8
+    assert Checkpoints(tmp_path / "checkpoints" / "train").latest_step() == 8
 
 
 def test_non_finite_loss_stops_without_saving_it(tmp_path):
     # 4 steps per epoch; the NaN enters at epoch 1, batch 2: global step 7.
     dataset = SyntheticDataset(nan_at=(1, 2))
     with pytest.raises(FloatingPointError, match=r"at step 7.*step 6.*learning rate"):
-        train.train_and_evaluate(loop_config(), tmp_path, dataset=dataset)
-    manager = checkpoint.open_checkpoints(tmp_path / "checkpoints")
-    assert checkpoint.latest_step(manager) == 6
-    restored = checkpoint.restore_checkpoint(manager)
-    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(restored.state.params))
+        train_job.train_and_evaluate(loop_config(), tmp_path, dataset=dataset)
+    variables, meta = train_job.latest_variables(tmp_path)
+    assert meta["step"] == 6
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(variables["params"]))

@@ -8,24 +8,24 @@ import numpy as np
 import pytest
 from test_train import SyntheticDataset, loop_config
 
-from jaxprune import checkpoint, cli, train
+from jaxprune import cli, train_job
 
 
-def _final_params(config: train.TrainConfig, workdir) -> dict:
-    train.train_and_evaluate(config, workdir, dataset=SyntheticDataset())
-    restored = checkpoint.restore_checkpoint(checkpoint.open_checkpoints(workdir / "checkpoints"))
-    return jax.device_get(restored.state.params)
+def _final_params(config: train_job.TrainConfig, workdir) -> dict:
+    train_job.train_and_evaluate(config, workdir, dataset=SyntheticDataset())
+    variables, _ = train_job.latest_variables(workdir)
+    return jax.device_get(variables["params"])
 
 
 def test_gemm_conv_reaches_the_stock_parameters(tmp_path, monkeypatch):
     built = []
-    original = train.build_model
+    original = train_job.build_model
 
     def recording_build_model(*args, **kwargs):
         built.append(original(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(train, "build_model", recording_build_model)
+    monkeypatch.setattr(train_job, "build_model", recording_build_model)
     common = dict(epochs=1, checkpoint_every_steps=100)
     stock = _final_params(loop_config(conv_impl="xla", **common), tmp_path / "xla")
     gemm = _final_params(loop_config(conv_impl="gemm", **common), tmp_path / "gemm")
@@ -42,15 +42,15 @@ def test_gemm_conv_reaches_the_stock_parameters(tmp_path, monkeypatch):
 
 
 def test_set_override_selects_gemm():
-    config = cli.apply_overrides(train.TrainConfig(), ["conv_impl=gemm"])
+    config = cli.apply_overrides(train_job.TrainConfig(), ["conv_impl=gemm"])
     assert config.conv_impl == "gemm"
-    assert train.TrainConfig().conv_impl == "auto"
-    assert train.TrainConfig.from_dict(config.to_dict()) == config
+    assert train_job.TrainConfig().conv_impl == "auto"
+    assert train_job.TrainConfig.from_dict(config.to_dict()) == config
 
 
 def test_unknown_conv_impl_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"conv_impl 'fast' is unknown.*'auto'.*gemm"):
-        train.train_and_evaluate(
+        train_job.train_and_evaluate(
             loop_config(conv_impl="fast"), tmp_path, dataset=SyntheticDataset()
         )
     assert not (tmp_path / "checkpoints").exists()

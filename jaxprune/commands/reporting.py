@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import checkpoint, cost, train
+from jaxprune import checkpoint, cost, train, train_job
 from jaxprune.methods.iterative import evaluate_split
 from jaxprune.model import Model
 
@@ -100,7 +100,7 @@ def fine_tuner(
     learning_rate: float,
     seed: int,
 ) -> Callable[[], Mapping[str, Any]] | None:
-    """The `fine_tune` argument of `pruned_summary`: `train.fine_tune` of a pruned model file.
+    """The `fine_tune` argument of `pruned_summary`: `train_job.fine_tune` of a pruned model file.
 
     Args:
       model_name: zoo name of the model in `model_file`.
@@ -117,7 +117,7 @@ def fine_tuner(
     if epochs <= 0:
         return None
     return functools.partial(
-        train.fine_tune,
+        train_job.fine_tune,
         model_name,
         model_file,
         data_config,
