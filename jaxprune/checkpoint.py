@@ -536,9 +536,9 @@ def restore_checkpoint(
 def save_model_file(
     path: str | os.PathLike,
     *,
-    model_name: str,
-    num_classes: int,
-    widths: Mapping[str, int],
+    model_name: str | None,
+    num_classes: int | None = None,
+    widths: Mapping[str, int] | None = None,
     variables: PyTree,
     meta: Mapping[str, Any],
     input_shape: Sequence[int] | None = None,
@@ -549,7 +549,8 @@ def save_model_file(
 
     Args:
       path: the file to write (e.g. ``models/lenet5_fmnist.msgpack``).
-      model_name: zoo model name.
+      model_name: zoo model name; None for a model outside the zoo (then read it back with
+        `load_variables` and the model's own variables as the target).
       num_classes: outputs of the logits layer.
       widths: the width spec; must equal the one read from ``variables["params"]``.
       variables: ``{"params": ..., "batch_stats": ...}`` as used by ``model.apply``.
@@ -566,28 +567,31 @@ def save_model_file(
     path = Path(path)
     if input_shape is None:
         input_shape = meta.get("input_shape")
-    if input_shape is None:
-        raise ValueError(
-            "save_model_file needs the input shape of one example (e.g. (28, 28, 1)); pass "
-            "input_shape= or put 'input_shape' in meta."
-        )
-    actual_widths = widths_from_params(variables["params"])
-    if dict(widths) != actual_widths:
-        raise ValueError(
-            f"widths {dict(widths)} disagree with the params' widths {actual_widths}; pass "
-            "widths_from_params(variables['params'])."
-        )
     host_variables = jax.device_get(serialization.to_state_dict(variables))
     header = {
         "format": MODEL_FILE_FORMAT,
         "version": FORMAT_VERSION,
         "model_name": model_name,
-        "num_classes": int(num_classes),
-        "widths": actual_widths,
-        "input_shape": [int(d) for d in input_shape],
         "meta": dict(meta),
         "arrays": array_listing(host_variables, with_hashes=True),
     }
+    if model_name is not None:
+        if input_shape is None:
+            raise ValueError(
+                "save_model_file needs the input shape of one example (e.g. (28, 28, 1)); pass "
+                "input_shape= or put 'input_shape' in meta."
+            )
+        actual_widths = widths_from_params(variables["params"])
+        if widths is not None and dict(widths) != actual_widths:
+            raise ValueError(
+                f"widths {dict(widths)} disagree with the params' widths {actual_widths}; pass "
+                "widths_from_params(variables['params'])."
+            )
+        header.update(
+            num_classes=int(num_classes),
+            widths=actual_widths,
+            input_shape=[int(d) for d in input_shape],
+        )
     payload = serialization.msgpack_serialize(
         {"header": json.dumps(header), "variables": host_variables}
     )
@@ -598,22 +602,8 @@ def save_model_file(
     return path
 
 
-def load_model_file(path: str | os.PathLike) -> tuple[Any, dict[str, PyTree], dict[str, Any]]:
-    """Reads a file written by `save_model_file` and checks it against its model.
-
-    Args:
-      path: the file.
-
-    Returns:
-      ``(model, variables, meta)``: the linen module built from the stored spec, its
-      variables (jax arrays) and the ``meta`` given at save time.
-
-    Raises:
-      FileNotFoundError: no such file.
-      CheckpointError: the file is truncated or corrupted, or its arrays do not match the
-        model its header describes.
-    """
-    path = Path(path)
+def _read_model_file(path: Path) -> tuple[dict[str, Any], Any]:
+    """(header, stored variables) of a model file, checked for its format."""
     raw = path.read_bytes()
     try:
         payload = serialization.msgpack_restore(raw)
@@ -626,6 +616,58 @@ def load_model_file(path: str | os.PathLike) -> tuple[Any, dict[str, PyTree], di
     if header.get("format") != MODEL_FILE_FORMAT:
         raise CheckpointError(
             f"{path} is not a jaxprune model file (format {header.get('format')!r})."
+        )
+    return header, stored_variables
+
+
+def _restore_into(path: Path, header: Mapping[str, Any], stored_variables: Any, target: Any) -> Any:
+    stored = header["arrays"]
+    where = f"model file {path}"
+    # A model may be stored in another precision (bfloat16, float16): the architecture check
+    # compares names and shapes, and the stored dtypes are kept.
+    check_listing(where, stored, array_listing(target, with_hashes=False), dtypes=False)
+    # The header's listing could itself be stale: check the decoded arrays too.
+    check_listing(where, array_listing(stored_variables, with_hashes=False), stored)
+    check_hashes(where, stored, stored_variables)
+    variables = serialization.from_state_dict(target, stored_variables)
+    return jax.tree.map(jnp.asarray, variables)
+
+
+def load_variables(path: str | os.PathLike, target: PyTree) -> PyTree:
+    """The variables of a model file, read into the structure of `target` (a model's own
+    variables or their `jax.ShapeDtypeStruct`s) and checked against it: a file of any model,
+    zoo or not.
+
+    Raises:
+      CheckpointError: a damaged file, or arrays of other names or shapes than `target`.
+    """
+    path = Path(path)
+    header, stored_variables = _read_model_file(path)
+    return _restore_into(path, header, stored_variables, target)
+
+
+def load_model_file(path: str | os.PathLike) -> tuple[Any, dict[str, PyTree], dict[str, Any]]:
+    """Reads a zoo model file written by `save_model_file` and checks it against its model.
+
+    Args:
+      path: the file.
+
+    Returns:
+      ``(model, variables, meta)``: the linen module built from the stored spec, its
+      variables (jax arrays) and the ``meta`` given at save time.
+
+    Raises:
+      FileNotFoundError: no such file.
+      CheckpointError: the file is truncated or corrupted, holds a model outside the zoo, or
+        its arrays do not match the model its header describes.
+    """
+    path = Path(path)
+    header, stored_variables = _read_model_file(path)
+    if header.get("model_name") is None:
+        raise CheckpointError(
+            f"model file {path} holds a model outside the zoo; read it with "
+            "checkpoint.load_variables(path, variables_of_your_model), or on the command line "
+            "with --model FILE.py:NAME --variables " + str(path) + "."
         )
     try:
         model = build_model(header["model_name"], header["num_classes"], header["widths"])
@@ -640,16 +682,7 @@ def load_model_file(path: str | os.PathLike) -> tuple[Any, dict[str, PyTree], di
         raise CheckpointError(
             f"model file {path} holds a spec that cannot be rebuilt: {error!r}"
         ) from error
-    stored = header["arrays"]
-    where = f"model file {path}"
-    # A model may be stored in another precision (bfloat16, float16): the architecture check
-    # compares names and shapes, and the stored dtypes are kept.
-    check_listing(where, stored, array_listing(target, with_hashes=False), dtypes=False)
-    # The header's listing could itself be stale: check the decoded arrays too.
-    check_listing(where, array_listing(stored_variables, with_hashes=False), stored)
-    check_hashes(where, stored, stored_variables)
-    variables = serialization.from_state_dict(target, stored_variables)
-    return model, jax.tree.map(jnp.asarray, variables), header["meta"]
+    return model, _restore_into(path, header, stored_variables, target), header["meta"]
 
 
 def export_latest(

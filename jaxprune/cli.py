@@ -3,67 +3,30 @@
     jaxprune demo                       # the quick start's main job (see `jaxprune.demo`)
     jaxprune train --config experiments/base_vgg_small.py --workdir workdirs/vgg_small
     jaxprune data prepare               # prepare Fashion-MNIST from the Debian package, once
-    jaxprune prune --method iterative --criterion taylor --target-flops 0.5 --workdir w
-    jaxprune graph --model resnet20     # the prunable channel groups of a zoo model
+    jaxprune prune --method iterative --model vgg_small --workdir w --target-flops 0.5
+    jaxprune prune --method oneshot --model my_models.py:make_cnn --workdir w --ratio 0.5
+    jaxprune graph --model my_models.py:make_cnn   # the prunable channel groups of a model
     jaxprune score                      # criterion quality vs the oracle (Molchanov's Table 1)
 
-Every long job writes to a workdir and resumes from it when run again with the same command.
+Every long job writes to a workdir and resumes from it when run again with the same command;
+run with other settings, it is refused with the changed settings named. Errors are one line
+(``--debug`` shows the traceback); Ctrl-C stops a job with its workdir ready to resume.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import dataclasses
-import importlib.util
+import importlib
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+from jaxprune.commands.config import apply_overrides, load_config
 from jaxprune.runtime import enable_compilation_cache
 
-
-def load_config(path: str | Path) -> Any:
-    """Loads `get_config()` from a config file (one per experiment, as in experiments/)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"error: config file {path} does not exist.")
-    spec = importlib.util.spec_from_file_location(f"jaxprune_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise SystemExit(f"error: {path} has no get_config() function.")
-    return module.get_config()
-
-
-def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
-    """Applies ``a.b=value`` overrides to a (nested, frozen) dataclass config.
-
-    Values are Python literals (``0.1``, ``(1, 2)``, ``None``, ``True``) or plain strings.
-    """
-    for item in overrides:
-        if "=" not in item:
-            raise SystemExit(f"error: override {item!r} must look like key=value (e.g. epochs=3).")
-        key, raw = item.split("=", 1)
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        config = _replace_path(config, key.split("."), value, key)
-    return config
-
-
-def _replace_path(obj: Any, keys: list[str], value: Any, full: str) -> Any:
-    names = [f.name for f in dataclasses.fields(obj)]
-    if keys[0] not in names:
-        raise SystemExit(
-            f"error: {full!r}: {type(obj).__name__} has no field {keys[0]!r}; fields are {names}."
-        )
-    if len(keys) > 1:
-        value = _replace_path(getattr(obj, keys[0]), keys[1:], value, full)
-    return dataclasses.replace(obj, **{keys[0]: value})
+# Re-exported: configs and overrides as the command line reads them.
+__all__ = ["apply_overrides", "build_parser", "load_config", "main"]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -71,6 +34,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config) if args.config else train_job.TrainConfig()
     config = apply_overrides(config, args.set or [])
+    config.check()
     workdir = Path(args.workdir)
     result = train_job.train_and_evaluate(config, workdir)
     print(json.dumps(result, indent=2, default=float))
@@ -89,17 +53,27 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    import jax
-    import jax.numpy as jnp
-
+    from jaxprune.commands.model_spec import load_model
+    from jaxprune.commands.shapes import data_shape
     from jaxprune.graph import channel_graph
-    from jaxprune.models import build_model
 
-    model = build_model(args.model, args.num_classes)
-    shape = tuple(int(s) for s in args.input_shape.split(","))
-    x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
-    variables = jax.eval_shape(model.init, jax.random.key(0), x)
-    graph = channel_graph(model.apply, variables, x)
+    input_shape, num_classes = data_shape(args.dataset, args.input_shape, args.num_classes)
+    loaded = load_model(
+        args.model,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        dataset=args.dataset,
+        variables_path=args.variables,
+        need_trained=False,
+    )
+    model = loaded.model
+    graph = channel_graph(
+        model.apply_fn,
+        loaded.variables,
+        model.example_input,
+        strict=not args.loose,
+        **model.eval_kwargs,
+    )
     print(graph.summary())
     return 0
 
@@ -114,16 +88,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="jaxprune", description="Structured kernel pruning of CNNs in JAX/Flax."
+        prog="jaxprune",
+        description="Structured kernel pruning of CNNs in JAX/Flax.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--no-compilation-cache",
         action="store_true",
         help="do not use JAX's persistent compilation cache (~/.cache/jaxprune/xla)",
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="prepare data, get the base model, prune it, report")
+    demo = sub.add_parser(
+        "demo",
+        help="prepare data, get the base model, prune it, report",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     _add_demo_arguments(demo)
     demo.set_defaults(func=cmd_demo)
 
@@ -154,15 +135,38 @@ def build_parser() -> argparse.ArgumentParser:
     add_score_command(sub)
     importlib.import_module("jaxprune.commands.inspect").add_command(sub)
 
-    graph = sub.add_parser("graph", help="print the prunable channel groups of a zoo model")
-    graph.add_argument("--model", default="vgg_small")
-    graph.add_argument("--num-classes", type=int, default=10)
-    graph.add_argument("--input-shape", default="28,28,1", help="H,W,C of one image")
+    graph = sub.add_parser(
+        "graph",
+        help="print the prunable channel groups of a model (zoo name or FILE.py:NAME)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_model_arguments(graph)
+    graph.add_argument("--input-shape", help="H,W,C of one image (default: the dataset's)")
+    graph.add_argument("--num-classes", type=int, help="classes (default: the dataset's)")
+    graph.add_argument(
+        "--loose", action="store_true", help="leave unsupported channels unpruned (strict=False)"
+    )
     graph.set_defaults(func=cmd_graph)
     return parser
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--variables`` and ``--dataset``, as every command reads them."""
+    parser.add_argument(
+        "--model",
+        default="vgg_small",
+        help="a zoo model, or your own as FILE.py:NAME or package.module:NAME (NAME() returns "
+        "(linen module, variables), an nnx.Module, or a linen module with --variables)",
+    )
+    parser.add_argument(
+        "--variables", help="the model's variables: a jaxprune model file or an orbax checkpoint"
+    )
+    parser.add_argument("--dataset", default="fashion_mnist", help="the dataset (TFDS name)")
+
+
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    import dataclasses
+
     from jaxprune import demo
 
     for field in dataclasses.fields(demo.DemoConfig):
@@ -181,10 +185,45 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command; errors are one ``error:`` line on stderr (exit 1) unless ``--debug``."""
     args = build_parser().parse_args(argv)
     if not args.no_compilation_cache:
         enable_compilation_cache()
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        workdir = getattr(args, "workdir", None)
+        kept = f"; {workdir} is kept: run the same command to resume" if workdir else ""
+        print(f"interrupted{kept}.", file=sys.stderr)
+        return 130
+    except Exception as error:  # one line with the fix; the traceback only when asked
+        if args.debug:
+            raise
+        message = str(error).strip() or type(error).__name__
+        if not _is_ours(error):
+            message = f"{type(error).__name__}: {message} (run with --debug for the traceback)"
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+
+
+def _is_ours(error: Exception) -> bool:
+    """Errors whose message already names the problem and the fix."""
+    from jaxprune.checkpoint import CheckpointError
+    from jaxprune.commands.config import UsageError
+    from jaxprune.fit import DivergenceError
+    from jaxprune.graph import GraphError
+    from jaxprune.surgery import PruneError
+
+    return isinstance(
+        error,
+        UsageError
+        | CheckpointError
+        | DivergenceError
+        | GraphError
+        | PruneError
+        | ValueError
+        | FileNotFoundError,
+    )
 
 
 if __name__ == "__main__":

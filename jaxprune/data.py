@@ -110,12 +110,18 @@ class DatasetSpec:
     crop_padding: int = 4  # zero padding of the random crop of fixed-size images
     default_image_size: int | None = None  # output size of variable-size images (None: native)
     builds_locally: bool = False  # prepared by this module from local files
+    # What a model for this dataset takes and predicts, known before any data is read (so a
+    # command can check its model and settings first): (H, W, C) after preprocessing.
+    image_shape: tuple[int, int, int] | None = None
+    num_classes: int | None = None
 
 
 DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
     {
         # Our own builder: tfds already registers "fashion_mnist" (which downloads).
         "fashion_mnist": DatasetSpec(
+            image_shape=(28, 28, 1),
+            num_classes=10,
             tfds_name="jaxprune_fashion_mnist",
             mean=(0.2860,),
             std=(0.3530,),
@@ -124,22 +130,30 @@ DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
             builds_locally=True,
         ),
         "cifar10": DatasetSpec(
+            image_shape=(32, 32, 3),
+            num_classes=10,
             tfds_name="cifar10",
             mean=(0.4914, 0.4822, 0.4465),
             std=(0.2470, 0.2435, 0.2616),
         ),
         "cifar100": DatasetSpec(
+            image_shape=(32, 32, 3),
+            num_classes=100,
             tfds_name="cifar100",
             mean=(0.5071, 0.4865, 0.4409),
             std=(0.2673, 0.2564, 0.2762),
         ),
         "oxford_flowers102": DatasetSpec(
+            image_shape=(224, 224, 3),
+            num_classes=102,
             tfds_name="oxford_flowers102",
             validation_split="validation",
             default_validation_size=1020,
             default_image_size=224,
         ),
         "caltech_birds2011": DatasetSpec(
+            image_shape=(224, 224, 3),
+            num_classes=200,
             tfds_name="caltech_birds2011",
             default_validation_size=600,
             default_image_size=224,
@@ -147,6 +161,8 @@ DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
         # Imagenette publishes train and validation only; its validation split is the held-out
         # set everyone reports, so it is our test split and validation is carved from train.
         "imagenette": DatasetSpec(
+            image_shape=(224, 224, 3),
+            num_classes=10,
             tfds_name="imagenette",
             test_split="validation",
             default_validation_size=1000,

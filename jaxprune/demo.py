@@ -170,7 +170,7 @@ def base_model_file(config: DemoConfig) -> Path:
             f"No base model for {config.model} on {config.dataset}: neither {shipped} nor a "
             f"training config {experiment}. Train one with `jaxprune train` and pass --base."
         )
-    from jaxprune.cli import load_config
+    from jaxprune.commands.config import load_config
 
     print(f"no shipped base model: training one with {experiment} (resumable)")
     train_config = dataclasses.replace(load_config(experiment))

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 
 from jaxprune.cli import apply_overrides, load_config, main
+from jaxprune.commands.config import UsageError
 from jaxprune.train_job import TrainConfig
 
 
@@ -14,10 +15,17 @@ def test_overrides_reach_nested_fields():
     )
     assert config.epochs == 3 and config.optimizer.learning_rate == 0.05
     assert config.data.train_examples is None
-    with pytest.raises(SystemExit, match="has no field 'lr'"):
+    with pytest.raises(UsageError, match="has no field 'lr'"):
         apply_overrides(TrainConfig(), ["optimizer.lr=1"])
-    with pytest.raises(SystemExit, match="key=value"):
+    with pytest.raises(UsageError, match="key=value"):
         apply_overrides(TrainConfig(), ["epochs"])
+    with pytest.raises(UsageError, match=r"epochs='abc': expected an integer"):
+        apply_overrides(TrainConfig(), ["epochs=abc"])
+    with pytest.raises(UsageError, match=r"optimizer.learning_rate=True: expected a number"):
+        apply_overrides(TrainConfig(), ["optimizer.learning_rate=True"])
+    assert (
+        apply_overrides(TrainConfig(), ["optimizer.learning_rate=1"]).optimizer.learning_rate == 1.0
+    )
 
 
 def test_experiment_configs_load():
@@ -30,3 +38,35 @@ def test_graph_command_prints_the_groups(capsys):
     assert main(["--no-compilation-cache", "graph", "--model", "lenet5"]) == 0
     out = capsys.readouterr().out
     assert "conv1" in out and "fc2" in out and "head (the model output)" in out
+
+
+def test_graph_reads_your_own_model_from_a_file(capsys):
+    for name, first in (("make_linen", "Conv_0"), ("make_nnx", "conv1"), ("bare_module", "Conv_0")):
+        assert (
+            main(["--no-compilation-cache", "graph", "--model", f"tests/cli_models.py:{name}"]) == 0
+        )
+        out = capsys.readouterr().out
+        assert first in out, out
+
+
+def test_errors_are_one_line_with_the_fix_and_debug_shows_the_traceback(capsys):
+    assert main(["graph", "--model", "tests/cli_models.py:not_a_model"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --model tests/cli_models.py:not_a_model")
+    assert "return (module, variables)" in err[0]
+    assert main(["graph", "--model", "resnet99"]) == 1
+    assert "is not a zoo model" in capsys.readouterr().err
+    with pytest.raises(UsageError):
+        main(["--debug", "graph", "--model", "tests/cli_models.py:not_a_model"])
+
+
+def test_ctrl_c_leaves_one_line_and_the_workdir(monkeypatch, capsys, tmp_path):
+    import jaxprune.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_train", interrupted)
+    assert main(["train", "--workdir", str(tmp_path)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f"interrupted; {tmp_path} is kept: run the same command to resume."

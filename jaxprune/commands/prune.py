@@ -380,7 +380,7 @@ def add_command(subparsers: Any) -> argparse.ArgumentParser:
 
 def job_from_args(args: argparse.Namespace) -> PruneJob:
     """The job a command line describes: defaults < config file < flags < --set."""
-    from jaxprune.cli import apply_overrides, load_config  # the cli imports this module
+    from jaxprune.commands.config import apply_overrides, load_config
 
     job = load_config(args.config) if args.config else PruneJob()
     if not isinstance(job, PruneJob):
