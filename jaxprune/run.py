@@ -35,10 +35,10 @@ import jax
 
 from jaxprune import checkpoint as ckpt
 from jaxprune.checkpoint import CheckpointError, json_default
+from jaxprune.metrics import MetricsWriter
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
-METRICS_FILE = "metrics.jsonl"
 
 
 class RunMismatchError(CheckpointError):
@@ -127,6 +127,7 @@ class RunDir:
     resumed: bool
     _lock: Any = None
     _sequences: dict[str, Checkpoints] = dataclasses.field(default_factory=dict)
+    _writers: list[MetricsWriter] = dataclasses.field(default_factory=list)
 
     @classmethod
     @contextlib.contextmanager
@@ -219,14 +220,20 @@ class RunDir:
     def save_artifact(self, name: str, identity: Mapping[str, Any], value: Any) -> None:
         self.write_json(name, {"identity": _normalise(identity), "value": value})
 
-    def metrics(self, resumed_step: int | None = None) -> MetricsLog:
-        """The run's ``metrics.jsonl``, truncated after `resumed_step` (None: kept whole)."""
-        return MetricsLog(self.path / METRICS_FILE, resumed_step)
+    def metrics(self, resumed_step: int | None = None) -> MetricsWriter:
+        """The run's live metrics (``metrics.jsonl`` and TensorBoard), with what came after
+        `resumed_step` dropped (None: a fresh start); close it when done."""
+        writer = MetricsWriter(self.path, resumed_step=resumed_step)
+        self._writers.append(writer)
+        return writer
 
     def close(self) -> None:
         for sequence in self._sequences.values():
             sequence.close()
         self._sequences.clear()
+        for writer in self._writers:
+            writer.close()
+        self._writers.clear()
 
 
 class Checkpoints:
@@ -297,40 +304,6 @@ class Checkpoints:
             self._manager.wait_until_finished()
             self._manager.close()
             self._manager = None
-
-
-class MetricsLog:
-    """Appends one JSON line per record; lines after the step a run resumed from are dropped
-    first, so they are written again exactly once."""
-
-    def __init__(self, path: Path, resumed_step: int | None) -> None:
-        self.path = path
-        if path.exists() and resumed_step is not None:
-            kept = []
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill
-                if record.get("step", 0) <= resumed_step:
-                    kept.append(line)
-            write_text_atomic(path, "".join(line + "\n" for line in kept))
-        elif path.exists() and resumed_step is None:
-            path.unlink()
-
-    def write(self, **record: Any) -> dict[str, Any]:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record, default=json_default) + "\n")
-        return record
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _check_identity(path: Path, stored: Mapping[str, Any], kind: str, flat: dict) -> None:

@@ -284,7 +284,7 @@ def _train(config: TrainConfig, run: RunDir, dataset: Any, mesh: Any) -> dict[st
         history = list(meta["history"])
     state = replicate(state, mesh)
     step = int(state.step)
-    log = run.metrics(resumed_step=step)
+    log = run.metrics(resumed_step=step if last_saved is not None else None)
     start_time = time.time()
     model_meta = {
         "model_name": config.model,
@@ -297,12 +297,7 @@ def _train(config: TrainConfig, run: RunDir, dataset: Any, mesh: Any) -> dict[st
     def write(kind: str, **values: Any) -> dict[str, Any]:
         now = time.time()
         return log.write(
-            step=step,
-            epoch=step / steps_per_epoch,
-            kind=kind,
-            **values,
-            time=now,
-            elapsed_s=now - start_time,
+            step, kind, epoch=step / steps_per_epoch, **values, time=now, elapsed_s=now - start_time
         )
 
     def preprocess_eval(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
