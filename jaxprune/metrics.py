@@ -3,9 +3,9 @@
 `MetricsWriter(workdir)` appends one record per call to ``<workdir>/metrics.jsonl`` and, through
 tensorboardX (a small library: numpy and protobuf), adds its numbers as TensorBoard scalars to
 ``<workdir>/tensorboard/`` (``tensorboard --logdir <workdir>``). The JSON lines are written at
-every record and the event file within a second, so a run can be watched while it goes. A resumed run passes the step it resumed from:
-the JSON lines after it are dropped and TensorBoard is told to discard its later events, so each
-step is in the logs once.
+every record and the event file within a second, so a run can be watched while it goes. A
+resumed run passes the step it resumed from: the JSON lines after it are dropped and TensorBoard
+is told to discard its later events, so each step is in the logs once.
 """
 
 from __future__ import annotations
