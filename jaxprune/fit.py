@@ -21,6 +21,7 @@ import optax
 from tqdm import tqdm
 
 from jaxprune import train
+from jaxprune.metrics import MetricsWriter
 from jaxprune.model import Model
 from jaxprune.run import Checkpoints, RunDir
 
@@ -82,6 +83,9 @@ def fit(
     label: str = "fine-tuning",
     loss_fn: Callable[[Any, Batch], jax.Array] = train.cross_entropy,
     tx: optax.GradientTransformation | None = None,
+    metrics: MetricsWriter | None = None,
+    log_every: int = 50,
+    step_offset: int = 0,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Trains `model` from `variables` for `config.epochs` epochs of `data.train(epoch)`.
 
@@ -96,6 +100,11 @@ def fit(
       label: the bar's label.
       loss_fn: ``(output, batch) -> loss``.
       tx: an optimizer to use instead of `config.optimizer` (e.g. with frozen leaves).
+      metrics: a live metrics writer: the mean loss every `log_every` steps and at each
+        epoch's end, as kind `name`, at ``step_offset + step``.
+      log_every: see `metrics`.
+      step_offset: where this fit's steps start in the run's metrics (e.g. the updates made
+        before it).
 
     Returns:
       The trained variables and the history (one record per epoch, with the mean loss).
@@ -116,6 +125,7 @@ def fit(
     history: list[dict[str, Any]] = []
     step = 0
     sums, count = 0.0, 0  # the loss of the epoch so far
+    window, window_count = 0.0, 0  # the loss since the last metrics record
     store = run.checkpoints(name) if run is not None else None
     if store is not None:
         restored = _restore(store, state)
@@ -147,6 +157,10 @@ def fit(
                         "gradients (optimizer.grad_clip_norm)."
                     )
                 sums, count = sums + loss, count + 1
+                window, window_count = window + loss, window_count + 1
+                if metrics is not None and (step % log_every == 0 or step == total):
+                    metrics.write(step_offset + step, name, loss=window / window_count)
+                    window, window_count = 0.0, 0
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                 end_of_epoch = (index + 1 == steps_per_epoch) or step == total
