@@ -141,8 +141,8 @@ def fit(
             for index, batch in enumerate(data.train(epoch)):
                 if index < start:
                     continue
-                state, metrics = train.train_step(state, dict(batch), loss_fn)
-                loss, norm = float(metrics["loss"]), float(metrics["grad_norm"])
+                state, measured = train.train_step(state, dict(batch), loss_fn)
+                loss, norm = float(measured["loss"]), float(measured["grad_norm"])
                 step += 1
                 if not (math.isfinite(loss) and math.isfinite(norm)):
                     kept = (
