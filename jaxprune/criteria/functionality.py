@@ -36,18 +36,22 @@ it is `jaxprune.methods.functional`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.gates import gate_points, gated_call
+from jaxprune.criteria.report import spearman
+from jaxprune.gates import gate_points, gated_call, points_for, program_args
 from jaxprune.graph import ChannelGraph, GatePoint
+from jaxprune.interpret import Interpreter, bind, frames_holding
+from jaxprune.trace import Const, TracedProgram, trace_apply
 
 NORMALIZATIONS = ("standardize", "l2", "none")
-DESCRIPTORS = ("pixels", "pooled")
+DESCRIPTORS = ("pixels", "pooled", "spectrum")
+OBJECTIVES = ("mean", "center")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +78,18 @@ class VisualizationConfig:
     seed: int = 0
     # Filters per vmapped chunk (None: all filters of a layer at once).
     chunk_size: int | None = None
+    # What is maximised: "mean" (the filter's mean over its whole map) or "center" (the filter's
+    # value at the centre position of its map, one unit with one receptive field).
+    objective: str = "mean"
+    # Read the filter before its nonlinearity and pooling (see `read_points`) rather than where
+    # the next layer reads it.
+    preactivation: bool = False
+    # Each step also rescales the (jittered) image by a random factor in [1 / (1 + scale),
+    # 1 + scale] about its centre (0: never).
+    scale: float = 0.0
+    # Each step also rotates the image by a random angle in [-rotation, rotation] degrees about
+    # its centre (0: never).
+    rotation: float = 0.0
 
 
 def check_visualization(config: VisualizationConfig) -> None:
@@ -91,6 +107,15 @@ def check_visualization(config: VisualizationConfig) -> None:
         raise ValueError("visualization jitter, blur_every and blur_sigma must be >= 0.")
     if config.chunk_size is not None and config.chunk_size < 1:
         raise ValueError(f"visualization.chunk_size must be >= 1 or None, got {config.chunk_size}.")
+    if config.objective not in OBJECTIVES:
+        raise ValueError(
+            f"visualization.objective must be one of {OBJECTIVES}, got {config.objective!r}."
+        )
+    if config.scale < 0 or config.rotation < 0:
+        raise ValueError(
+            f"visualization scale and rotation must be >= 0, got {config.scale} and "
+            f"{config.rotation}."
+        )
 
 
 def channel_means(values: Iterable[jax.Array], points: Iterable[GatePoint], size: int) -> jax.Array:
@@ -135,39 +160,238 @@ def _total_variation(image: jax.Array) -> jax.Array:
     return jnp.mean(jnp.abs(jnp.diff(image, axis=0))) + jnp.mean(jnp.abs(jnp.diff(image, axis=1)))
 
 
-def _filter_means(
+# Calls with their own derivative rules, run as they are (relu'(0) = 0) by `_Reader`.
+_OPAQUE_CALLS = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
+
+
+def _step_back(
+    program: TracedProgram, producer: Mapping[int, Any], vid: int, axis: int
+) -> int | None:
+    """The value a rectifier or a max pooling turned into value `vid`, or None.
+
+    `axis` is the channel axis counted from the end (negative). Recognised: ``max(v, c)`` with
+    one scalar constant c (ReLU); ``reduce_window_max`` with a window of 1 on the channel axis;
+    ``reduce_max`` over non-channel axes of a ``reshape`` that split the spatial axes of v
+    (flax's max pooling of sizes that divide evenly), channels last.
+    """
+    eqn = producer.get(vid)
+    if eqn is None:
+        return None
+    arrays = [i for i in eqn.inputs if not isinstance(i, Const)]
+    constants = [i for i in eqn.inputs if isinstance(i, Const)]
+    if len(arrays) != 1:
+        return None
+    source = arrays[0]
+    if eqn.primitive == "max":
+        if len(constants) == 1 and np.size(constants[0].value) == 1:
+            return source
+        return None
+    if eqn.primitive == "reduce_window_max":
+        window = eqn.params.get("window_dimensions", ())
+        return source if len(window) >= -axis and window[axis] == 1 else None
+    if eqn.primitive == "reduce_max" and axis == -1 and source in producer:
+        split = producer[source]
+        rank = len(program.shapes[source])
+        if split.primitive != "reshape" or rank - 1 in eqn.params.get("axes", ()):
+            return None
+        before = [i for i in split.inputs if not isinstance(i, Const)]
+        if len(before) == 1 and program.shapes[before[0]][-1] == program.shapes[source][-1]:
+            return before[0]
+    return None
+
+
+def _walk_back(program: TracedProgram, point: GatePoint) -> GatePoint:
+    """The value before the pooling and rectifiers that make `point`'s value (`read_points`)."""
+    producer = {out: eqn for eqn in program.eqns for out in eqn.outputs}
+    rank = len(point.shape)
+    axis = point.axis % rank - rank
+    vid = point.value_id
+    while (previous := _step_back(program, producer, vid, axis)) is not None:
+        shape = tuple(program.shapes[previous])
+        if len(shape) != rank or shape[axis] != point.shape[axis]:
+            break
+        vid = previous
+    return dataclasses.replace(point, value_id=vid, shape=tuple(program.shapes[vid]))
+
+
+def read_points(
+    program: TracedProgram, graph: ChannelGraph, preactivation: bool = False
+) -> dict[str, tuple[GatePoint, ...]]:
+    """Where each group's filters are read in one trace of the model.
+
+    Args:
+      program: the model traced on the input shape it will run at (`jaxprune.trace.trace_apply`).
+      graph: its channel graph.
+      preactivation: False: the gate points (where the next layer reads the channels: after
+        normalisation, the nonlinearity and any pooling). True: from each gate point, walk back
+        through max pooling (`reduce_window_max` with a window of 1 on the channel axis) and
+        rectifiers (`max` with one scalar constant, e.g. ReLU) to the value they start from (for
+        conv-BN-ReLU-pool, the BatchNorm output). A gate point with nothing to walk back
+        through is read as it is.
+
+    Returns:
+      Per group, the read points (duplicates removed, in gate-point order).
+    """
+    points = points_for(program, graph)
+    if not preactivation:
+        return points
+    found = {}
+    for name, pts in points.items():
+        seen: dict[int, GatePoint] = {}
+        for point in pts:
+            back = _walk_back(program, point)
+            seen.setdefault(back.value_id, back)
+        found[name] = tuple(seen.values())
+    return found
+
+
+class _Reader(Interpreter):
+    """Runs a traced program and keeps the values of some ids (custom-derivative calls opaque,
+    unless a wanted value is produced inside one)."""
+
+    def __init__(self, program: TracedProgram, wanted: set[int]) -> None:
+        super().__init__(program)
+        self.wanted = wanted
+        self.values: dict[int, jax.Array] = {}
+        self.inline = frames_holding(program, set(), wanted)
+
+    def on_value(self, vid: int | None, value: Any) -> Any:
+        if vid is not None and vid in self.wanted:
+            self.values[vid] = value
+        return value
+
+    def call(self, eqn: Any, invals: Sequence[Any], frame: tuple[int, ...]) -> list[Any]:
+        if eqn.primitive.name in _OPAQUE_CALLS and frame not in self.inline:
+            return bind(eqn, invals)
+        return self.eval_call(eqn, invals, frame)
+
+
+def _center_values(value: jax.Array, point: GatePoint, size: int) -> jax.Array:
+    """Every channel's value at the middle index of each non-channel axis (batch 1 assumed)."""
+    axis = point.axis % value.ndim
+    index = tuple(slice(None) if a == axis else n // 2 for a, n in enumerate(value.shape))
+    per_index = value[index].astype(jnp.float32)
+    if point.channel_of_index is not None:
+        owner = np.asarray(point.channel_of_index)
+        mine = owner >= 0
+        sums = jax.ops.segment_sum(per_index[mine], owner[mine], num_segments=size)
+        per_index = sums / np.maximum(np.bincount(owner[mine], minlength=size), 1)
+    return per_index
+
+
+def _filter_reader(
     apply_fn: Callable[..., Any],
     graph: ChannelGraph,
     group: str,
-    points: tuple[GatePoint, ...],
+    config: VisualizationConfig,
     apply_kwargs: Mapping[str, Any],
 ) -> Callable[[Any, jax.Array], jax.Array]:
-    """(variables, one image) -> the mean activation of every filter of `group` on it."""
+    """(variables, one image) -> the objective's value for every filter of `group` on it."""
     size = graph[group].size
 
-    def means(variables: Any, image: jax.Array) -> jax.Array:
-        _, captured = gated_call(
-            apply_fn, graph, variables, image[None], capture=True, **apply_kwargs
-        )
-        return channel_means(captured[group], points, size)
+    def read(variables: Any, image: jax.Array) -> jax.Array:
+        batch = image[None]
+        program = trace_apply(apply_fn, variables, batch, **apply_kwargs)
+        points = read_points(program, graph, config.preactivation)[group]
+        reader = _Reader(program, {p.value_id for p in points})
+        reader.run(program_args(variables, batch, apply_kwargs))
+        values = [reader.values[p.value_id] for p in points]
+        if config.objective == "mean":
+            return channel_means(values, points, size)
+        total = sum(_center_values(v, p, size) for v, p in zip(values, points, strict=True))
+        return total / len(points)
 
-    return means
+    return read
+
+
+def filter_objectives(
+    apply_fn: Callable[..., Any],
+    graph: ChannelGraph,
+    variables: Any,
+    group: str,
+    images: jax.Array | np.ndarray,
+    config: VisualizationConfig = VisualizationConfig(),
+    *,
+    batch_size: int = 256,
+    apply_kwargs: Mapping[str, Any] | None = None,
+) -> np.ndarray:
+    """The ascent's objective (without penalties) of every filter of `group` on every image.
+
+    Args:
+      apply_fn, graph, variables: the model, its graph and variables.
+      group: the channel group.
+      images: (N, H, W, C) images in the model's input space.
+      config: `objective` and `preactivation` say what is read (the other fields are unused).
+      batch_size: images per compiled call.
+      apply_kwargs: keyword arguments of `apply_fn` (default ``{"train": False}``).
+
+    Returns:
+      float32 (N, filters): entry [n, f] is filter f's objective on image n.
+    """
+    check_visualization(config)
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty (N, H, W, C) array, got {images.shape}.")
+    kwargs = dict(apply_kwargs) if apply_kwargs is not None else {"train": False}
+    read = _filter_reader(apply_fn, graph, group, config, kwargs)
+    run = jax.jit(jax.vmap(read, in_axes=(None, 0)))
+    parts = [
+        np.asarray(run(variables, jnp.asarray(images[k : k + batch_size])))
+        for k in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(parts).astype(np.float32)
+
+
+def _affine_view(image: jax.Array, angle: jax.Array, factor: jax.Array) -> jax.Array:
+    """An HWC image rotated by `angle` (radians) and magnified by `factor` about its centre.
+
+    Output pixel p shows the input at ``c + R(-angle) (p - c) / factor`` (c the centre,
+    ``(H - 1) / 2, (W - 1) / 2``), bilinear, positions outside the image take the nearest edge
+    pixel. A quarter turn of a square image is `np.rot90`.
+    """
+    h, w = image.shape[:2]
+    rows, cols = jnp.meshgrid(
+        jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij"
+    )
+    dy, dx = rows - (h - 1) / 2, cols - (w - 1) / 2
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    src_rows = (h - 1) / 2 + (cos * dy + sin * dx) / factor
+    src_cols = (w - 1) / 2 + (-sin * dy + cos * dx) / factor
+    channels = [
+        jax.scipy.ndimage.map_coordinates(
+            image[..., c], [src_rows, src_cols], order=1, mode="nearest"
+        )
+        for c in range(image.shape[-1])
+    ]
+    return jnp.stack(channels, axis=-1)
+
+
+def _transform(image: jax.Array, key: jax.Array, config: VisualizationConfig) -> jax.Array:
+    """One step's random view of an HWC image: rolled by the jitter, then rotated and rescaled
+    about its centre (`_affine_view`). Depends on `key` only, not on the filter."""
+    shift = jax.random.randint(key, (2,), -config.jitter, config.jitter + 1)
+    image = jnp.roll(image, shift, axis=(0, 1))
+    if config.rotation == 0 and config.scale == 0:
+        return image
+    angle_key, scale_key = jax.random.split(jax.random.fold_in(key, 1))
+    angle = jnp.deg2rad(config.rotation * jax.random.uniform(angle_key, (), minval=-1.0))
+    log_scale = float(np.log1p(config.scale))
+    factor = jnp.exp(jax.random.uniform(scale_key, (), minval=-log_scale, maxval=log_scale))
+    return _affine_view(image, angle, factor)
 
 
 def _ascent_fn(
     apply_fn: Callable[..., Any],
     graph: ChannelGraph,
     group: str,
-    points: tuple[GatePoint, ...],
     config: VisualizationConfig,
     apply_kwargs: Mapping[str, Any],
 ) -> Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
     """(variables, start image, filter index) -> (final image, objective at every step)."""
-    means = _filter_means(apply_fn, graph, group, points, apply_kwargs)
+    read = _filter_reader(apply_fn, graph, group, config, apply_kwargs)
 
-    def objective(variables, image, shift, index):
-        rolled = jnp.roll(image, shift, axis=(0, 1))
-        act = means(variables, rolled)[index]
+    def objective(variables, image, key, index):
+        act = read(variables, _transform(image, key, config))[index]
         penalty = config.l2_weight * jnp.mean(image**2) + config.tv_weight * _total_variation(image)
         return act - penalty, act
 
@@ -176,11 +400,8 @@ def _ascent_fn(
 
     def ascend(variables: Any, start: jax.Array, index: jax.Array):
         def step(image, t):
-            # The same jitter for every filter: it depends on the seed and the step only.
-            shift = jax.random.randint(
-                jax.random.fold_in(key, t), (2,), -config.jitter, config.jitter + 1
-            )
-            grad, act = grad_fn(variables, image, shift, index)
+            # The same view for every filter: it depends on the seed and the step only.
+            grad, act = grad_fn(variables, image, jax.random.fold_in(key, t), index)
             rms = jnp.sqrt(jnp.mean(grad**2)) + 1e-12
             image = image + config.step_size * grad / rms
             if config.blur_every > 0:
@@ -247,9 +468,7 @@ def maximization_images(
             f"got {indices.tolist()}."
         )
     kwargs = dict(apply_kwargs) if apply_kwargs is not None else {"train": False}
-    example = jnp.zeros((1, *input_shape), jnp.float32)
-    points = gate_points(apply_fn, graph, variables, example, **kwargs)[group]
-    ascend = _ascent_fn(apply_fn, graph, group, points, config, kwargs)
+    ascend = _ascent_fn(apply_fn, graph, group, config, kwargs)
     start = start_image(tuple(input_shape), config)
 
     @jax.jit
@@ -305,8 +524,7 @@ def responsive_filters(
             f"({size}), got shape {images.shape}."
         )
     kwargs = dict(apply_kwargs) if apply_kwargs is not None else {"train": False}
-    points = gate_points(apply_fn, graph, variables, images[:1], **kwargs)[group]
-    means = _filter_means(apply_fn, graph, group, points, kwargs)
+    means = _filter_reader(apply_fn, graph, group, config, kwargs)
     start = start_image(tuple(images.shape[1:]), config)
 
     @jax.jit
@@ -404,8 +622,10 @@ def image_descriptors(
 
     Args:
       images: (filters, H, W, C) images.
-      kind: "pixels" (the normalised image itself) or "pooled" (2x2 average pooling of it,
-        less sensitive to one-pixel shifts).
+      kind: "pixels" (the normalised image itself), "pooled" (2x2 average pooling of it,
+        less sensitive to one-pixel shifts) or "spectrum" (the magnitude of the 2-D discrete
+        Fourier transform of each channel of the normalised image, ``|F[u, v, c]|`` with
+        ``F = fft2(x[..., c])``: unchanged by circular shifts of the image).
       normalization: see `normalize_images`.
 
     Returns:
@@ -420,6 +640,8 @@ def image_descriptors(
     if kind == "pooled":
         n, h, w, c = x.shape
         x = x[:, : h - h % 2, : w - w % 2].reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+    elif kind == "spectrum":
+        x = np.abs(np.fft.fft2(x, axes=(1, 2)))
     elif kind != "pixels":
         raise ValueError(f"descriptor must be one of {DESCRIPTORS}, got {kind!r}.")
     return x.reshape(x.shape[0], -1)
@@ -444,3 +666,212 @@ def cosine_similarity(descriptors: jax.Array | np.ndarray) -> np.ndarray:
     similarity = np.clip(unit @ unit.T, -1.0, 1.0)
     np.fill_diagonal(similarity, 1.0)
     return similarity
+
+
+# ---------------------------------------------------------------------------------------------
+# Functionality as responses, and how well a descriptor measures it
+
+
+def _map_reader(
+    apply_fn: Callable[..., Any],
+    graph: ChannelGraph,
+    variables: Any,
+    group: str,
+    example: np.ndarray,
+    apply_kwargs: Mapping[str, Any],
+) -> Callable[[Any, jax.Array], jax.Array]:
+    """A jitted (variables, batch) -> the group's NHWC map at its first gate point."""
+    point = gate_points(apply_fn, graph, variables, example, **apply_kwargs)[group][0]
+    if len(point.shape) != 4 or point.axis % 4 != 3 or point.channel_of_index is not None:
+        raise ValueError(
+            f"Group {group!r} is read as shape {point.shape} (channel axis {point.axis}); "
+            "responses need an NHWC map with the group's channels last (a conv layer)."
+        )
+
+    @jax.jit
+    def maps(variables: Any, batch: jax.Array) -> jax.Array:
+        _, captured = gated_call(apply_fn, graph, variables, batch, capture=True, **apply_kwargs)
+        return captured[group][0].astype(jnp.float32)
+
+    return maps
+
+
+def cell_means(maps: np.ndarray, resolution: int | None) -> np.ndarray:
+    """Average-pools (N, h, w, C) maps to at most `resolution` cells per spatial axis.
+
+    An axis longer than `resolution` is cut into `resolution` runs of consecutive positions
+    whose lengths differ by at most one (``np.array_split``), and each run is averaged; shorter
+    axes are kept. None keeps the maps as they are.
+
+    Args:
+      maps: (N, h, w, C) array.
+      resolution: the most cells per axis (>= 1), or None.
+
+    Returns:
+      float64 (N, min(h, resolution), min(w, resolution), C).
+    """
+    maps = np.asarray(maps, np.float64)
+    if maps.ndim != 4:
+        raise ValueError(f"maps must be (N, h, w, C), got shape {maps.shape}.")
+    if resolution is None:
+        return maps
+    if resolution < 1:
+        raise ValueError(f"resolution must be >= 1 or None, got {resolution}.")
+    for axis in (1, 2):
+        if maps.shape[axis] > resolution:
+            runs = np.array_split(np.arange(maps.shape[axis]), resolution)
+            maps = np.stack([maps.take(run, axis=axis).mean(axis=axis) for run in runs], axis)
+    return maps
+
+
+def response_descriptors(
+    apply_fn: Callable[..., Any],
+    graph: ChannelGraph,
+    variables: Any,
+    group: str,
+    probes: jax.Array | np.ndarray,
+    *,
+    resolution: int | None = 7,
+    batch_size: int = 256,
+    apply_kwargs: Mapping[str, Any] | None = None,
+) -> np.ndarray:
+    """Each filter described by what it does: its responses to a fixed set of probe images.
+
+    With ``A_f(x)`` filter f's (h, w) map at the group's gate point (where the next layer reads
+    it: after BatchNorm, the nonlinearity and any pooling) on probe image x, and ``P_r`` the
+    average pooling of a map to at most r x r cells (`cell_means`),
+
+        r_f = vec_{k, i, j} P_r(A_f(x_k))[i, j],      d_f = r_f - mean(r_f),
+
+    so the cosine of two descriptors is the Pearson correlation of the two filters' pooled
+    responses over the probes and cells: filters that fire on the same probes at the same places
+    are alike. The probes are the same for every filter; the default of the functional criterion
+    is the activation-maximisation images of every conv filter of the model (all layers), made
+    with one seed, so nothing but the model is needed. Using responses at all, the probe set,
+    the pooling to `resolution` cells and the centring are choices of jaxprune (Qin et al. 2019
+    compare the visualisations themselves), measured in experiments/functional_descriptor.py.
+
+    Args:
+      apply_fn, graph, variables: the model, its graph and variables.
+      group: a conv group (read as an NHWC map with its channels last).
+      probes: (P, H, W, C) images in the model's input space.
+      resolution: the most cells per spatial axis (None: every position).
+      batch_size: probes per forward pass.
+      apply_kwargs: keyword arguments of `apply_fn` (default ``{"train": False}``).
+
+    Returns:
+      float64 (filters, P * cells): one centred descriptor per filter of the group.
+
+    Raises:
+      ValueError: no probes, or a group that is not read as an NHWC map.
+    """
+    probes = np.asarray(probes, np.float32)
+    if probes.ndim != 4 or probes.shape[0] == 0:
+        raise ValueError(f"probes must be a non-empty (P, H, W, C) array, got {probes.shape}.")
+    kwargs = dict(apply_kwargs) if apply_kwargs is not None else {"train": False}
+    maps = _map_reader(apply_fn, graph, variables, group, probes[:1], kwargs)
+    parts = [
+        cell_means(np.asarray(maps(variables, jnp.asarray(probes[k : k + batch_size]))), resolution)
+        for k in range(0, len(probes), batch_size)
+    ]
+    pooled = np.concatenate(parts)
+    descriptors = np.moveaxis(pooled, -1, 0).reshape(pooled.shape[-1], -1)
+    return descriptors - descriptors.mean(axis=1, keepdims=True)
+
+
+def response_similarity(
+    apply_fn: Callable[..., Any],
+    graph: ChannelGraph,
+    variables: Any,
+    group: str,
+    images: jax.Array | np.ndarray,
+    *,
+    batch_size: int = 256,
+    apply_kwargs: Mapping[str, Any] | None = None,
+) -> np.ndarray:
+    """How alike the filters of a group respond on real images: the reference a functionality
+    descriptor is measured against.
+
+    ``R[f, g]`` is the Pearson correlation of ``A_f`` and ``A_g`` (the filters' maps at the
+    group's gate point) over all images n and positions (i, j) together. A filter that is
+    constant on the images (e.g. never fires) has correlation 0 with every other filter.
+
+    Args:
+      apply_fn, graph, variables: the model, its graph and variables.
+      group: a conv group (read as an NHWC map with its channels last).
+      images: real images (N, H, W, C), preprocessed; validation images for any choice.
+      batch_size: images per forward pass.
+      apply_kwargs: keyword arguments of `apply_fn` (default ``{"train": False}``).
+
+    Returns:
+      float64 (filters, filters) symmetric, ones on the diagonal.
+    """
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty (N, H, W, C) array, got {images.shape}.")
+    kwargs = dict(apply_kwargs) if apply_kwargs is not None else {"train": False}
+    maps = _map_reader(apply_fn, graph, variables, group, images[:1], kwargs)
+    count, total, products = 0, None, None
+    for k in range(0, len(images), batch_size):
+        a = np.asarray(maps(variables, jnp.asarray(images[k : k + batch_size])), np.float64)
+        a = a.reshape(-1, a.shape[-1])
+        count += len(a)
+        total = a.sum(0) if total is None else total + a.sum(0)
+        products = a.T @ a if products is None else products + a.T @ a
+    mean = total / count
+    covariance = products / count - np.outer(mean, mean)
+    std = np.sqrt(np.maximum(np.diag(covariance), 0.0))
+    live = std > 1e-12 * max(1.0, float(np.max(np.abs(mean), initial=0.0)))
+    scale = np.where(live, std, 1.0)
+    correlation = np.where(np.outer(live, live), covariance / np.outer(scale, scale), 0.0)
+    correlation = np.clip(correlation, -1.0, 1.0)
+    np.fill_diagonal(correlation, 1.0)
+    return correlation
+
+
+def mutual_best_matches(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Which filters' two descriptors (e.g. from two seeds) are each other's best match.
+
+    With ``C[i, j]`` the cosine of filter i's first descriptor and filter j's second, filter i
+    is stable when ``C[i, i] > C[i, j]`` and ``C[i, i] > C[j, i]`` for every other filter j of
+    the layer: its second descriptor is closer to its first than any other filter's is, and the
+    other way round. Ties count as failures (two silent filters with one image are not stable).
+
+    Args:
+      first: (filters, d) descriptors from one run.
+      second: (filters, d) descriptors of the same filters, in the same order, from another.
+
+    Returns:
+      bool (filters,).
+    """
+    a, b = np.asarray(first, np.float64), np.asarray(second, np.float64)
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(
+            f"first and second must be (filters, d) of one shape, got {a.shape} and {b.shape}."
+        )
+    unit_a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    unit_b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    cross = unit_a @ unit_b.T
+    own = np.diag(cross).copy()
+    np.fill_diagonal(cross, -np.inf)
+    return (own > cross.max(axis=1)) & (own > cross.max(axis=0))
+
+
+def similarity_agreement(similarity: np.ndarray, reference: np.ndarray) -> float:
+    """Spearman correlation of two filter-similarity matrices over the distinct pairs i < j.
+
+    Args:
+      similarity: (n, n) a descriptor's similarity (e.g. `cosine_similarity`).
+      reference: (n, n) the similarity it should agree with (e.g. `response_similarity`).
+
+    Returns:
+      rho in [-1, 1] (`jaxprune.criteria.report.spearman`, ties averaged).
+    """
+    s, r = np.asarray(similarity, np.float64), np.asarray(reference, np.float64)
+    if s.ndim != 2 or s.shape != r.shape or s.shape[0] != s.shape[1] or s.shape[0] < 3:
+        raise ValueError(
+            f"similarity and reference must be square, of one shape, and at least 3 x 3; got "
+            f"{s.shape} and {r.shape}."
+        )
+    upper = np.triu_indices(s.shape[0], 1)
+    return spearman(s[upper], r[upper])
