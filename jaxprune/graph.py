@@ -174,7 +174,9 @@ class _Unifier:
         for a in self.atoms(t):
             self.tags[a].taints.append(reason)
 
-    def unify(self, a: Term | None, b: Term | None, reason: str) -> Term | None:
+    def unify(self, a: Term | None, b: Term | None, reason: object) -> Term | None:
+        """Ties two terms; `reason` (formatted only if they turn out incompatible) names the
+        operation that ties them."""
         if a is None:
             return b
         if b is None:
@@ -208,8 +210,8 @@ class _Unifier:
             for x, y in zip(ca, cb, strict=True):
                 self.unify(x, y, reason)
             return ra
-        self.tag_taint(ra, reason + " (incompatible channel layouts)")
-        self.tag_taint(rb, reason + " (incompatible channel layouts)")
+        self.tag_taint(ra, f"{reason} (incompatible channel layouts)")
+        self.tag_taint(rb, f"{reason} (incompatible channel layouts)")
         return ra
 
     def _move_tags(self, atom: int, term: Term) -> None:
@@ -565,7 +567,24 @@ class _Reduction:
     primitive: str
     operand: int
     axes: tuple[int, ...]
-    where: str
+    eqn: FlatEqn
+
+    @property
+    def where(self) -> str:
+        # Resolved only for a message: finding a source line walks a traceback.
+        return where_text(self.eqn)
+
+
+class _Described:
+    """An equation's description, made on first formatting (it reads the source line)."""
+
+    __slots__ = ("analysis", "eqn")
+
+    def __init__(self, analysis: _Analysis, eqn: FlatEqn) -> None:
+        self.analysis, self.eqn = analysis, eqn
+
+    def __str__(self) -> str:
+        return self.analysis.describe(self.eqn)
 
 
 class _Analysis:
@@ -589,7 +608,7 @@ class _Analysis:
         # Reductions, pooling windows across an axis, and candidate means (a channel sum
         # divided by, or multiplied with, a scalar).
         self.reduction_list: list[_Reduction] = []
-        self.windows: list[tuple[int, int, tuple[int, ...], str]] = []
+        self.windows: list[tuple[int, int, tuple[int, ...], FlatEqn]] = []
         self.sum_of: dict[int, int] = {}
         self.divisions: list[tuple[int, int, int, bool]] = []
         self.position = 0
@@ -622,6 +641,10 @@ class _Analysis:
             ]
             self.producer_of[out] = eqn
             self.producer_index[out] = self.position
+
+    def reason(self, eqn: FlatEqn) -> _Described:
+        """`describe(eqn)`, formatted only if a message needs it (most ties never do)."""
+        return _Described(self, eqn)
 
     def describe(self, eqn: FlatEqn) -> str:
         params = [
@@ -733,7 +756,7 @@ class _Analysis:
                 return self.unsupported(eqn, f"rank-changing broadcast in {self.describe(eqn)}")
             for ax in range(rank):
                 if shape[ax] == out_shape[ax] and shape[ax] != 1:
-                    label[ax] = self.u.unify(label[ax], labs[ax], self.describe(eqn))
+                    label[ax] = self.u.unify(label[ax], labs[ax], self.reason(eqn))
         if eqn.primitive == "optimization_barrier":
             self.set_out(eqn, [self.labels_of(i) for i in eqn.inputs])
             return
@@ -755,7 +778,7 @@ class _Analysis:
         axes = tuple(eqn.params.get("axes", ()))
         labs = self.labels_of(eqn.inputs[0])
         self.reduction_list.append(
-            _Reduction(self.position, eqn.primitive, eqn.inputs[0], axes, where_text(eqn))
+            _Reduction(self.position, eqn.primitive, eqn.inputs[0], axes, eqn)
         )
         kept = [t for ax, t in enumerate(labs) if ax not in axes]
         self.set_out(eqn, [kept] * len(eqn.outputs))
@@ -774,7 +797,7 @@ class _Analysis:
             if not passes:
                 across.append(ax)
             out.append(t if passes else self.u.fresh(self.program.shapes[eqn.outputs[0]][ax]))
-        self.windows.append((self.position, eqn.inputs[0], tuple(across), where_text(eqn)))
+        self.windows.append((self.position, eqn.inputs[0], tuple(across), eqn))
         n_out = len(eqn.outputs)
         self.set_out(eqn, [out] * n_out)
 
@@ -883,7 +906,7 @@ class _Analysis:
                 # Splitting an axis (channels into groups, as GroupNorm does): bind it to a
                 # product of new axes; whether that can be pruned is decided per group.
                 factors = tuple(self.u.fresh(n) for n in sizes)
-                self.u.unify(in_terms[0], Product(factors), self.describe(eqn))
+                self.u.unify(in_terms[0], Product(factors), self.reason(eqn))
                 for a, f in zip(seg_out, factors, strict=True):
                     out[a] = f
                 continue
@@ -904,7 +927,7 @@ class _Analysis:
             shape, labs = self.shape_of(i), self.labels_of(i)
             for ax in range(len(out_shape)):
                 if ax != dim and shape[ax] == out_shape[ax] and shape[ax] != 1:
-                    label[ax] = self.u.unify(label[ax], labs[ax], self.describe(eqn))
+                    label[ax] = self.u.unify(label[ax], labs[ax], self.reason(eqn))
             parts.append(labs[dim] if labs[dim] is not None else self.u.fresh(shape[dim]))
         label[dim] = Concat(tuple(parts))
         self.set_out(eqn, [label])
@@ -926,11 +949,11 @@ class _Analysis:
             out[ax] = self.u.fresh(out_shape[ax]) if out_shape[ax] != 1 else None
         c_in, c_out = shape_l[lhs_spec[1]], shape_r[rhs_spec[0]]
         if groups == 1:
-            self.u.unify(lab_l[lhs_spec[1]], lab_r[rhs_spec[1]], self.describe(eqn))
+            self.u.unify(lab_l[lhs_spec[1]], lab_r[rhs_spec[1]], self.reason(eqn))
             feat = lab_r[rhs_spec[0]]
         elif groups == c_in == c_out:
             # Depthwise: output channel c reads input channel c only; both are one group.
-            feat = self.u.unify(lab_l[lhs_spec[1]], lab_r[rhs_spec[0]], self.describe(eqn))
+            feat = self.u.unify(lab_l[lhs_spec[1]], lab_r[rhs_spec[0]], self.reason(eqn))
         else:
             return self.unsupported(
                 eqn,
@@ -953,10 +976,9 @@ class _Analysis:
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
         lab_l, lab_r = self.labels_of(lhs), self.labels_of(rhs)
         for a, b in zip(lc, rc, strict=True):
-            self.u.unify(lab_l[a], lab_r[b], self.describe(eqn))
+            self.u.unify(lab_l[a], lab_r[b], self.reason(eqn))
         batch = [
-            self.u.unify(lab_l[a], lab_r[b], self.describe(eqn))
-            for a, b in zip(lb, rb, strict=True)
+            self.u.unify(lab_l[a], lab_r[b], self.reason(eqn)) for a, b in zip(lb, rb, strict=True)
         ]
         free_l = [t for ax, t in enumerate(lab_l) if ax not in lc and ax not in lb]
         free_r = [t for ax, t in enumerate(lab_r) if ax not in rc and ax not in rb]
@@ -1278,12 +1300,12 @@ class _Builder:
                         f"reach a '{red.primitive}' over their channels{red.where}, whose "
                         "result changes meaning when channels are removed",
                     )
-        for _, op, across, where in self.a.windows:
+        for _, op, across, eqn in self.a.windows:
             for ax in across:
                 for ref in self.operand_refs(op, ax):
                     bad.setdefault(
                         self.atom_of[ref.group],
-                        f"reach a pooling window across their channels{where}",
+                        f"reach a pooling window across their channels{where_text(eqn)}",
                     )
         return bad
 

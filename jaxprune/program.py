@@ -43,23 +43,42 @@ class ReplayError(RuntimeError):
 
 def axis_positions(refs: Sequence[Any], size: int, keep: Mapping[str, np.ndarray]) -> np.ndarray:
     """The positions of an axis of `size` that survive `keep` (intersected over its groups)."""
-    positions = np.arange(size)
+    positions = None
     for ref in refs:
         if ref.group in keep:
-            positions = np.intersect1d(
-                positions, kept_positions(ref.channel_of_index, keep[ref.group])
-            )
+            kept = kept_positions(ref.channel_of_index, keep[ref.group])
+            positions = kept if positions is None else np.intersect1d(positions, kept)
+    if positions is None:
+        return np.arange(size)
+    # One group's kept positions are already sorted, unique and in range (the usual case);
+    # anything else is intersected with the axis.
+    in_range = positions.size == 0 or (positions[0] >= 0 and positions[-1] < size)
+    if not in_range or np.any(np.diff(positions) <= 0):
+        positions = np.intersect1d(np.arange(size), positions)
     return positions
 
 
 def kept_axes(
-    axes: AxisRefs, shape: Sequence[int], keep: Mapping[str, np.ndarray]
+    axes: AxisRefs,
+    shape: Sequence[int],
+    keep: Mapping[str, np.ndarray],
+    memo: dict[Any, np.ndarray] | None = None,
 ) -> dict[int, np.ndarray]:
-    """For each axis that loses positions, the positions it keeps."""
+    """For each axis that loses positions, the positions it keeps.
+
+    `memo` caches the positions by axis size and refs across calls: most values of a program
+    share their channel axes with many others.
+    """
     found = {}
     for axis, refs in axes.items():
-        positions = axis_positions(refs, shape[axis], keep)
-        if positions.size != shape[axis]:
+        size = shape[axis]
+        key = (size, tuple((ref.group, id(ref.channel_of_index)) for ref in refs))
+        positions = None if memo is None else memo.get(key)
+        if positions is None:
+            positions = axis_positions(refs, size, keep)
+            if memo is not None:
+                memo[key] = positions
+        if positions.size != size:
             found[axis] = positions
     return found
 
@@ -103,9 +122,11 @@ def make_plan(graph: ChannelGraph, keep: Mapping[str, np.ndarray]) -> ReplayPlan
     program = graph.program
     positions = {}
     new_shapes = {}
+    # The refs' channel maps live in the graph for the whole call, so their ids are stable keys.
+    memo: dict[Any, np.ndarray] = {}
     for vid, axes in graph.value_axes.items():
         shape = program.shapes[vid]
-        found = kept_axes(axes, shape, keep)
+        found = kept_axes(axes, shape, keep, memo)
         if found:
             positions[vid] = found
             new_shapes[vid] = tuple(
@@ -115,7 +136,7 @@ def make_plan(graph: ChannelGraph, keep: Mapping[str, np.ndarray]) -> ReplayPlan
     for site, axes in graph.const_axes.items():
         eqn_index, j = site
         shape = np.shape(program.eqns[eqn_index].inputs[j].value)
-        found = kept_axes(axes, shape, keep)
+        found = kept_axes(axes, shape, keep, memo)
         if found:
             const_positions[site] = found
     counts = {}
@@ -140,11 +161,17 @@ def make_plan(graph: ChannelGraph, keep: Mapping[str, np.ndarray]) -> ReplayPlan
 
 
 class _Replay(Interpreter):
-    """Evaluates a traced program at the pruned widths (see the module docstring)."""
+    """Evaluates a traced program at the pruned widths (see the module docstring).
 
-    def __init__(self, plan: ReplayPlan) -> None:
+    With ``differentiable=False`` custom derivative rules are not rebuilt at the new widths
+    (the values are the same; only a replay that is differentiated needs them, and rebuilding
+    one costs an abstract evaluation per activation).
+    """
+
+    def __init__(self, plan: ReplayPlan, differentiable: bool = True) -> None:
         super().__init__(plan.graph.program)
         self.plan = plan
+        self.differentiable = differentiable
 
     def apply(self, index: int, eqn: Any, invals: list[Any]) -> list[Any]:
         plan, program = self.plan, self.program
@@ -221,7 +248,7 @@ class _Replay(Interpreter):
         if frame not in self.plan.touched_frames:
             return bind(eqn, invals)
         name = eqn.primitive.name
-        if name == "custom_jvp_call":
+        if name == "custom_jvp_call" and self.differentiable:
             return self.custom_jvp(eqn, invals, frame)
         if name in ("checkpoint", "remat", "remat2"):
             policy = eqn.params.get("policy")
@@ -369,6 +396,24 @@ class PrunedProgram:
         fn, _ = self.plan_for(x, kwargs)
         array_kwargs, _ = split_kwargs(kwargs)
         return fn(variables, x, array_kwargs)
+
+    def evaluate(self, variables: Any, x: Any, **kwargs: Any) -> Any:
+        """What ``self(variables, x, **kwargs)`` returns, computed op by op without compiling.
+
+        For a one-off check (`surgery.prune`'s self-check): compiling the whole program costs
+        far more than running it once at a small batch. Not differentiable through custom
+        derivative rules (the primal is differentiated instead).
+        """
+        self.check_variables(variables)
+        _, plan = self.plan_for(x, kwargs)
+        array_kwargs, _ = split_kwargs(kwargs)
+        args = (
+            jax.tree_util.tree_leaves(variables)
+            + jax.tree_util.tree_leaves(x)
+            + jax.tree_util.tree_leaves(array_kwargs)
+        )
+        outs = _Replay(plan, differentiable=False).run(args)
+        return jax.tree_util.tree_unflatten(plan.graph.program.output_tree, outs)
 
     def plan_for(self, x: Any, kwargs: Mapping[str, Any]) -> tuple[Callable[..., Any], ReplayPlan]:
         """The jitted replay and its plan for an input like `x` and these keywords."""

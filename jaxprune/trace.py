@@ -54,6 +54,28 @@ class Const:
 Operand = int | Const
 
 
+class SourceLine:
+    """The user's source line of an equation, found only when a message asks for it.
+
+    Walking an equation's traceback costs more than the rest of the inlining, and the line is
+    only read for error messages; so it is resolved on first use and then kept. Inside a
+    library's jit (``jnp.pad``) the enclosing call's line stands in.
+    """
+
+    __slots__ = ("_eqn", "_outer", "_line")
+
+    def __init__(self, eqn: Any, outer: SourceLine | None = None) -> None:
+        self._eqn, self._outer, self._line = eqn, outer, None
+
+    def __str__(self) -> str:
+        if self._line is None:
+            line = source_line(self._eqn)
+            if line.startswith("<") and self._outer is not None:
+                line = str(self._outer)
+            self._line, self._eqn, self._outer = line, None, None
+        return self._line
+
+
 @dataclasses.dataclass(frozen=True)
 class FlatEqn:
     """One primitive application of the inlined program.
@@ -63,14 +85,19 @@ class FlatEqn:
       params: its static parameters (sub-programs of control-flow primitives stay inside).
       inputs: value ids, or `Const` for literals and constants.
       outputs: value ids.
-      where: the user's source line, for error messages.
+      source: where the equation was made (a `SourceLine`, or the line as a string).
     """
 
     primitive: str
     params: Mapping[str, Any]
     inputs: tuple[Operand, ...]
     outputs: tuple[int, ...]
-    where: str
+    source: SourceLine | str
+
+    @property
+    def where(self) -> str:
+        """The user's source line, for error messages ('<unknown source>' if none)."""
+        return str(self.source)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,13 +352,11 @@ class _Flattener:
         else:
             self.ids[inner] = outer
 
-    def walk(self, jaxpr: Any, frame: tuple[int, ...], where: str = "<unknown source>") -> None:
+    def walk(self, jaxpr: Any, frame: tuple[int, ...], where: SourceLine | None = None) -> None:
         for k, eqn in enumerate(jaxpr.eqns):
             self.enter(frame)
             program = sub_program(eqn)
-            line = source_line(eqn)
-            if line.startswith("<"):  # inside a library's jit (jnp.pad): the call's line
-                line = where
+            line = SourceLine(eqn, where)
             if program is None:
                 inputs = tuple(self.operand(a) for a in eqn.invars)
                 outputs = tuple(self.new_id(v) for v in eqn.outvars)
