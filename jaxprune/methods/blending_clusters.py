@@ -4,22 +4,24 @@ Within one channel group, every pair of pool criteria is compared by the rank co
 their scores (Spearman's rho by default, Kendall's tau-b as an option). Criteria that rank the
 channels alike carry the same information, so they are merged bottom-up (agglomerative
 clustering on the similarity) and each cluster sends one representative, its medoid, to the
-blend. Pure NumPy: the pool is a dozen criteria, the groups a few hundred channels.
+blend. The correlations (`scipy.stats`) and the agglomeration (`scipy.cluster.hierarchy`) are
+those of `jaxprune.methods.clustering`, shared with functional pruning. The paper does not fix
+the similarity, the linkage, the stopping rule or the representative: each is a choice of
+jaxprune, and a field of `ClusterConfig`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from jaxprune.criteria.report import paired_scores, spearman
+from jaxprune.methods import clustering
 
-SIMILARITIES = ("spearman", "kendall")
-LINKAGES = ("average", "complete", "single")
+SIMILARITIES = clustering.RANK_SIMILARITIES
+LINKAGES = clustering.LINKAGES
 REPRESENTATIVES = ("medoid", "first")
 
 
@@ -99,10 +101,10 @@ def check_cluster_config(config: ClusterConfig) -> None:
 
 
 def kendall_tau(a: Any, b: Any) -> float:
-    """Kendall's tau-b: concordant minus discordant pairs, corrected for ties.
+    """Kendall's tau-b: concordant minus discordant pairs, corrected for ties (`scipy.stats`).
 
     ``tau_b = sum_{i<j} sign(a_i - a_j) sign(b_i - b_j) / sqrt(n_a * n_b)`` where n_a (n_b)
-    counts the pairs not tied in a (b). O(n^2) memory, fine for a layer's channels.
+    counts the pairs not tied in a (b).
 
     Args:
       a: a 1-D vector of scores.
@@ -114,14 +116,7 @@ def kendall_tau(a: Any, b: Any) -> float:
     Raises:
       ValueError: different shapes, fewer than two entries, or NaN entries.
     """
-    a, b = paired_scores("kendall_tau", a, b)
-    upper = np.triu_indices(a.size, k=1)
-    sign_a = np.sign(a[:, None] - a[None, :])[upper]
-    sign_b = np.sign(b[:, None] - b[None, :])[upper]
-    untied = float(np.count_nonzero(sign_a)) * float(np.count_nonzero(sign_b))
-    if untied == 0.0:
-        return math.nan
-    return float(np.clip(np.dot(sign_a, sign_b) / math.sqrt(untied), -1.0, 1.0))
+    return clustering.rank_correlation(a, b, "kendall")
 
 
 def similarity_matrix(scores: Sequence[Any], kind: str = "spearman") -> np.ndarray:
@@ -135,20 +130,11 @@ def similarity_matrix(scores: Sequence[Any], kind: str = "spearman") -> np.ndarr
       A symmetric (n, n) float64 matrix with ones on the diagonal; NaN correlations (a
       constant score vector ranks nothing) become 0, i.e. unrelated.
     """
-    if kind not in SIMILARITIES:
-        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {kind!r}.")
-    correlate = spearman if kind == "spearman" else kendall_tau
-    n = len(scores)
-    matrix = np.eye(n)
-    for i in range(n):
-        for j in range(i + 1, n):
-            value = correlate(scores[i], scores[j])
-            matrix[i, j] = matrix[j, i] = 0.0 if math.isnan(value) else value
-    return matrix
+    return clustering.rank_similarity(scores, kind)
 
 
 def agglomerate(similarity: np.ndarray, config: ClusterConfig) -> list[list[int]]:
-    """Bottom-up clustering of items by a similarity matrix.
+    """Bottom-up clustering of items by a similarity matrix (`clustering.merge_tree`).
 
     Starts from singletons and merges the most similar pair of clusters (linkage per
     `config.linkage`; ties go to the pair with the lowest indices) until `config.num_clusters`
@@ -162,23 +148,14 @@ def agglomerate(similarity: np.ndarray, config: ClusterConfig) -> list[list[int]
       Clusters as sorted lists of item indices, ordered by their first item.
     """
     check_cluster_config(config)
-    n = similarity.shape[0]
-    clusters = [[i] for i in range(n)]
-    reduce = {"average": np.mean, "complete": np.min, "single": np.max}[config.linkage]
-    target = min(config.num_clusters, n) if config.num_clusters else 1
-    while len(clusters) > target:
-        best, pair = -math.inf, (0, 1)
-        for i in range(len(clusters)):
-            for j in range(i + 1, len(clusters)):
-                value = float(reduce(similarity[np.ix_(clusters[i], clusters[j])]))
-                if value > best:
-                    best, pair = value, (i, j)
-        if not config.num_clusters and best < config.threshold:
-            break
-        i, j = pair
-        clusters[i] = sorted(clusters[i] + clusters[j])
-        del clusters[j]
-    return sorted(clusters, key=lambda c: c[0])
+    n = np.shape(similarity)[0]
+    if config.num_clusters:
+        labels, _ = clustering.agglomerative_by_count(
+            similarity, min(config.num_clusters, n), config.linkage
+        )
+    else:
+        labels = clustering.agglomerative_by_threshold(similarity, config.threshold, config.linkage)
+    return clustering.members(labels)
 
 
 def representative(cluster: Sequence[int], similarity: np.ndarray, kind: str = "medoid") -> int:
