@@ -14,8 +14,13 @@ caltech_birds2011 --file_format=array_record`, see jaxprune.data):
 `model_file` must hold a VGG-16 (the zoo's "vgg16": 13 convs, dense 4096-4096, 200 classes)
 already fine-tuned on Birds-200, written with `jaxprune.checkpoint.save_model_file` (e.g. by
 `jaxprune train ... --export`). The run checkpoints every 10 pruning steps and resumes when run
-again. It has not been run here (no GPU, no Birds-200 data): only a few steps on TFDS mock
-data at 32x32 with narrow widths run in tests/test_iterative.py.
+again. From Python, with `job = get_config()` and the model file's module and variables:
+
+    model = jaxprune.model.Model.linen(module, x, variables=variables)
+    iterative_prune(model, variables, jaxprune.data.load(job.data), job.iterative, workdir=...)
+
+It has not been run here (no GPU, no Birds-200 data): only a few steps on TFDS mock data at
+32x32 with narrow widths run in tests/test_iterative.py.
 """
 
 from jaxprune.commands.prune import PruneJob
@@ -47,9 +52,6 @@ def get_config() -> PruneJob:
             target_flops=0.3,
             shrink_every=100,
             eval_every=10,
-            eval_batch_size=64,
             checkpoint_every=10,
-            keep_checkpoints=2,
-            progress=True,
         ),
     )

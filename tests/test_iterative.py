@@ -1,4 +1,5 @@
-"""Iterative pruning (Molchanov et al. 2017): selection, stopping, shrinks, resume, the CLI."""
+"""Iterative pruning (Molchanov et al. 2017): selection, stopping, shrinks, any model, resume,
+divergence, the CLI and the paper-scale configs."""
 
 from __future__ import annotations
 
@@ -16,24 +17,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from kill_resume import kill_and_resume
-from toy_models import ConvBNDense
+from flax import nnx
+from kill_resume import kill_and_resume, without_times
+from user_models import CompactHardCoded, NnxCNN, ShapeBranchResNet, init_linen
 
+import jaxprune as jp
 from jaxprune import checkpoint, data, train
 from jaxprune.cli import load_config
 from jaxprune.commands import prune as prune_command
+from jaxprune.fit import DivergenceError
+from jaxprune.methods.contract import BatchList, Splits
 from jaxprune.methods.iterative import (
     IterativeConfig,
-    check_config,
     choose_removals,
     iterative_prune,
-    make_network,
     rank_scores,
     remove_channels,
-    shrink,
 )
+from jaxprune.methods.iterative_checkpoint import SEQUENCE
+from jaxprune.methods.iterative_network import make_network, shrink, structs
 from jaxprune.model import Model
-from jaxprune.models import build_model, widths_from_params
+from jaxprune.models import build_model
+from jaxprune.run import RunMismatchError
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
@@ -42,8 +47,8 @@ LENET = REPO_ROOT / "jaxprune/pretrained/lenet5_fashion_mnist.msgpack"
 
 @pytest.fixture(scope="module")
 def lenet():
-    _, variables, _ = checkpoint.load_model_file(LENET)
-    return variables
+    module, variables, _ = checkpoint.load_model_file(LENET)
+    return Model.linen(module, jnp.zeros((1, 28, 28, 1)), variables=variables), variables
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +66,45 @@ def small_config(**changes) -> IterativeConfig:
         target_flops=0.6,
         shrink_every=0,
         batch_size=32,
-        eval_batch_size=64,
-        test_at_end=False,
     )
     return IterativeConfig(**{**values, **changes})
+
+
+def random_batches(shape, classes: int, count: int = 3, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "image": rng.standard_normal(shape).astype(np.float32),
+            "label": rng.integers(0, classes, shape[0]).astype(np.int32),
+        }
+        for _ in range(count)
+    ]
+
+
+def widths(variables) -> dict[str, int]:
+    return jp.widths_from_params(variables["params"])
+
+
+def removed_by_history(history) -> dict[str, set[int]]:
+    """Per group, the original channels the history says were removed (reverted steps aside)."""
+    removed: dict[str, set[int]] = {}
+    for record in history:
+        if not record["reverted"]:
+            for group, channel, _ in record["removed"]:
+                removed.setdefault(group, set()).add(channel)
+    return removed
+
+
+def assert_keep_matches_history(result) -> None:
+    """What the history removed is exactly what `keep` lacks, and the variables have the
+    kept widths (the pruned program refuses others)."""
+    removed = removed_by_history(result.history)
+    for group in result.graph.groups:
+        kept = set(np.asarray(result.keep[group.name]).tolist())
+        assert kept | removed.get(group.name, set()) == set(range(group.size)), group.name
+        assert not kept & removed.get(group.name, set())
+    if isinstance(result.model.apply_fn, jp.PrunedProgram):
+        result.model.apply_fn.check_variables(result.variables)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,16 +175,21 @@ def test_rank_scores_normalises_per_layer_then_regularises():
 
 def test_bad_configs_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="no stopping rule"):
-        check_config(IterativeConfig())
+        IterativeConfig().check()
     with pytest.raises(ValueError, match="must lie in \\(0, 1\\]"):
-        check_config(IterativeConfig(target_flops=1.5))
+        IterativeConfig(target_flops=1.5).check()
     with pytest.raises(ValueError, match="not a registered criterion"):
-        check_config(IterativeConfig(criterion="tailor", max_steps=1))
+        IterativeConfig(criterion="tailor", max_steps=1).check()
     with pytest.raises(ValueError, match="constant learning rate"):
         opt = train.OptimizerConfig(name="sgd", schedule="cosine")
-        check_config(IterativeConfig(max_steps=1, optimizer=opt))
+        IterativeConfig(max_steps=1, optimizer=opt).check()
     with pytest.raises(ValueError, match="score_updates"):
-        check_config(IterativeConfig(max_steps=1, score_updates=11))
+        IterativeConfig(max_steps=1, score_updates=11).check()
+    with pytest.raises(ValueError, match="eval_examples"):
+        IterativeConfig(max_steps=1, eval_examples=0).check()
+    with pytest.raises(ValueError, match="learning_rate must be > 0"):
+        opt = train.OptimizerConfig(name="sgd", learning_rate=0.0)
+        IterativeConfig(max_steps=1, optimizer=opt).check()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,32 +197,32 @@ def test_bad_configs_are_refused_with_the_fix():
 
 
 def test_shrink_gives_the_masked_outputs_and_keeps_surviving_momentum(lenet):
+    model, variables = lenet
     x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 28, 28, 1)), jnp.float32)
-    network = make_network(build_model("lenet5", 10).apply, lenet, x[:1])
+    graph = jp.channel_graph(model.apply_fn, variables, x[:1], **model.eval_kwargs)
+    full = {g.name: np.arange(g.size) for g in graph.groups}
+    network = make_network(model, graph, structs(variables), full)
     tx = train.make_optimizer(train.OptimizerConfig(name="sgd", learning_rate=0.01), 10, 1)
-    masks = {n: jnp.ones(network.graph[n].size) for n in network.graph.names}
+    masks = network.full_masks()
     masks["conv1"] = masks["conv1"].at[jnp.array([0, 4])].set(0.0)
     masks["conv2"] = masks["conv2"].at[jnp.array([1, 2, 15])].set(0.0)
-    model = Model.from_apply(network.gated_apply_fn, x[:1], train_flag="train")
     state = train.create_train_state(
-        model, tx, jax.random.key(0), x[:1], masks=masks, variables=lenet
+        network.model, tx, jax.random.key(0), x[:1], masks=masks, variables=variables
     )
     batch = {"image": x, "label": jnp.arange(8) % 10}
     for _ in range(2):  # some momentum to carry over
         state, _ = train.train_step(state, batch)
-    masked_logits = state.apply_fn(state.variables(), x)
+    masked_logits = state.model(state.variables(), x)
 
-    small, smaller, applied = shrink(
-        state, network, lambda w: build_model("lenet5", 10, w).apply, x[:1]
-    )
-    np.testing.assert_array_equal(applied["conv1"], [1, 2, 3, 5])
-    assert widths_from_params(small.params)["conv2"] == 13
+    small, smaller = shrink(state, network, model, graph, structs(variables))
+    np.testing.assert_array_equal(smaller.keep["conv1"], [1, 2, 3, 5])
+    assert widths(small.variables())["conv2"] == 13
     assert smaller.graph["conv2"].size == 13
     assert all(np.all(np.asarray(m) == 1) for m in small.masks.values())
-    np.testing.assert_allclose(small.apply_fn(small.variables(), x), masked_logits, atol=1e-5)
+    np.testing.assert_allclose(small.model(small.variables(), x), masked_logits, atol=1e-5)
 
     big_trace, small_trace = state.opt_state[0].trace, small.opt_state[0].trace
-    keep1, keep2 = applied["conv1"], applied["conv2"]
+    keep1, keep2 = smaller.keep["conv1"], np.delete(np.arange(16), [1, 2, 15])
     np.testing.assert_array_equal(
         small_trace["conv2"]["kernel"], big_trace["conv2"]["kernel"][:, :, keep1][..., keep2]
     )
@@ -186,6 +231,10 @@ def test_shrink_gives_the_masked_outputs_and_keeps_surviving_momentum(lenet):
     # The shrunk state trains on: one more step runs with the new shapes.
     small, metrics = train.train_step(small, batch)
     assert np.isfinite(float(metrics["loss"]))
+    # A second shrink composes onto the original channels (indices of the original graph).
+    small = small.replace(masks={**small.masks, "conv1": jnp.array([1.0, 0.0, 1.0, 1.0])})
+    _, smallest = shrink(small, smaller, model, graph, structs(variables))
+    np.testing.assert_array_equal(smallest.keep["conv1"], [1, 3, 5])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,16 +244,19 @@ def test_shrink_gives_the_masked_outputs_and_keeps_surviving_momentum(lenet):
 def test_each_step_removes_the_k_lowest_normalised_scores_and_stops_at_the_flops_target(
     lenet, tiny_data
 ):
+    model, variables = lenet
     config = small_config(criterion="random", channels_per_step=3, updates_per_step=1)
-    result = iterative_prune(config, "lenet5", lenet, tiny_data)
+    result = iterative_prune(model, variables, tiny_data, config, progress=False)
     history = result.history
-    assert result.summary["stop_reason"] == "target"
+    assert result.summary["method"]["stop_reason"] == "target"
     flops_left = [r["remaining"]["flops"] for r in history]
     assert flops_left[-1] <= 0.6 < min(flops_left[:-1])
+    cost = result.summary["cost"]
+    assert cost["after"]["flops"] / cost["before"]["flops"] == pytest.approx(flops_left[-1])
 
     # Reference: the random criterion of step t draws with seed t; no shrink happens before
     # the end, so every group keeps its base size and indices.
-    graph = make_network(build_model("lenet5", 10).apply, lenet, jnp.zeros((1, 28, 28, 1))).graph
+    graph = result.graph
     masks = {g.name: np.ones(g.size) for g in graph.groups}
     for record in history:
         scores = {}
@@ -220,17 +272,19 @@ def test_each_step_removes_the_k_lowest_normalised_scores_and_stops_at_the_flops
         assert [(g, c) for g, c, _ in record["removed"]] == expected
         for g, c in expected:
             masks[g][c] = 0
+    pruned_widths = widths(result.variables)
     for group in ("conv1", "conv2"):
         np.testing.assert_array_equal(result.keep[group], np.nonzero(masks[group])[0])
-        assert result.widths[group] == len(result.keep[group])
+        assert pruned_widths[group] == len(result.keep[group])
     # Dense layers are out of scope: untouched.
-    assert result.widths["fc1"] == 120
+    assert pruned_widths["fc1"] == 120
 
 
 def test_masked_training_compiles_once_and_shrinking_every_step_gives_the_same_run(
     lenet, tiny_data
 ):
-    masked = iterative_prune(small_config(), "lenet5", lenet, tiny_data)
+    model, variables = lenet
+    masked = iterative_prune(model, variables, tiny_data, small_config(), progress=False)
     steps = masked.history
     assert len(steps) >= 4
     # Step 1 compiles the train step, the criterion and the evaluation; the later steps reuse
@@ -239,61 +293,224 @@ def test_masked_training_compiles_once_and_shrinking_every_step_gives_the_same_r
     assert [r["time"]["compiles"] for r in steps[1:-1]] == [0] * (len(steps) - 2)
     assert [r["shrunk"] for r in steps] == [False] * (len(steps) - 1) + [True]
 
-    shrunk = iterative_prune(small_config(shrink_every=1), "lenet5", lenet, tiny_data)
+    config = small_config(shrink_every=1)
+    shrunk = iterative_prune(model, variables, tiny_data, config, progress=False)
     assert all(r["shrunk"] for r in shrunk.history)
     for a, b in zip(masked.history, shrunk.history, strict=True):
         assert [x[:2] for x in a["removed"]] == [x[:2] for x in b["removed"]]
         np.testing.assert_allclose(a["validation"]["loss"], b["validation"]["loss"], rtol=1e-4)
     chex.assert_trees_all_close(masked.variables, shrunk.variables, atol=1e-5)
-    assert masked.widths == shrunk.widths
+    assert widths(masked.variables) == widths(shrunk.variables)
 
 
 def test_accuracy_floor_undoes_the_step_that_breaks_it(lenet, tiny_data):
+    model, variables = lenet
     config = small_config(criterion="random", target_flops=None, min_accuracy=0.999)
-    result = iterative_prune(config, "lenet5", lenet, tiny_data)
+    result = iterative_prune(model, variables, tiny_data, config, progress=False)
     (record,) = result.history
-    assert result.summary["stop_reason"] == "accuracy_floor" and record["reverted"]
+    assert result.summary["method"]["stop_reason"] == "accuracy_floor" and record["reverted"]
     assert record["validation"]["accuracy"] < 0.999
     assert record["remaining"]["flops"] == 1.0
-    assert result.widths["conv1"] == 6 and result.widths["conv2"] == 16
-
-
-def test_a_user_model_prunes_through_rebuild_and_resumes(tmp_path, tiny_data):
-    x = jnp.zeros((1, 28, 28, 1))
-    model = ConvBNDense(widths=(("head", 10),))
-    variables = model.init(jax.random.key(0), x)
-
-    def rebuild(widths):
-        return ConvBNDense(widths=tuple(sorted(widths.items()))).apply
-
-    config = small_config(max_steps=2, target_flops=None, shrink_every=1)
-    first = iterative_prune(config, rebuild, variables, tiny_data, workdir=tmp_path)
-    assert first.widths["conv0"] + first.widths["conv1"] == 14 - 4
-    assert set(first.variables) == {"params", "batch_stats"}
-    # A finished workdir is restored (through orbax, the model is not in the zoo).
-    again = iterative_prune(config, rebuild, variables, tiny_data, workdir=tmp_path)
-    chex.assert_trees_all_equal(again.variables, first.variables)
-    with pytest.raises(checkpoint.CheckpointError, match="another IterativeConfig"):
-        iterative_prune(
-            dataclasses.replace(config, channels_per_step=1),
-            rebuild,
-            variables,
-            tiny_data,
-            workdir=tmp_path,
-        )
-    with pytest.raises(ValueError, match="zoo model name or a callable"):
-        iterative_prune(config, 3, variables, tiny_data)
+    assert widths(result.variables)["conv1"] == 6 and widths(result.variables)["conv2"] == 16
 
 
 # ---------------------------------------------------------------------------------------------
-# Kill and resume
+# Any model: hard-coded widths, NNX, a layer down to one channel
 
 
+class Narrow(nn.Module):
+    """Two convolutions of 3 and 4 kernels: both reach one kernel within a few steps."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(3, (3, 3))(x))
+        x = nn.relu(nn.Conv(4, (3, 3))(x))
+        return nn.Dense(3)(jnp.mean(x, axis=(1, 2)))
+
+
+def test_a_hard_coded_model_prunes_resumes_and_refuses_another_run(tmp_path):
+    module, variables, x, _ = init_linen(ShapeBranchResNet)
+    model = Model.linen(module, x, variables=variables)
+    batches = random_batches((8, 16, 16, 3), 5)
+    config = IterativeConfig(
+        criterion="taylor", channels_per_step=3, updates_per_step=2, max_steps=3, shrink_every=2
+    )
+    first = iterative_prune(model, variables, batches, config, workdir=tmp_path, progress=False)
+    assert first.summary["method"]["stop_reason"] == "max_steps"
+    assert [r["shrunk"] for r in first.history] == [False, True, True]
+    assert sum(len(r["removed"]) for r in first.history) == 9
+    assert_keep_matches_history(first)
+    assert first.summary["cost"]["after"]["macs"] < first.summary["cost"]["before"]["macs"]
+    # The pruned program runs at any batch size, under jit.
+    logits = jax.jit(first.model.__call__)(first.variables, jnp.ones((3, 16, 16, 3)))
+    assert logits.shape == (3, 5) and np.all(np.isfinite(logits))
+    assert json.loads((tmp_path / "result.json").read_text())["method"]["pruning_steps"] == 3
+
+    # A finished workdir is restored: the same result, without pruning again.
+    again = iterative_prune(model, variables, batches, config, workdir=tmp_path, progress=False)
+    chex.assert_trees_all_equal(again.variables, first.variables)
+    assert without_times(list(again.history)) == without_times(list(first.history))
+    with pytest.raises(RunMismatchError, match=r"config.channels_per_step: 3 -> 1"):
+        iterative_prune(
+            model,
+            variables,
+            batches,
+            dataclasses.replace(config, channels_per_step=1),
+            workdir=tmp_path,
+        )
+
+
+def test_an_nnx_model_prunes_through_its_pruned_program():
+    module = NnxCNN(rngs=nnx.Rngs(0))
+    x = jnp.zeros(NnxCNN.SHAPE)
+    model, variables = Model.nnx(module, x)
+    batches = random_batches((8, 12, 12, 1), 10)
+    config = IterativeConfig(
+        criterion="taylor", channels_per_step=4, updates_per_step=2, max_steps=2, shrink_every=1
+    )
+    result = iterative_prune(model, variables, batches, config, progress=False)
+    assert_keep_matches_history(result)
+    assert sum(len(r["removed"]) for r in result.history) == 8
+    pruned_widths = widths(result.variables)
+    assert pruned_widths["conv1"] + pruned_widths["conv2"] == 16 + 32 - 8
+    assert pruned_widths["conv1"] == result.keep["conv1"].size
+    # The depthwise convolution produces conv2's channels too: it loses the same ones.
+    assert pruned_widths["dw"] == pruned_widths["conv2"] == result.keep["conv2"].size
+    assert set(result.variables) == {"params", "batch_stats"}
+    assert result.model(result.variables, batches[0]["image"]).shape == (8, 10)
+    after = result.summary["validation"]["after"]
+    assert after["count"] == 24 and np.isfinite(after["loss"])
+
+
+def test_a_layer_down_to_one_channel_is_shrunk_and_pruning_goes_on():
+    # Such a group has no channel axis in the pruned program's graph (an axis of size 1 reads
+    # as a broadcast); it used to crash the shrink that followed.
+    module = Narrow()
+    x = jnp.zeros((4, 8, 8, 1))
+    variables = module.init(jax.random.key(0), x)
+    model = Model.linen(module, x, variables=variables)
+    batches = random_batches((4, 8, 8, 1), 3)
+    config = IterativeConfig(
+        criterion="random",
+        channels_per_step=1,
+        updates_per_step=1,
+        target_channels=0.01,
+        shrink_every=1,
+        min_channels=1,
+    )
+    result = iterative_prune(model, variables, batches, config, progress=False)
+    assert result.summary["method"]["stop_reason"] == "nothing_left"
+    assert {name: kept.size for name, kept in result.keep.items()} == {
+        "Conv_0": 1,
+        "Conv_1": 1,
+    }
+    assert [len(r["removed"]) for r in result.history] == [1, 1, 1, 1, 1, 0]
+    assert all(r["shrunk"] for r in result.history)
+    assert_keep_matches_history(result)
+    assert widths(result.variables) == {"Conv_0": 1, "Conv_1": 1, "Dense_0": 3}
+    assert np.all(np.isfinite(result.model(result.variables, batches[0]["image"])))
+
+
+# ---------------------------------------------------------------------------------------------
+# Divergence
+
+
+def test_divergence_names_the_update_and_the_loss_not_the_criterion(tmp_path):
+    module = Narrow()
+    x = jnp.zeros((4, 8, 8, 1))
+    variables = module.init(jax.random.key(0), x)
+    model = Model.linen(module, x, variables=variables)
+    batches = random_batches((4, 8, 8, 1), 3, count=2)
+    poisoned = [{**b, "image": np.full_like(b["image"], np.nan)} for b in batches]
+    # Epoch 0 trains normally; epoch 1 makes the loss NaN.
+    data_ = Splits(lambda epoch: batches if epoch == 0 else poisoned, batches)
+    config = IterativeConfig(criterion="l1", updates_per_step=2, max_steps=4)
+    with pytest.raises(DivergenceError) as error:
+        iterative_prune(model, variables, data_, config, workdir=tmp_path, progress=False)
+    message = str(error.value)
+    assert "diverged at update 3 (loss nan" in message
+    assert "the checkpoint of update 2 is kept" in message and "criterion" not in message
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints" / SEQUENCE).iterdir()) == [2]
+
+    # A huge step leaves non-finite weights after a finite loss and gradient; a weight
+    # criterion read them next, and its NaN scores said to fix the criterion.
+    huge = train.OptimizerConfig(name="sgd", learning_rate=1e34, schedule="constant")
+    config = IterativeConfig(
+        criterion="min_weight", updates_per_step=1, max_steps=2, optimizer=huge
+    )
+    large = [{**b, "image": b["image"] * np.float32(1e6)} for b in batches]
+    with pytest.raises(DivergenceError, match=r"diverged at update 1 \(the parameters"):
+        iterative_prune(model, variables, large, config, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop and resume
+
+
+class Interrupted(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class StopsAfter:
+    """Training data that raises after `batches` batches, as a killed run stops."""
+
+    data: BatchList
+    batches: int
+    read: int = 0
+
+    def train(self, epoch):
+        for batch in self.data.train(epoch):
+            if self.read == self.batches:
+                raise Interrupted
+            self.read += 1
+            yield batch
+
+    def validation(self):
+        return self.data.validation()
+
+
+def test_a_stopped_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
+    module, variables, x, _ = init_linen(CompactHardCoded)
+    model = Model.linen(module, x, variables=variables)
+    batches = BatchList(tuple(random_batches((8, 16, 16, 3), 10, count=3)))
+    config = IterativeConfig(
+        criterion="taylor",
+        channels_per_step=4,
+        updates_per_step=2,
+        max_steps=4,
+        shrink_every=2,
+        final_updates=3,
+    )
+    whole = iterative_prune(model, variables, batches, config, progress=False)
+    # Stopped in step 3 (after the shrink of step 2), then in the final fine-tuning; each run
+    # reads one batch for its identity, and a resumed one one more to skip to its position.
+    for stop, resumed_from in ((5, 4), (7, 8)):
+        with pytest.raises(Interrupted):
+            iterative_prune(
+                model,
+                variables,
+                StopsAfter(batches, stop),
+                config,
+                workdir=tmp_path,
+                progress=False,
+            )
+        store = tmp_path / "checkpoints" / SEQUENCE
+        assert max(int(p.name) for p in store.iterdir()) == resumed_from
+    resumed = iterative_prune(model, variables, batches, config, workdir=tmp_path, progress=False)
+    chex.assert_trees_all_equal(resumed.variables, whole.variables)
+    assert without_times(list(resumed.history)) == without_times(list(whole.history))
+    assert without_times(resumed.summary) == without_times(whole.summary)
+    assert resumed.summary["method"]["updates"] == 4 * 2 + 3
+
+
+@pytest.mark.slow
 def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
     command = [sys.executable, str(TESTS_DIR / "iterative_run.py")]
-    expected, killed_at, _ = kill_and_resume(command, tmp_path, "checkpoints")
-    assert max(killed_at) < expected["summary"]["updates"]
-    assert expected["summary"]["stop_reason"] == "target"
+    checkpoints = f"run/checkpoints/{SEQUENCE}"
+    expected, killed_at, _ = kill_and_resume(command, tmp_path, checkpoints)
+    assert max(killed_at) < expected["summary"]["method"]["updates"]
+    assert expected["summary"]["method"]["stop_reason"] == "target"
     assert any(r["shrunk"] for r in expected["history"][:-1])  # the resume crosses a shrink
 
 
@@ -328,29 +545,21 @@ def test_prune_command_writes_a_loadable_pruned_model(tmp_path, method, capsys):
     model, variables, meta = checkpoint.load_model_file(tmp_path / "pruned.msgpack")
     report = json.loads((tmp_path / "result.json").read_text())
     assert report["job"]["method"] == method and report["model"] == "lenet5"
-    widths = widths_from_params(variables["params"])
-    assert widths["conv1"] + widths["conv2"] < 22
-    assert report["widths"] == widths and meta["method"] == method
+    pruned_widths = widths(variables)
+    assert pruned_widths["conv1"] + pruned_widths["conv2"] < 22
+    assert report["widths"] == pruned_widths and meta["method"] == method
     final = report["summary"]["final"]["remaining"]["flops"]
     assert final <= 0.7 if method == "iterative" else final < 0.5
     assert 0.0 < report["summary"]["test"]["accuracy"] <= 1.0
     assert "pruned by " + method in capsys.readouterr().out
 
 
-def narrow_vgg16_file(path: Path, num_classes: int, image_size: int) -> Path:
-    widths = {f"conv{i}": 4 for i in range(1, 14)} | {"fc1": 8, "fc2": 8}
-    model = build_model("vgg16", num_classes, widths)
+def narrow_vgg16(num_classes: int, image_size: int) -> tuple[Model, dict]:
+    narrow = {f"conv{i}": 4 for i in range(1, 14)} | {"fc1": 8, "fc2": 8}
+    module = build_model("vgg16", num_classes, narrow)
     x = jnp.zeros((1, image_size, image_size, 3))
-    variables = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x)
-    return checkpoint.save_model_file(
-        path,
-        model_name="vgg16",
-        num_classes=num_classes,
-        widths=widths_from_params(variables["params"]),
-        variables=variables,
-        meta={},
-        input_shape=x.shape[1:],
-    )
+    variables = module.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x)
+    return Model.linen(module, x, variables=variables), variables
 
 
 @pytest.mark.parametrize(
@@ -362,30 +571,24 @@ def test_paper_configs_run_a_few_steps_on_mock_data(tmp_path, name, num_classes,
     assert job.model == "vgg16" and job.iterative.updates_per_step == updates
     assert job.iterative.batch_size == 32 and job.iterative.channels_per_step == 1
     assert job.iterative.optimizer.learning_rate == job.iterative.optimizer.weight_decay == 1e-4
-    tiny = dataclasses.replace(
-        job,
-        model_file=str(narrow_vgg16_file(tmp_path / "base.msgpack", num_classes, 32)),
-        data=dataclasses.replace(
-            job.data,
-            data_dir=str(tmp_path / "data"),
-            image_size=32,
-            validation_size=4 if job.data.name == "caltech_birds2011" else None,
-        ),
-        iterative=dataclasses.replace(
-            job.iterative,
-            batch_size=4,
-            updates_per_step=2,
-            max_steps=2,
-            eval_every=1,
-            eval_batch_size=8,
-            progress=False,
-        ),
+    data_config = dataclasses.replace(
+        job.data,
+        data_dir=str(tmp_path / "data"),
+        image_size=32,
+        validation_size=4 if job.data.name == "caltech_birds2011" else None,
     )
+    config = dataclasses.replace(
+        job.iterative, batch_size=4, updates_per_step=2, max_steps=2, eval_every=1
+    )
+    model, variables = narrow_vgg16(num_classes, 32)
     with tfds.testing.mock_data(num_examples=12):
-        report = prune_command.run_job(tiny, tmp_path / "run")
-    assert [len(r["removed"]) for r in report["history"]] == [1, 1]
-    assert sum(report["widths"][f"conv{i}"] for i in range(1, 14)) == 13 * 4 - 2
-    assert report["summary"]["stop_reason"] == "max_steps"
+        dataset = data.load(data_config)
+        result = iterative_prune(
+            model, variables, dataset, config, workdir=str(tmp_path / "run"), progress=False
+        )
+    assert [len(r["removed"]) for r in result.history] == [1, 1]
+    assert sum(widths(result.variables)[f"conv{i}"] for i in range(1, 14)) == 13 * 4 - 2
+    assert result.summary["method"]["stop_reason"] == "max_steps"
 
 
 def test_zoo_name_refuses_a_user_module():
