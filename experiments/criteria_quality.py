@@ -106,15 +106,13 @@ import os
 import time
 from pathlib import Path
 
+from jaxprune.commands.score import ScoreConfig, load_scoring_setup, run_score
 from jaxprune.criteria import score
 from jaxprune.criteria.report import (
-    ScoreConfig,
     compare_scores,
     criteria_report,
     default_criteria,
     judged_groups,
-    load_scoring_setup,
-    run_score,
 )
 from jaxprune.runtime import enable_compilation_cache
 
@@ -133,7 +131,7 @@ PAPER_VGG16_BIRDS = {
 
 def get_config() -> ScoreConfig:
     return ScoreConfig(
-        model_file="",  # the shipped VGG-small
+        model="vgg_small",  # the shipped VGG-small
         criteria=(),  # every registered criterion except the oracles
         examples=2048,  # the first 2048 of the 5000 validation images
         batch_size=128,

@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=cmd_data_prepare)
 
     from jaxprune.commands import prune as prune_command
-    from jaxprune.criteria.report import add_score_command
+    from jaxprune.commands.model_spec import add_model_arguments
+    from jaxprune.commands.score import add_score_command
 
     prune_command.add_command(sub)
     add_score_command(sub)
@@ -148,20 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     graph.set_defaults(func=cmd_graph)
     return parser
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--variables`` and ``--dataset``, as every command reads them."""
-    parser.add_argument(
-        "--model",
-        default="vgg_small",
-        help="a zoo model, or your own as FILE.py:NAME or package.module:NAME (NAME() returns "
-        "(linen module, variables), an nnx.Module, or a linen module with --variables)",
-    )
-    parser.add_argument(
-        "--variables", help="the model's variables: a jaxprune model file or an orbax checkpoint"
-    )
-    parser.add_argument("--dataset", default="fashion_mnist", help="the dataset (TFDS name)")
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,18 +15,15 @@ from core_helpers import init
 from toy_models import ConvBNDense, DepthwiseSeparable
 
 from jaxprune import checkpoint
+from jaxprune.commands.score import ScoreConfig, add_score_command, run_score, validation_batches
 from jaxprune.criteria import ScoringContext, normalize_l2, score
 from jaxprune.criteria.report import (
     ORACLES,
-    ScoreConfig,
-    add_score_command,
     average_ranks,
     compare_scores,
     criteria_report,
     default_criteria,
-    run_score,
     spearman,
-    validation_batches,
     write_report,
 )
 from jaxprune.graph import channel_graph
@@ -288,7 +285,9 @@ def test_score_command_writes_the_report_for_a_model_file(tmp_path, capsys):
     args = parser.parse_args(
         [
             "score",
-            "--model-file",
+            "--model",
+            "lenet5",
+            "--variables",
             str(model_file),
             "--criteria",
             "l1",
@@ -315,6 +314,8 @@ def test_score_command_writes_the_report_for_a_model_file(tmp_path, capsys):
     assert (workdir / "criteria_quality.png").stat().st_size > 0
 
     with pytest.raises(ValueError, match="oracles"):
-        run_score(ScoreConfig(model_file=str(model_file), criteria=("oracle_abs",)))
-    with pytest.raises(FileNotFoundError, match="--model-file"):
-        run_score(ScoreConfig(model_file=str(tmp_path / "missing.msgpack")))
+        run_score(ScoreConfig(model="lenet5", variables=str(model_file), criteria=("oracle_abs",)))
+    with pytest.raises(ValueError, match="does not exist"):
+        run_score(ScoreConfig(model="lenet5", variables=str(tmp_path / "missing.msgpack")))
+    with pytest.raises(ValueError, match="holds a lenet5, not a vgg_small"):
+        run_score(ScoreConfig(model="vgg_small", variables=str(model_file)))

@@ -30,7 +30,8 @@ def lenet_file(tmp_path_factory):
 def test_every_conv_layer_gets_a_page_a_standin_file_and_an_index_entry(lenet_file, tmp_path):
     out = tmp_path / "inspect"
     args = build_parser().parse_args(
-        ["inspect", "--model-file", str(lenet_file), "--layer", "all", "--images", "3"]
+        ["inspect", "--model", "lenet5", "--variables", str(lenet_file), "--layer", "all"]
+        + ["--images", "3"]
         + ["--scores", "l1", "--standin", "2", "--ratio", "0.25", "--out", str(out)]
     )
     assert args.func(args) == 0
@@ -57,7 +58,7 @@ def test_every_conv_layer_gets_a_page_a_standin_file_and_an_index_entry(lenet_fi
 
 def test_the_default_layer_is_the_first_conv_and_scores_can_be_off(lenet_file, tmp_path):
     config = InspectConfig(
-        model_file=str(lenet_file), images=2, scores="none", out=str(tmp_path / "o")
+        model="lenet5", variables=str(lenet_file), images=2, scores="none", out=str(tmp_path / "o")
     )
     written = run_inspect(config)
     assert sorted(written) == ["index", "page:conv1"]
@@ -76,7 +77,13 @@ def test_the_default_layer_is_the_first_conv_and_scores_can_be_off(lenet_file, t
 )
 def test_bad_requests_name_the_fix(lenet_file, tmp_path, change, message):
     config = InspectConfig(
-        **{"model_file": str(lenet_file), "images": 2, "out": str(tmp_path), **change}
+        **{
+            "model": "lenet5",
+            "variables": str(lenet_file),
+            "images": 2,
+            "out": str(tmp_path),
+            **change,
+        }
     )
     with pytest.raises(ValueError, match=message):
         run_inspect(config)

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxprune.commands.model_spec import add_model_arguments
 from jaxprune.inspect.page import PageConfig, page_file_name, write_kernel_page
 from jaxprune.inspect.selection import write_selection
 from jaxprune.inspect.standin import standin_selection
@@ -34,8 +35,12 @@ ORACLE_NAMES = ("oracle_loss", "oracle_abs")
 class InspectConfig:
     """What `run_inspect` writes."""
 
-    # A model file (`checkpoint.save_model_file`); "": the shipped VGG-small on Fashion-MNIST.
-    model_file: str = ""
+    # A zoo model (its shipped weights, or --variables) or your own as FILE.py:NAME.
+    model: str = "vgg_small"
+    # The model's variables: a model file or an orbax checkpoint ("": the zoo's shipped ones).
+    variables: str = ""
+    # The dataset (a zoo model file's own training data when it names one).
+    dataset: str = "fashion_mnist"
     # A conv group name; "": the first conv group; "all": every conv group.
     layer: str = ""
     # Sample validation images shown per kernel.
@@ -74,7 +79,7 @@ def run_inspect(config: InspectConfig) -> dict[str, Path]:
       ValueError: an unknown or dense layer, too few images, a stand-in count a layer cannot
         give, or an unknown criterion.
     """
-    from jaxprune.criteria.report import ScoreConfig, load_scoring_setup
+    from jaxprune.commands.score import ScoreConfig, load_scoring_setup
 
     if config.images < 1:
         raise ValueError(f"--images must be at least 1, got {config.images}.")
@@ -88,7 +93,9 @@ def run_inspect(config: InspectConfig) -> dict[str, Path]:
     examples = max(config.images, config.score_examples if scoring else 0)
     setup = load_scoring_setup(
         ScoreConfig(
-            model_file=config.model_file,
+            model=config.model,
+            variables=config.variables,
+            dataset=config.dataset,
             examples=examples,
             batch_size=min(config.batch_size, examples),
             data_dir=config.data_dir,
@@ -107,7 +114,7 @@ def run_inspect(config: InspectConfig) -> dict[str, Path]:
     scores = _scores(config, setup, groups) if scoring else {}
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    title_base = f"{setup.model_file.name} on {setup.dataset.config.name}"
+    title_base = f"{setup.label} on {setup.dataset.config.name}"
     written: dict[str, Path] = {}
     layers = []
     for group in groups:
@@ -263,7 +270,9 @@ Stand-in files are a script's choice (dead kernels first, then duplicates), not 
 
 def _from_args(args: argparse.Namespace) -> int:
     config = InspectConfig(
-        model_file=args.model_file or "",
+        model=args.model,
+        variables=args.variables or "",
+        dataset=args.dataset,
         layer=args.layer or "",
         images=args.images,
         scores=args.scores,
@@ -301,10 +310,9 @@ def add_command(subparsers: Any) -> argparse.ArgumentParser:
             "to remove and export a selection file for `jaxprune prune --method progressive "
             "--criterion subjective --selection FILE`."
         ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--model-file", default=None, help="a model file (default: the shipped VGG-small)"
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--layer",
         default=None,

@@ -49,6 +49,7 @@ class LoadedModel:
       label: how it was named on the command line.
       zoo: the zoo name, for zoo models (their pruned files are zoo model files).
       trained: whether the variables were read from a file (not initialised at random).
+      meta: what the model file says about the model (how it was trained), if it came from one.
     """
 
     model: Model
@@ -56,6 +57,21 @@ class LoadedModel:
     label: str
     zoo: str | None
     trained: bool
+    meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def add_model_arguments(parser: Any) -> None:
+    """``--model``, ``--variables`` and ``--dataset``, as every command reads them."""
+    parser.add_argument(
+        "--model",
+        default="vgg_small",
+        help="a zoo model, or your own as FILE.py:NAME or package.module:NAME (NAME() returns "
+        "(linen module, variables), an nnx.Module, or a linen module with --variables)",
+    )
+    parser.add_argument(
+        "--variables", help="the model's variables: a jaxprune model file or an orbax checkpoint"
+    )
+    parser.add_argument("--dataset", default="fashion_mnist", help="the dataset (TFDS name)")
 
 
 def shipped_file(zoo: str, dataset: str) -> Path:
@@ -142,9 +158,14 @@ def _zoo(
     if path.is_file() or variables_path:
         if not path.exists():
             raise UsageError(f"--variables {path} does not exist.")
-        module, variables, _ = checkpoint.load_model_file(path)
+        module, variables, meta = checkpoint.load_model_file(path)
+        stored = _zoo_name(module)
+        if stored is not None and stored != name:
+            raise UsageError(
+                f"--variables {path} holds a {stored}, not a {name}; pass --model {stored}."
+            )
         model = Model.linen(module, example, variables=variables)
-        return LoadedModel(model, variables, name, name, True)
+        return LoadedModel(model, variables, name, name, True, meta)
     if need_trained:
         shipped = sorted(p.name for p in PRETRAINED.glob("*.msgpack"))
         raise UsageError(
@@ -156,6 +177,19 @@ def _zoo(
     return LoadedModel(
         Model.linen(module, example, variables=variables), variables, name, name, False
     )
+
+
+def _zoo_name(module: Any) -> str | None:
+    """The zoo name of a module built by `build_model` (None if it is no zoo model)."""
+    num_classes = getattr(module, "num_classes", None)
+    widths = module.full_widths() if hasattr(module, "full_widths") else None
+    for name in MODELS if num_classes is not None else ():
+        try:
+            if build_model(name, num_classes, widths) == module:
+                return name
+        except (ValueError, TypeError):
+            continue
+    return None
 
 
 def _call(spec: str, input_shape: tuple[int, ...]) -> Any:

@@ -11,7 +11,7 @@ scores with the absolute oracle (`oracle_abs`: ``|C(without c) - C|``), computed
 `criteria_report` scores the criteria and the oracle on the same batches and returns a `Report`
 (a printable table, CSV, JSON); `compare_scores` does the same from scores already computed, and
 `write_report` writes the files and a per-layer heatmap (PNG and PDF). The `jaxprune score` command
-(`add_score_command`, `run_score`) runs it on a model file and the validation split::
+(`jaxprune.commands.score`) runs it on a model and the validation split::
 
   context = ScoringContext(model.apply, channel_graph(model.apply, variables, x))
   report = criteria_report(context, variables, batches, ["taylor", "l1", "activation_mean"])
@@ -25,7 +25,6 @@ group whose scores are all equal is undefined (NaN); the per-layer mean skips su
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -35,7 +34,7 @@ import textwrap
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -614,225 +613,3 @@ def write_report(
     paths["json"].write_text(json.dumps(document, indent=1) + "\n")
     paths.update(plot_report(report, paths["png"], title=title))
     return paths
-
-
-# ---------------------------------------------------------------------------------------------
-# `jaxprune score`: a model file, the validation split, the report files
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ScoreConfig:
-    """What `run_score` judges, on which data, and where the files go."""
-
-    # A model file (`checkpoint.save_model_file`); "" is the shipped VGG-small on Fashion-MNIST.
-    model_file: str = ""
-    # Registry names of the criteria to judge; () is every one but the oracles.
-    criteria: tuple[str, ...] = ()
-    # Validation examples scored (the first ones of the split, in storage order).
-    examples: int = 512
-    # Examples per batch.
-    batch_size: int = 128
-    # "conv": judge convolution groups only; "all": dense hidden layers too.
-    scope: str = "conv"
-    # The reference ranking.
-    oracle: str = "oracle_abs"
-    # Where criteria_quality.{csv,json,png,pdf} go.
-    workdir: str = "workdirs/score"
-    # Prepared TFDS data (None: the default data dir).
-    data_dir: str | None = None
-    # Seed of the "random" criterion.
-    seed: int = 0
-
-
-DEFAULT_MODEL_FILE = Path(__file__).parent.parent / "pretrained" / "vgg_small_fashion_mnist.msgpack"
-
-
-def data_config_for(meta: Mapping[str, Any], data_dir: str | None = None) -> Any:
-    """The `DataConfig` a model file was trained with, so its validation split is held out.
-
-    Args:
-      meta: the model file's meta (`checkpoint.load_model_file`); its training config, if any.
-      data_dir: prepared TFDS data (None: the default).
-
-    Returns:
-      A `jaxprune.data.DataConfig` with the training run's dataset and validation carve.
-    """
-    from jaxprune import data
-
-    trained_on = dict(meta.get("config", {}).get("data") or {})
-    known = {f.name for f in dataclasses.fields(data.DataConfig)}
-    # Same dataset and the same carve of validation from train; nothing else of training.
-    chosen = {
-        k: trained_on[k]
-        for k in ("name", "validation_size", "validation_seed", "image_size")
-        if k in trained_on and k in known
-    }
-    return data.DataConfig(**chosen, data_dir=data_dir)
-
-
-def validation_batches(dataset: Any, examples: int, batch_size: int) -> list[dict[str, Any]]:
-    """The first `examples` validation examples, preprocessed, in batches (never the test split).
-
-    Raises:
-      ValueError: a bad count, or more examples than the validation split holds.
-    """
-    from jaxprune.data import preprocessed_batches
-
-    return list(preprocessed_batches(dataset, "validation", batch_size, examples))
-
-
-class ScoringSetup(NamedTuple):
-    """A model file loaded for scoring on validation data."""
-
-    model_file: Path
-    dataset: Any
-    context: ScoringContext
-    variables: Any
-    batches: list[dict[str, Any]]
-
-
-def load_scoring_setup(config: ScoreConfig) -> ScoringSetup:
-    """Loads the model file, its dataset and graph, and the validation batches of `config`.
-
-    Args:
-      config: the model file, data dir, examples and batch size.
-
-    Returns:
-      What `criteria_report` needs, with the model file's path and the dataset.
-
-    Raises:
-      FileNotFoundError: no such model file.
-      ValueError: more examples than the validation split holds.
-    """
-    import jax.numpy as jnp
-
-    from jaxprune import checkpoint, data
-    from jaxprune.graph import channel_graph
-
-    model_file = Path(config.model_file) if config.model_file else DEFAULT_MODEL_FILE
-    if not model_file.is_file():
-        raise FileNotFoundError(
-            f"Model file {model_file} does not exist; pass --model-file with a file written by "
-            "`jaxprune train --export` or checkpoint.save_model_file."
-        )
-    model, variables, meta = checkpoint.load_model_file(model_file)
-    dataset = data.load(data_config_for(meta, config.data_dir))
-    batches = validation_batches(dataset, config.examples, config.batch_size)
-    x = jnp.zeros((1, *dataset.image_shape), jnp.float32)
-    context = ScoringContext(apply_fn=model.apply, graph=channel_graph(model.apply, variables, x))
-    return ScoringSetup(model_file, dataset, context, variables, batches)
-
-
-def run_score(config: ScoreConfig) -> Report:
-    """Loads a model file, judges the criteria on validation data, prints and writes the report.
-
-    Args:
-      config: the model file, criteria, data size and workdir.
-
-    Returns:
-      The report (also in `workdir`: criteria_quality.csv, .json, .png and .pdf).
-
-    Raises:
-      FileNotFoundError: no such model file.
-      ValueError / KeyError: bad settings (oracles or unknown criteria, scope, too many examples).
-    """
-    import jax
-
-    names = tuple(config.criteria) or default_criteria()
-    oracles_asked = [n for n in names if n in ORACLES]
-    if oracles_asked:
-        raise ValueError(
-            f"Criteria {oracles_asked} are oracles, the reference itself; leave them out."
-        )
-    started = time.perf_counter()
-    model_file, dataset, context, variables, batches = load_scoring_setup(config)
-    report = criteria_report(
-        context,
-        variables,
-        batches,
-        names,
-        oracle=config.oracle,
-        scope=config.scope,
-        options={"random": {"seed": config.seed}} if "random" in names else None,
-    )
-    elapsed = time.perf_counter() - started
-    title = f"{model_file.name} on {dataset.config.name} validation"
-    extra = {
-        "config": dataclasses.asdict(config),
-        "model_file": config.model_file or f"shipped: jaxprune/pretrained/{model_file.name}",
-        "dataset": dataset.config.name,
-        "split": "validation",
-        "seconds": elapsed,
-        "jax": jax.__version__,
-        "devices": [str(d) for d in jax.devices()],
-    }
-    paths = write_report(report, config.workdir, title=title, extra=extra)
-    print(f"{title}\n")
-    print(report.table())
-    print(f"\ntotal {elapsed:.1f} s; wrote {', '.join(str(p) for p in paths.values())}")
-    return report
-
-
-def _score_from_args(args: argparse.Namespace) -> int:
-    config = ScoreConfig(
-        model_file=args.model_file or "",
-        criteria=tuple(args.criteria or ()),
-        examples=args.examples,
-        batch_size=args.batch_size,
-        scope=args.scope,
-        oracle=args.oracle,
-        workdir=args.workdir,
-        data_dir=args.data_dir,
-        seed=args.seed,
-    )
-    run_score(config)
-    return 0
-
-
-def add_score_command(subparsers: Any) -> argparse.ArgumentParser:
-    """Registers ``jaxprune score`` on the CLI's subparsers (its handler is ``args.func``).
-
-    Args:
-      subparsers: the object `argparse.ArgumentParser.add_subparsers` returned.
-
-    Returns:
-      The new subparser.
-    """
-    defaults = ScoreConfig()
-    parser = subparsers.add_parser(
-        "score",
-        help="judge criteria by Spearman correlation with the oracle on validation data",
-        description=(
-            "Scores every channel of a model with each criterion and with the oracle on the "
-            "validation split, and reports their Spearman rank correlations per layer and "
-            "over all layers (Molchanov et al. 2017, Table 1)."
-        ),
-    )
-    parser.add_argument(
-        "--model-file", default=None, help="a model file (default: the shipped VGG-small)"
-    )
-    parser.add_argument(
-        "--criteria",
-        nargs="+",
-        metavar="NAME",
-        help="criteria to judge (default: every registered one except the oracles)",
-    )
-    parser.add_argument(
-        "--examples", type=int, default=defaults.examples, help="validation examples scored"
-    )
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument(
-        "--scope",
-        choices=SCOPES,
-        default=defaults.scope,
-        help="conv: convolution groups only; all: dense hidden layers too",
-    )
-    parser.add_argument("--oracle", default=defaults.oracle, choices=ORACLES)
-    parser.add_argument(
-        "--workdir", default=defaults.workdir, help="where criteria_quality.{csv,json,png,pdf} go"
-    )
-    parser.add_argument("--data-dir", default=None, help="prepared TFDS data dir")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of 'random'")
-    parser.set_defaults(func=_score_from_args)
-    return parser
