@@ -37,6 +37,10 @@ class TrainStream:
     The position is ``(epoch, batches read of it)``. A stream opened at a saved position yields
     what the original stream yielded from there on, because ``data.train(epoch)`` is
     deterministic per epoch.
+
+    Args:
+      data: the data (``data.train(epoch)`` is read).
+      epoch, index: the position to start from.
     """
 
     def __init__(self, data: PruneData, epoch: int = 0, index: int = 0) -> None:
@@ -77,7 +81,15 @@ class TrainStream:
 
 
 def validation_batches(data: PruneData, limit: int | None) -> Iterator[Batch]:
-    """The validation batches, cut after the first `limit` examples (None: all)."""
+    """The validation batches, cut after the first `limit` examples.
+
+    Args:
+      data: the data (``data.validation()`` is read).
+      limit: how many examples (None: all).
+
+    Returns:
+      An iterator over the batches.
+    """
     seen = 0
     for batch in data.validation():
         if limit is not None:

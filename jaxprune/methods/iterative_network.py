@@ -56,11 +56,22 @@ class Network:
     context: criteria.ScoringContext
 
     def full_masks(self) -> dict[str, jax.Array]:
-        """Masks that keep every channel of `graph`."""
+        """Masks that keep every channel of `graph`.
+
+        Returns:
+          Per group of `graph`, a float32 vector of ones.
+        """
         return keep_to_masks(self.graph, {})
 
     def alive(self, masks: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Per group of the original graph, the original channels that `masks` keep."""
+        """The original channels that `masks` keep.
+
+        Args:
+          masks: per group of `graph`, 1 for kept and 0 for removed channels.
+
+        Returns:
+          Per group of the original graph, the indices of its channels left.
+        """
         return {
             name: kept[np.asarray(masks[name]) != 0] if name in masks else kept
             for name, kept in self.keep.items()
@@ -68,7 +79,14 @@ class Network:
 
 
 def structs(variables: PyTree) -> PyTree:
-    """The shapes and dtypes of a variables tree."""
+    """The shapes and dtypes of a variables tree.
+
+    Args:
+      variables: arrays (or anything with a shape and dtype).
+
+    Returns:
+      The same tree of `jax.ShapeDtypeStruct`s.
+    """
     return jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(np.shape(v), v.dtype), variables)
 
 
@@ -124,7 +142,14 @@ def make_network(
 
 
 def plain_variables(state: train.TrainState) -> dict[str, PyTree]:
-    """The variables of a train state (every collection), without its masks."""
+    """The variables of a train state, without its masks.
+
+    Args:
+      state: a train state.
+
+    Returns:
+      ``{"params": ..., **every other collection}``.
+    """
     return {"params": state.params, **state.collections}
 
 
@@ -188,5 +213,13 @@ def flops_per_channel(
 
     The formula of `criteria.flops_per_channel`; the groups of the original graph name the
     layers, the report gives their current widths.
+
+    Args:
+      report: the cost report of the (masked) model, e.g. from `masked_cost`.
+      original: the original model's graph.
+      names: the groups to price.
+
+    Returns:
+      Per group, MFLOPs per example that one of its channels costs.
     """
     return {name: cost.channel_cost(report, original[name], "flops") / 1e6 for name in names}
