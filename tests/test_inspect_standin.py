@@ -131,3 +131,20 @@ def test_on_a_model_with_a_dead_and_a_copied_kernel(tmp_path):
     layers = read_selection(write_selection(tmp_path / "standin.json", document))
     assert layers["conv"]["num_kernels"] == 6
     np.testing.assert_array_equal(layers["conv"]["remove"], [3, 4])
+
+
+def test_a_progressive_run_reads_the_same_maps_and_rule_as_the_page():
+    from jaxprune.inspect.maps import activation_maps
+    from jaxprune.methods import standin as method_standin
+
+    model = ConvNet()
+    images = jax.random.normal(jax.random.key(1), (3, 6, 6, 1))
+    variables = random_variables(model, images)
+    graph = channel_graph(model.apply, variables, images)
+    np.testing.assert_allclose(
+        method_standin.layer_maps(model.apply, variables, graph, "conv", images),
+        activation_maps(model.apply, variables, graph, "conv", images),
+        rtol=1e-6,
+    )
+    assert method_standin.removals_from_maps is removals_from_maps
+    assert method_standin.CHOSEN_BY == CHOSEN_BY

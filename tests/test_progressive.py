@@ -1,53 +1,50 @@
-"""Progressive retraining (Osaku et al. 2021): kernel choice, freezing, retraining, replay, run."""
+"""Progressive simplification (Osaku et al. 2021) under the method contract: kernel choice,
+freezing, retraining, the pruned program after each layer, the run directory."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import threading
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from toy_models import ConvBNDense
 
-from jaxprune import checkpoint, criteria, data
-from jaxprune.commands import run_progressive
-from jaxprune.graph import channel_graph
-from jaxprune.inspect import standin
-from jaxprune.inspect.selection import SelectionError, selection_document, write_selection
+from jaxprune import criteria, data
+from jaxprune.gates import gated_call
+from jaxprune.methods import progressive_choice as choice
 from jaxprune.methods import progressive_retrain as retraining
-from jaxprune.methods.progressive import (
-    ProgressiveConfig,
-    check_config,
-    lowest,
-    make_network,
-    progressive_prune,
-    reinit_head,
-    removal_count,
-)
+from jaxprune.methods import standin
+from jaxprune.methods.contract import DatasetData
+from jaxprune.methods.progressive import ProgressiveConfig, progressive_prune, removal_count
+from jaxprune.methods.selection_file import SelectionError, selection_document, write_selection
+from jaxprune.model import Model
 from jaxprune.models import build_model
+from jaxprune.run import RunMismatchError
+from jaxprune.surgery import keep_to_masks
 
 SMALL_WIDTHS = {f"conv{i}": 4 for i in range(1, 7)} | {"fc1": 8}
 
 
 @pytest.fixture(scope="module")
 def tiny_data():
-    return data.load(
+    dataset = data.load(
         data.DataConfig(train_examples=320, validation_examples=128, test_examples=128)
     )
+    return DatasetData(dataset, batch_size=32)
 
 
 @pytest.fixture(scope="module")
 def small_vgg():
-    """A narrow VGG-small (4 kernels per conv) with random weights and non-trivial BN stats."""
-    model = build_model("vgg_small", 10, SMALL_WIDTHS)
+    """A narrow VGG-small (4 kernels per conv, dropout 0.5) with random weights and
+    non-trivial BN statistics, as a `Model` and its variables."""
+    module = build_model("vgg_small", 10, SMALL_WIDTHS)
     x = jnp.zeros((1, 28, 28, 1))
-    variables = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x)
+    variables = module.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x)
     stats = jax.tree.map(lambda v: v + 0.1, variables["batch_stats"])
-    return model, {"params": variables["params"], "batch_stats": stats}
+    variables = {"params": variables["params"], "batch_stats": stats}
+    return Model.linen(module, x, variables=variables), variables
 
 
 def config(**changes) -> ProgressiveConfig:
@@ -63,8 +60,13 @@ def config(**changes) -> ProgressiveConfig:
     return ProgressiveConfig(**{**values, **changes})
 
 
-def rebuild(widths):
-    return build_model("vgg_small", 10, widths).apply
+def run(small_vgg, tiny_data, **changes):
+    model, variables = small_vgg
+    return progressive_prune(model, variables, tiny_data, config(**changes), progress=False)
+
+
+def first_validation_batch(tiny_data, size=32):
+    return next(retraining.rebatch(tiny_data.validation(), size, size))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,7 +76,10 @@ def rebuild(widths):
 @pytest.mark.parametrize(
     "changes, index, size, expected",
     [
-        ({"ratio": 0.05}, 0, 32, 2),  # round(1.6)
+        ({"ratio": 0.05}, 0, 32, 1),  # floor(1.6), as the authors' int(p * n)
+        ({"ratio": 0.05, "rounding": "nearest"}, 0, 32, 2),  # round(1.6)
+        ({"ratio": 0.05}, 0, 60, 3),  # 0.05 * 60 is 2.9999999999999996 in floating point
+        ({"ratio": 0.05}, 0, 16, 0),
         ({"ratio": 0.25}, 3, 64, 16),
         ({"count": 3}, 0, 32, 3),
         ({"count": 40}, 0, 32, 31),  # never empties a layer
@@ -89,15 +94,30 @@ def test_removal_count(changes, index, size, expected):
 
 def test_lowest_takes_the_smallest_scores_ties_to_the_lower_index():
     scores = np.array([0.3, -1.0, 0.3, 0.2, 0.3, 5.0])
-    np.testing.assert_array_equal(lowest(scores, 3), [0, 1, 3])
-    np.testing.assert_array_equal(lowest(scores, 3), np.sort(np.argsort(scores, kind="stable")[:3]))
+    np.testing.assert_array_equal(choice.lowest(scores, 3), [0, 1, 3])
+    np.testing.assert_array_equal(
+        choice.lowest(scores, 3), np.sort(np.argsort(scores, kind="stable")[:3])
+    )
     with pytest.raises(ValueError, match="NaN"):
-        lowest(np.array([0.0, np.nan]), 1)
+        choice.lowest(np.array([0.0, np.nan]), 1)
 
 
 def test_learning_rate_breakpoints_follow_the_paper():
     rates = [retraining.learning_rate_for(ProgressiveConfig().learning_rates, i) for i in range(8)]
     assert rates == [1e-5, 1e-6, 1e-6, 1e-7, 1e-7, 1e-7, 1e-8, 1e-8]
+
+
+def test_rebatch_cuts_and_joins_batches_in_order():
+    batches = [{"image": np.arange(n0, n0 + n)[:, None], "label": np.arange(n0, n0 + n)}
+               for n0, n in ((0, 5), (5, 3), (8, 7))]  # fmt: skip
+    got = list(retraining.rebatch(batches, 4))
+    assert [b["label"].tolist() for b in got] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    capped = list(retraining.rebatch(batches, 4, limit=9))
+    assert [b["label"].tolist() for b in capped] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    scoring = list(retraining.rebatch(batches, 8, limit=13, drop_remainder=False))
+    assert [b["label"].tolist() for b in scoring] == [list(range(8)), list(range(8, 13))]
+    as_given = list(retraining.rebatch(batches, None, limit=6))
+    assert [b["label"].tolist() for b in as_given] == [[0, 1, 2, 3, 4], [5]]
 
 
 @pytest.mark.parametrize(
@@ -106,54 +126,52 @@ def test_learning_rate_breakpoints_follow_the_paper():
         ({"criterion": "nope"}, "neither a registered criterion"),
         ({"retraining": "partial"}, "retraining="),
         ({"loss": "l1"}, "loss="),
+        ({"batch_norm": "train"}, "batch_norm="),
+        ({"rounding": "ceil"}, "rounding="),
+        ({"final_reinit": "all"}, "final_reinit="),
         ({"ratio": 1.0}, "ratio="),
+        ({"count": 1.5}, "count must be an int"),
         ({"per_layer": (0.5, 1.5)}, "fraction 1.5"),
         ({"learning_rates": ((1, 1e-3),)}, "starting at layer 0"),
+        ({"complete_learning_rate": 0.0}, "learning rates must be > 0"),
         ({"batch_size": 0}, "batch_size must be >= 1"),
-        ({"criterion": "subjective"}, "needs a selection"),
+        ({"score_examples": 0}, "score_examples must be >= 1"),
         ({"per_layer": (1, True)}, "int"),
-        ({"retrain_epochs": 1000}, "retrain_epochs must be < 1000"),
     ],
 )
 def test_bad_configs_are_refused_with_the_fix(changes, message):
     with pytest.raises(ValueError, match=message):
-        check_config(ProgressiveConfig(**changes))
+        ProgressiveConfig(**changes).check()
 
 
 def test_inputs_that_only_the_model_and_data_can_check_fail_before_any_work(
     tmp_path, small_vgg, tiny_data
 ):
-    _, variables = small_vgg
+    model, variables = small_vgg
     with pytest.raises(ValueError, match="per_layer has 3 entries for the 2 layers"):
         progressive_prune(
-            config(layers=("conv1", "conv2"), per_layer=(1, 1, 1)),
-            "vgg_small",
-            variables,
-            tiny_data,
+            model, variables, tiny_data, config(layers=("conv1", "conv2"), per_layer=(1, 1, 1))
         )
-    missing = tmp_path / "nowhere.json"
+    with pytest.raises(ValueError, match="needs a person's choice"):
+        progressive_prune(model, variables, tiny_data, config(criterion="subjective"))
     with pytest.raises(FileNotFoundError, match="nowhere.json"):
         progressive_prune(
-            config(
-                criterion="subjective",
-                selection=str(missing),
-                wait_for_selection=True,
-                poll_seconds=0.05,
-                selection_timeout_s=2,
-            ),
-            "vgg_small",
+            model,
             variables,
             tiny_data,
-            workdir=tmp_path,
+            config(criterion="subjective", selection=str(tmp_path / "nowhere.json")),
+            workdir=str(tmp_path / "run"),
         )
-    assert not (tmp_path / "selection").exists()  # refused before any page was written
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
+    with pytest.raises(TypeError, match="Model.linen"):
+        progressive_prune(model.apply_fn, variables, tiny_data, config())
 
 
 def test_the_target_of_layer_l_plus_1_is_after_its_bn_relu_and_pooling(small_vgg, tiny_data):
-    _, variables = small_vgg
-    network = make_network(rebuild, variables, jnp.zeros((1, 28, 28, 1)))
-    images = next(data.preprocessed_batches(tiny_data, "train", 4, 4))["image"]
-    _, (target,) = retraining.target_values(network, images, "conv2", train=False)
+    model, variables = small_vgg
+    network = retraining.Network.of(model, variables)
+    images = first_validation_batch(tiny_data, 4)["image"]
+    (target,) = retraining.target_values(network, variables, images, "conv2")
 
     def block(x, index):
         params = variables["params"][f"conv{index}"]
@@ -187,10 +205,10 @@ def test_upstream_of_finds_exactly_the_leaves_an_output_reads():
 
 def test_the_trainable_leaves_of_layer_l_are_layers_1_to_l_plus_1(small_vgg):
     model, variables = small_vgg
-    network = make_network(rebuild, variables, jnp.zeros((1, 28, 28, 1)))
+    network = retraining.Network.of(model, variables)
     assert retraining.next_group(network.graph, "conv2") == "conv3"
     assert retraining.next_group(network.graph, "conv6") == "fc1"
-    trainable = retraining.trainable_for(network, "conv3", jnp.zeros((2, 28, 28, 1)))
+    trainable = retraining.trainable_for(network, "conv3")
     flat = {
         jax.tree_util.keystr(path): flag
         for path, flag in jax.tree_util.tree_leaves_with_path(trainable)
@@ -208,24 +226,20 @@ def test_the_trainable_leaves_of_layer_l_are_layers_1_to_l_plus_1(small_vgg):
 def test_the_objective_criterion_removes_the_kernels_whose_removal_leaves_the_lowest_loss(
     small_vgg, tiny_data
 ):
-    _, variables = small_vgg
-    result = progressive_prune(
-        config(layers=("conv2",), retraining="none"), "vgg_small", variables, tiny_data
-    )
-    network = make_network(rebuild, variables, jnp.zeros((1, 28, 28, 1)))
-    batch = next(data.preprocessed_batches(tiny_data, "train", 32, 32))
+    model, variables = small_vgg
+    result = run(small_vgg, tiny_data, layers=("conv2",), retraining="none")
+    network = retraining.Network.of(model, variables)
+    batch = first_validation_batch(tiny_data)
     reference = criteria.score(
-        "oracle_loss", criteria.ScoringContext(network.apply_fn, network.graph), variables, [batch]
+        "oracle_loss", criteria.ScoringContext(model.apply_fn, network.graph), variables, [batch]
     )["conv2"]
     record = result.history[0]
     assert record["removed"] == [int(np.argmin(reference))]
     np.testing.assert_allclose(record["removed_scores"], [reference.min()], rtol=1e-6)
-    assert result.widths["conv2"] == 3 and result.widths["conv1"] == 4
-    np.testing.assert_array_equal(
-        result.keep["conv2"], np.setdiff1d(np.arange(4), record["removed"])
-    )
-    # Without retraining the result is the surgery of the base model.
     kept = result.keep["conv2"]
+    np.testing.assert_array_equal(kept, np.setdiff1d(np.arange(4), record["removed"]))
+    assert set(result.keep) == {"conv2"}
+    # Without retraining the result is the surgery of the base model...
     np.testing.assert_array_equal(
         result.variables["params"]["conv2"]["kernel"],
         np.asarray(variables["params"]["conv2"]["kernel"])[..., kept],
@@ -234,17 +248,27 @@ def test_the_objective_criterion_removes_the_kernels_whose_removal_leaves_the_lo
         result.variables["params"]["conv3"]["kernel"],
         np.asarray(variables["params"]["conv3"]["kernel"])[:, :, kept, :],
     )
+    # ...and its model, the pruned program, equals the masked original.
+    images = batch["image"]
+    masked = gated_call(
+        model.apply_fn,
+        network.graph,
+        variables,
+        images,
+        keep_to_masks(network.graph, result.keep),
+        train=False,
+    )
+    np.testing.assert_allclose(result.model(result.variables, images), masked, atol=1e-5)
+    assert result.graph.names == network.graph.names
 
 
 def test_frozen_leaves_are_bit_identical_after_progressive_retraining(small_vgg, tiny_data):
     _, variables = small_vgg
-    result = progressive_prune(
-        config(layers=("conv1",), learning_rates=((0, 0.05),), retrain_examples=32),
-        "vgg_small",
-        variables,
-        tiny_data,
+    result = run(
+        small_vgg, tiny_data, layers=("conv1",), learning_rates=((0, 0.05),), retrain_examples=32
     )
     assert result.history[0]["target_group"] == "conv2"
+    assert result.history[0]["loss"]["updates"] == 4
     kept = result.keep["conv1"]
     for collection in ("params", "batch_stats"):
         for layer, before in variables[collection].items():
@@ -257,61 +281,54 @@ def test_frozen_leaves_are_bit_identical_after_progressive_retraining(small_vgg,
                 elif layer in ("conv1", "bn1"):
                     leaf = leaf[..., kept]
                 changed = not np.array_equal(leaf, np.asarray(after[name]))
-                # layers 1..l+1 (here 1 and 2) train; conv3.., fc1 and the head never change.
-                if index > 2:
+                # Layers 1..l+1 (here 1 and 2) train; conv3.., fc1 and the head never change,
+                # and no BatchNorm statistics do (frozen by default).
+                if index > 2 or collection == "batch_stats":
                     assert not changed, f"{collection}/{layer}/{name} changed"
                     assert leaf.tobytes() == np.asarray(after[name]).tobytes()
-                elif collection == "params" and name in ("kernel", "scale"):
+                elif name in ("kernel", "scale"):
                     assert changed, f"{collection}/{layer}/{name} did not train"
 
 
 def test_the_mse_retraining_lowers_the_distance_to_the_model_before_pruning(small_vgg, tiny_data):
-    _, variables = small_vgg
-    x = jnp.zeros((1, 28, 28, 1))
-    teacher = make_network(rebuild, variables, x)
-    pruned = progressive_prune(
-        config(layers=("conv1",), retraining="none"), "vgg_small", variables, tiny_data
-    )
-    student = make_network(rebuild, pruned.variables, x)
+    model, variables = small_vgg
+    teacher = retraining.Network.of(model, variables)
+    pruned = run(small_vgg, tiny_data, layers=("conv1",), retraining="none")
+    student = retraining.Network.of(pruned.model, pruned.variables)
     plan = retraining.RetrainPlan(
         loss="mse",
         target_group="conv2",
-        trainable=retraining.trainable_for(student, "conv2", x),
+        trainable=retraining.trainable_for(student, "conv2"),
         learning_rate=0.05,
         momentum=0.9,
         nesterov=True,
-        batch_size=16,
         epochs=3,
-        examples=160,
-        train_mode=False,
-        seed=0,
-        stream=0,
     )
-    trained, losses = retraining.retrain(student, teacher, plan, tiny_data)
-    images = next(data.preprocessed_batches(tiny_data, "validation", 64, 64))["image"]
+    epochs = retraining.epoch_data(tiny_data, 0, 16, 160)
+    trained, losses = retraining.retrain(student, teacher, plan, epochs)
+    images = next(retraining.rebatch(tiny_data.validation(), 64, 64))["image"]
 
-    def distance(variables):
-        moved = dataclasses.replace(student, variables=variables)
-        (_, target), (_, got) = (
-            retraining.target_values(teacher, images, "conv2", train=False),
-            retraining.target_values(moved, images, "conv2", train=False),
-        )
-        return float(jnp.mean((target[0] - got[0]) ** 2))
+    def distance(new):
+        (target,) = retraining.target_values(teacher, variables, images, "conv2")
+        (got,) = retraining.target_values(student, new, images, "conv2")
+        return float(jnp.mean((target - got) ** 2))
 
-    assert losses["updates"] == 30
+    assert losses["updates"] == 30 and len(losses["epoch_loss"]) == 3
     assert distance(trained) < 0.8 * distance(student.variables)
 
 
 def test_complete_retraining_trains_every_layer(small_vgg, tiny_data):
     _, variables = small_vgg
-    result = progressive_prune(
-        config(layers=("conv1",), retraining="complete", learning_rates=((0, 0.05),)),
-        "vgg_small",
-        variables,
+    result = run(
+        small_vgg,
         tiny_data,
+        layers=("conv1",),
+        retraining="complete",
+        complete_learning_rate=0.05,
     )
     assert result.history[0]["target_group"] is None
     assert result.history[0]["loss"]["updates"] == 2
+    assert result.history[0]["learning_rate"] == 0.05
     for layer in ("conv6", "fc1", "head"):
         assert not np.array_equal(
             result.variables["params"][layer]["kernel"], variables["params"][layer]["kernel"]
@@ -321,14 +338,11 @@ def test_complete_retraining_trains_every_layer(small_vgg, tiny_data):
 @pytest.mark.parametrize("criterion", ["l1", "apoz", "taylor", "random"])
 def test_any_registered_criterion_chooses_the_kernels(small_vgg, tiny_data, criterion):
     _, variables = small_vgg
-    result = progressive_prune(
-        config(criterion=criterion, layers=("conv1", "conv3"), retraining="none"),
-        "vgg_small",
-        variables,
-        tiny_data,
+    result = run(
+        small_vgg, tiny_data, criterion=criterion, layers=("conv1", "conv3"), retraining="none"
     )
     assert [r["kernels_after"] for r in result.history] == [3, 3]
-    assert result.widths["conv1"] == result.widths["conv3"] == 3
+    assert result.variables["params"]["conv3"]["kernel"].shape[-2:] == (4, 3)
     if criterion == "l1":
         kernel = np.asarray(variables["params"]["conv1"]["kernel"])
         reference = np.abs(kernel).reshape(-1, 4).sum(0)
@@ -336,59 +350,47 @@ def test_any_registered_criterion_chooses_the_kernels(small_vgg, tiny_data, crit
 
 
 def test_a_whole_run_follows_the_layers_and_reports_cost(small_vgg, tiny_data):
-    _, variables = small_vgg
-    result = progressive_prune(config(eval_examples=64), "vgg_small", variables, tiny_data)
+    result = run(small_vgg, tiny_data, eval_examples=64)
+    assert result.method == "progressive"
     assert [r["group"] for r in result.history] == [f"conv{i}" for i in range(1, 7)]
     assert [r["target_group"] for r in result.history][-1] == "fc1"
-    assert all(result.widths[f"conv{i}"] == 3 for i in range(1, 7))
+    assert all(result.keep[f"conv{i}"].size == 3 for i in range(1, 7))
     macs = [r["macs"] for r in result.history]
-    assert macs == sorted(macs, reverse=True) and macs[-1] == result.summary["final"]["macs"]
-    assert result.summary["final"]["remaining"]["macs"] < 1.0
+    assert (
+        macs == sorted(macs, reverse=True) and macs[-1] == result.summary["cost"]["after"]["macs"]
+    )
+    assert result.summary["remaining"]["macs"] < 1.0
     assert all(0.0 <= r["validation"]["accuracy"] <= 1.0 for r in result.history)
+    assert result.summary["validation"]["after"]["count"] == 64
+    # Each record names the base kernels removed so far in its layer.
+    for record in result.history:
+        kept = result.keep[record["group"]]
+        assert record["removed_base"] == sorted(set(range(4)) - set(kept.tolist()))
 
 
-def test_reinit_head_and_final_finetune(small_vgg, tiny_data):
-    _, variables = small_vgg
-    fresh = reinit_head(variables, "head", seed=3)
-    assert not np.array_equal(
-        fresh["params"]["head"]["kernel"], variables["params"]["head"]["kernel"]
+def test_the_workdir_resumes_the_same_run_and_refuses_another(tmp_path, small_vgg, tiny_data):
+    model, variables = small_vgg
+    settings = config(layers=("conv1", "conv2"), final_finetune_epochs=1, final_examples=32)
+    first = progressive_prune(
+        model, variables, tiny_data, settings, workdir=str(tmp_path), progress=False
     )
-    assert not np.asarray(fresh["params"]["head"]["bias"]).any()
-    chex.assert_trees_all_equal(fresh["params"]["fc1"], variables["params"]["fc1"])
-    with pytest.raises(ValueError, match="head_layer"):
-        reinit_head(variables, "classifier", seed=0)
-    result = progressive_prune(
-        config(
-            layers=("conv1",),
-            retraining="none",
-            final_finetune_epochs=1,
-            final_examples=64,
-            final_batch_size=32,
-            reinit_head=True,
-        ),
-        "vgg_small",
-        variables,
-        tiny_data,
+    assert (tmp_path / "result.json").is_file()
+    again = progressive_prune(
+        model, variables, tiny_data, settings, workdir=str(tmp_path), progress=False
     )
-    assert result.summary["finetune"]["loss"]["updates"] == 2
-
-
-def test_a_user_model_runs_through_rebuild_and_resumes(tmp_path, tiny_data):
-    x = jnp.zeros((1, 28, 28, 1))
-    model = ConvBNDense(widths=(("head", 10),))
-    variables = model.init(jax.random.key(0), x)
-
-    def rebuild_user(widths):
-        return ConvBNDense(widths=tuple(sorted(widths.items()))).apply
-
-    first = progressive_prune(config(), rebuild_user, variables, tiny_data, workdir=tmp_path)
-    assert [r["target_group"] for r in first.history] == ["conv1", "fc"]
-    assert (first.widths["conv0"], first.widths["conv1"]) == (4, 6)  # round(1.5), round(2.0)
-    again = progressive_prune(config(), rebuild_user, variables, tiny_data, workdir=tmp_path)
     chex.assert_trees_all_equal(again.variables, first.variables)
     assert again.history == first.history
-    with pytest.raises(checkpoint.CheckpointError, match="another ProgressiveConfig"):
-        progressive_prune(config(ratio=0.5), rebuild_user, variables, tiny_data, workdir=tmp_path)
+    with pytest.raises(RunMismatchError, match=r"config.ratio: 0.25 -> 0.5"):
+        progressive_prune(
+            model,
+            variables,
+            tiny_data,
+            dataclasses.replace(settings, ratio=0.5),
+            workdir=str(tmp_path),
+        )
+    other = jax.tree.map(lambda a: a * 1.01, variables)
+    with pytest.raises(RunMismatchError, match="variables"):
+        progressive_prune(model, other, tiny_data, settings, workdir=str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,117 +398,74 @@ def test_a_user_model_runs_through_rebuild_and_resumes(tmp_path, tiny_data):
 
 
 def test_a_selection_file_is_replayed(tmp_path, small_vgg, tiny_data):
-    _, variables = small_vgg
+    model, variables = small_vgg
     path = write_selection(
         tmp_path / "chosen.json",
         selection_document({"conv1": [0, 2], "conv2": [3]}, {"conv1": 4, "conv2": 4}),
     )
     chosen = config(criterion="subjective", selection=str(path), layers=("conv1", "conv2"))
     result = progressive_prune(
-        dataclasses.replace(chosen, retraining="none"), "vgg_small", variables, tiny_data
+        model, variables, tiny_data, dataclasses.replace(chosen, retraining="none")
     )
     assert [r["removed"] for r in result.history] == [[0, 2], [3]]
     assert [r["chosen_by"] for r in result.history] == ["person", "person"]
     np.testing.assert_array_equal(result.keep["conv1"], [1, 3])
     with pytest.raises(SelectionError, match="no choice for layer 'conv3'"):
         progressive_prune(
-            dataclasses.replace(chosen, layers=("conv3",)), "vgg_small", variables, tiny_data
+            model, variables, tiny_data, dataclasses.replace(chosen, layers=("conv3",))
         )
     wrong = write_selection(
         tmp_path / "wrong.json", selection_document({"conv1": [0]}, {"conv1": 8})
     )
     with pytest.raises(SelectionError, match="make the selection again"):
         progressive_prune(
-            dataclasses.replace(chosen, selection=str(wrong), layers=("conv1",)),
-            "vgg_small",
+            model,
             variables,
             tiny_data,
+            dataclasses.replace(chosen, selection=str(wrong), layers=("conv1",)),
         )
 
 
-def test_the_interactive_mode_writes_the_page_and_waits_for_the_choice(
+def test_a_selection_naming_a_layer_the_model_lacks_is_refused_before_any_work(
     tmp_path, small_vgg, tiny_data
 ):
-    _, variables = small_vgg
-    folder = tmp_path / "selection"
-
-    def answer():
-        # What a person does: wait for the page, then export a choice next to it.
-        for _ in range(2000):
-            pages = list(folder.glob("*.html")) if folder.is_dir() else []
-            if pages:
-                document = selection_document({"conv1": [1]}, {"conv1": 4})
-                write_selection(pages[0].with_suffix(".json"), document)
-                return
-            threading.Event().wait(0.05)
-
-    thread = threading.Thread(target=answer)
-    thread.start()
-    result = progressive_prune(
-        config(
-            criterion="subjective",
-            wait_for_selection=True,
-            poll_seconds=0.05,
-            selection_timeout_s=120,
-            layers=("conv1",),
-            retraining="none",
-        ),
-        "vgg_small",
-        variables,
-        tiny_data,
-        workdir=tmp_path,
-    )
-    thread.join()
-    page = next(folder.glob("*.html"))
-    assert "conv1" in page.read_text()
-    assert result.history[0]["removed"] == [1]
-
-
-def test_the_standin_removes_the_count_it_is_asked_for(small_vgg, tiny_data):
-    _, variables = small_vgg
-    result = progressive_prune(
-        config(criterion="standin", layers=("conv1", "conv2"), retraining="none"),
-        "vgg_small",
-        variables,
-        tiny_data,
-    )
-    assert [len(r["removed"]) for r in result.history] == [1, 1]
-    assert all(r["chosen_by"] == standin.CHOSEN_BY for r in result.history)
-
-
-# ---------------------------------------------------------------------------------------------
-# The runner `jaxprune prune --method progressive` calls
-
-
-def test_run_writes_a_loadable_pruned_model_and_the_summary(tmp_path, small_vgg, tiny_data):
     model, variables = small_vgg
-    report = run_progressive.run(
-        config(layers=("conv1", "conv2")),
-        "vgg_small",
+    path = write_selection(tmp_path / "typo.json", selection_document({"cnov1": [0]}, {"cnov1": 4}))
+    with pytest.raises(SelectionError, match=r"does not have: \['cnov1'\]"):
+        progressive_prune(
+            model, variables, tiny_data, config(criterion="subjective", selection=str(path))
+        )
+
+
+def test_a_chooser_is_asked_for_the_layers_the_file_leaves_out(small_vgg, tiny_data):
+    model, variables = small_vgg
+    seen = []
+
+    def choose(view):
+        seen.append((view.group, view.count, view.size, view.images.shape[0]))
+        assert view.model(view.variables, view.images).shape == (4, 10)
+        return [view.size - 1], "person"
+
+    result = progressive_prune(
         model,
         variables,
         tiny_data,
-        tmp_path,
-        progress=False,
+        config(criterion="subjective", layers=("conv1", "conv2"), retraining="none"),
+        choose=choose,
     )
-    pruned, pruned_variables, meta = checkpoint.load_model_file(tmp_path / "pruned.msgpack")
-    assert meta["method"] == "progressive" and meta["criterion"] == "oracle_loss"
-    assert report["widths"]["conv1"] == report["widths"]["conv2"] == 3
-    assert report["keep"]["conv1"] == meta["keep"]["conv1"]
-    summary = report["summary"]
-    assert {"base", "final", "validation", "test"} <= set(summary)
-    assert summary["final"]["macs"] < summary["base"]["macs"]
-    assert summary["final"]["remaining"]["channels"] == pytest.approx(6 / 8)
-    assert 0.0 <= summary["test"]["accuracy"] <= 1.0
-    json.dumps(report)
-    for kind, help_text, paths in run_progressive.FLAGS.values():
-        assert kind in (int, float, str, bool) and help_text and paths
-        for path in paths:
-            assert path.split(".")[0] == "progressive"
-            assert path.split(".")[1] in {f.name for f in dataclasses.fields(ProgressiveConfig)}
+    assert seen == [("conv1", 1, 4, 4), ("conv2", 1, 4, 4)]
+    assert [r["removed"] for r in result.history] == [[3], [3]]
+
+    def greedy(view):
+        return list(range(view.size)), "person"
+
+    with pytest.raises(SelectionError, match="removes all 4 kernels"):
+        progressive_prune(
+            model, variables, tiny_data, config(criterion="subjective"), choose=greedy
+        )
 
 
-def test_channel_graph_names_are_stable_after_each_layer(small_vgg):
-    _, variables = small_vgg
-    graph = channel_graph(rebuild(SMALL_WIDTHS), variables, jnp.zeros((1, 28, 28, 1)))
-    assert list(graph.names) == [f"conv{i}" for i in range(1, 7)] + ["fc1"]
+def test_the_standin_removes_the_count_it_is_asked_for(small_vgg, tiny_data):
+    result = run(small_vgg, tiny_data, criterion="standin", layers=("conv1", "conv2"))
+    assert [len(r["removed"]) for r in result.history] == [1, 1]
+    assert all(r["chosen_by"] == standin.CHOSEN_BY for r in result.history)

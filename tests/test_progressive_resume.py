@@ -9,8 +9,11 @@ from kill_resume import TESTS_DIR, kill_and_resume, numbered_entries
 
 def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
     command = [sys.executable, str(TESTS_DIR / "progressive_run.py")]
-    expected, killed_at, whole = kill_and_resume(command, tmp_path, "checkpoints")
-    # Two layers and the final fine-tuning: checkpoints 1, 2 and 3; the kill came before 3.
-    assert max(killed_at) < 3 and numbered_entries(whole / "checkpoints")[-1] == 3
+    expected, killed_at, whole = kill_and_resume(command, tmp_path, "checkpoints/layers")
+    # One checkpoint per layer (1, 2) and one after the final fine-tuning (3); the kill came
+    # before the last.
+    assert max(killed_at) < 3 and numbered_entries(whole / "checkpoints" / "layers")[-1] == 3
     assert [r["group"] for r in expected["history"]] == ["conv1", "conv2"]
-    assert expected["summary"]["finetune"]["reinit_head"] is True
+    assert [len(r["removed"]) for r in expected["history"]] == [1, 4]
+    finetune = expected["summary"]["method"]["finetune"]
+    assert finetune["reinit"] == "dense" and finetune["reinitialised"] == ["fc1", "fc2", "head"]

@@ -109,3 +109,44 @@ def test_the_fingerprint_is_the_one_a_progressive_run_records():
     assert model_fingerprint(as_jax) == model_fingerprint(variables)
     variables["params"]["w"][0, 0] = 1.0
     assert model_fingerprint(variables) != model_fingerprint(as_jax)
+
+
+@pytest.mark.parametrize(
+    ("layer", "message"),
+    [
+        # A string is not a list of indices (it used to read as kernels 1 and 2).
+        ({"num_kernels": 4, "remove": "12"}, "must be a list of integer"),
+        # Booleans and floats are not indices (they used to be truncated to 1 and 2).
+        ({"num_kernels": 4, "remove": [True]}, "must be a list of integer"),
+        ({"num_kernels": 4, "remove": [2.7]}, "must be a list of integer"),
+        # null is an error that names the layer (it used to be a raw TypeError).
+        ({"num_kernels": 4, "remove": None}, "must be a list of integer"),
+        ({"num_kernels": "4", "remove": [1]}, "positive integer"),
+        ({"num_kernels": 4.0, "remove": [1]}, "positive integer"),
+        ({"num_kernels": None, "remove": [1]}, "positive integer"),
+        ({"num_kernels": 0, "remove": []}, "positive integer"),
+    ],
+)
+def test_values_of_the_wrong_type_are_refused_not_coerced(tmp_path, layer, message):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"format": FORMAT, "layers": {"conv1": layer}}))
+    with pytest.raises(SelectionError, match=message) as refused:
+        read_selection(path)
+    assert "conv1" in str(refused.value) and "s.json" in str(refused.value)
+
+
+def test_a_chosen_by_that_is_not_a_string_is_refused(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"format": FORMAT, "chosen_by": ["me"], "layers": {}}))
+    with pytest.raises(SelectionError, match='"chosen_by" must be a string'):
+        read_selection(path)
+
+
+def test_documents_take_numpy_indices_and_the_inspect_module_is_the_same_format():
+    from jaxprune.inspect import selection as inspect_selection
+    from jaxprune.methods import selection_file
+
+    document = selection_file.selection_document({"c": np.array([3, 1])}, {"c": np.int64(4)})
+    assert document["layers"]["c"] == {"num_kernels": 4, "remove": [1, 3]}
+    assert inspect_selection.read_selection is selection_file.read_selection
+    assert inspect_selection.SelectionError is selection_file.SelectionError

@@ -1,4 +1,5 @@
-"""A progressive run waiting for a person: the file names it reads, and the model it belongs to."""
+"""A progressive run waiting for a person: the page hand-off (`waiting_chooser`), the file
+names it reads, and the model a selection belongs to."""
 
 import json
 import re
@@ -6,42 +7,86 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from toy_models import ConvBNDense
 
-from jaxprune.graph import channel_graph
+from jaxprune.inspect import PageConfig, macs_per_kernel, write_kernel_page
+from jaxprune.inspect.page import page_file_name, selection_file_names
 from jaxprune.inspect.selection import (
     SelectionError,
     model_fingerprint,
     selection_document,
     write_selection,
 )
-from jaxprune.methods import progressive_retrain as retraining
-from jaxprune.methods.progressive import ProgressiveConfig, subjective_removals
+from jaxprune.methods.progressive_choice import (
+    LayerView,
+    SelectionPage,
+    subjective_removals,
+    waiting_chooser,
+)
+from jaxprune.methods.progressive_retrain import Network
+from jaxprune.methods.selection_file import file_complete
+from jaxprune.model import Model
 from jaxprune.models.random_init import random_variables
 
 IMAGES = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
-BATCHES = [{"image": IMAGES, "label": np.arange(4) % 5}]
+BATCHES = ({"image": IMAGES, "label": np.arange(4) % 5},)
 GROUP = "conv1"
+
+
+def write_layer_page(path, view, save_to):
+    """The kernel page of a layer, as the inspect layer hands it to a waiting run."""
+    example = jnp.zeros((1, *view.images.shape[1:]), jnp.float32)
+    write_kernel_page(
+        path,
+        view.model.apply_fn,
+        view.variables,
+        view.graph,
+        view.group,
+        view.images,
+        scores=view.objective_scores(),
+        macs_per_kernel=macs_per_kernel(
+            view.model.apply_fn, view.variables, view.graph, view.group, example
+        ),
+        title=f"layer {view.group}: choose kernels to remove",
+        config=PageConfig(
+            save_to=str(save_to), count=view.count, model_fingerprint=view.fingerprint
+        ),
+    )
+
+
+PAGE = SelectionPage(
+    write=write_layer_page, page_name=page_file_name, answer_names=selection_file_names
+)
 
 
 @pytest.fixture(scope="module")
 def network():
-    model = ConvBNDense()
-    variables = random_variables(model, IMAGES)
-    graph = channel_graph(model.apply, variables, IMAGES)
-    return retraining.Network(apply_fn=model.apply, variables=variables, graph=graph)
+    module = ConvBNDense()
+    variables = random_variables(module, IMAGES)
+    return Network.of(Model.linen(module, IMAGES, variables=variables), variables)
 
 
-def waiting(**changes):
-    values = dict(
-        criterion="subjective",
-        wait_for_selection=True,
-        poll_seconds=0.02,
-        selection_timeout_s=60,
+def view_of(network, *, count=3, base=None):
+    current = model_fingerprint(network.variables)
+    return LayerView(
+        group=GROUP,
+        index=0,
+        count=count,
+        model=network.model,
+        variables=network.variables,
+        graph=network.graph,
+        images=IMAGES,
+        batches=BATCHES,
+        fingerprint=base or current,
+        accepted=tuple(sorted({current, base or current})),
     )
-    return ProgressiveConfig(**{**values, **changes})
+
+
+def waiting(folder, **changes):
+    return waiting_chooser(folder, PAGE, **{"poll_seconds": 0.02, "timeout_s": 60, **changes})
 
 
 def page_data(path):
@@ -81,9 +126,7 @@ def test_the_browsers_download_name_is_accepted_in_the_selection_folder(tmp_path
     thread = answer_when_the_page_is_there(
         folder, "selection_conv1.json", lambda data: exported(data, [2, 5])
     )
-    removed, chosen_by = subjective_removals(
-        waiting(), network, GROUP, IMAGES, BATCHES, tmp_path, suggested=3
-    )
+    removed, chosen_by = waiting(folder)(view_of(network))
     thread.join()
     np.testing.assert_array_equal(removed, [2, 5])
     assert chosen_by == "person"
@@ -94,14 +137,23 @@ def test_the_browsers_download_name_is_accepted_in_the_selection_folder(tmp_path
     assert data["model_fingerprint"] == model_fingerprint(network.variables)
 
 
+def test_an_answer_already_there_is_used_without_writing_the_page(tmp_path, network):
+    folder = tmp_path / "selection"
+    write_selection(folder / "conv1.json", selection_document({GROUP: [4]}, {GROUP: 8}))
+    removed, _ = waiting(folder)(view_of(network))
+    np.testing.assert_array_equal(removed, [4])
+    assert not list(folder.glob("*.html"))
+
+
 def test_a_file_still_being_written_is_not_read_too_early(tmp_path, network):
     folder = tmp_path / "selection"
     folder.mkdir()
     (folder / "conv1.json").write_text("")  # a browser's placeholder
+    assert not file_complete(folder / "conv1.json")
     thread = answer_when_the_page_is_there(
         folder, "conv1.json", lambda data: exported(data, [1]), delay=0.2
     )
-    removed, _ = subjective_removals(waiting(), network, GROUP, IMAGES, BATCHES, tmp_path)
+    removed, _ = waiting(folder)(view_of(network))
     thread.join()
     np.testing.assert_array_equal(removed, [1])
 
@@ -114,7 +166,7 @@ def test_a_selection_for_another_model_is_refused_naming_both_fingerprints(tmp_p
         selection_document({GROUP: [1]}, {GROUP: 8}, model_fingerprint=theirs),
     )
     with pytest.raises(SelectionError) as refused:
-        subjective_removals(waiting(), network, GROUP, IMAGES, BATCHES, tmp_path)
+        waiting(folder)(view_of(network))
     message = str(refused.value)
     assert theirs[:16] in message and model_fingerprint(network.variables)[:16] in message
     assert "selection_conv1.json" in message and "export a new file" in message
@@ -126,17 +178,12 @@ def test_a_replayed_selection_of_the_base_model_is_accepted_on_later_layers(tmp_
         tmp_path / "chosen.json",
         selection_document({GROUP: [0, 3]}, {GROUP: 8}, model_fingerprint=base),
     )
-    config = ProgressiveConfig(criterion="subjective", selection=str(path))
-    removed, _ = subjective_removals(
-        config, network, GROUP, IMAGES, BATCHES, None, model_fingerprint=base
-    )
+    removed, _ = subjective_removals(view_of(network, base=base), str(path), None)
     np.testing.assert_array_equal(removed, [0, 3])
     with pytest.raises(SelectionError, match="another model"):
-        subjective_removals(config, network, GROUP, IMAGES, BATCHES, None)
+        subjective_removals(view_of(network), str(path), None)
 
 
 def test_nobody_answering_times_out_naming_both_names(tmp_path, network):
     with pytest.raises(TimeoutError, match=r"conv1\.json or .*selection_conv1\.json"):
-        subjective_removals(
-            waiting(selection_timeout_s=0.1), network, GROUP, IMAGES, BATCHES, tmp_path
-        )
+        waiting(tmp_path / "selection", timeout_s=0.1)(view_of(network))
