@@ -94,8 +94,8 @@ class BenchConfig:
     # Batch of the train step (and of the Taylor pass).
     batch: int = 128
     # Train-step variants timed besides the default one: "gemm" (``conv_impl="gemm"``),
-    # "no-ynn" (the step compiled with `jaxprune.ops.cpu_compiler_options`).
-    extra_variants: tuple[str, ...] = ("gemm", "no-ynn")
+    # "ynn" (compiled with XLA:CPU's stock options, `jaxprune.ops.stock_cpu_compiler_options`).
+    extra_variants: tuple[str, ...] = ("gemm", "ynn")
     # Turns each runner takes, and timed calls per turn.
     rounds: int = 3
     per_round: int = 2
@@ -147,17 +147,22 @@ def _div(a: float | None, b: float | None) -> float | None:
 # ---------------------------------------------------------------------------------------------
 
 
-# variant -> (conv_impl of the model, whether to compile with ops.cpu_compiler_options)
-TRAIN_VARIANTS = {"auto": ("auto", False), "gemm": ("gemm", False), "no-ynn": ("auto", True)}
+# variant -> (conv_impl of the model, whether to compile with XLA:CPU's stock options, i.e.
+# with YNNPACK fusions, which `jaxprune.ops.use_cpu_defaults` turns off for the process)
+TRAIN_VARIANTS = {"auto": ("auto", False), "gemm": ("gemm", False), "ynn": ("auto", True)}
+# Variants whose forward pass differs from "auto", so their inference is timed too.
+INFERENCE_VARIANTS = ("auto", "ynn")
 
 
 def jax_train_runner(name: str, variant: str, batch: int, rng: np.random.Generator):
-    """A warmed-up, blocking jaxprune train step of the zoo model, and its variables."""
-    conv_impl, tuned_compiler = TRAIN_VARIANTS[variant]
+    """A warmed-up, blocking jaxprune train step of the zoo model, its model and variables,
+    and the compiler options of the variant."""
+    conv_impl, stock_compiler = TRAIN_VARIANTS[variant]
     model = build_model(name, NUM_CLASSES, conv_impl=conv_impl)
     step_fn = train.train_step
-    if tuned_compiler:
-        step_fn = jax.jit(train.train_step.__wrapped__, compiler_options=ops.cpu_compiler_options())
+    options = ops.stock_cpu_compiler_options() if stock_compiler else None
+    if stock_compiler:
+        step_fn = jax.jit(train.train_step.__wrapped__, compiler_options=options)
     shape = torch_zoo.IMAGE_SHAPES[name]
     images = jnp.asarray(rng.normal(size=(batch, *shape)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, NUM_CLASSES, batch), jnp.int32)
@@ -172,7 +177,7 @@ def jax_train_runner(name: str, variant: str, batch: int, rng: np.random.Generat
 
     for _ in range(3):
         step()
-    return step, model, box["state"].variables()
+    return step, model, box["state"].variables(), options
 
 
 def train_and_inference(config: BenchConfig, have_torch: bool) -> tuple[list, dict]:
@@ -182,10 +187,13 @@ def train_and_inference(config: BenchConfig, have_torch: bool) -> tuple[list, di
     for name in config.train_models:
         runners, predictors = {}, {b: {} for b in config.inference_batches}
         for impl in ("auto", *config.extra_variants):
-            step, model, variables = jax_train_runner(name, impl, config.batch, rng)
+            step, model, variables, options = jax_train_runner(name, impl, config.batch, rng)
             runners[f"jaxprune {impl}"] = step
-            if impl == "auto":
-                predict = jax.jit(lambda v, x, model=model: model.apply(v, x, train=False))
+            if impl in INFERENCE_VARIANTS:
+                predict = jax.jit(
+                    lambda v, x, model=model: model.apply(v, x, train=False),
+                    compiler_options=options,
+                )
                 for size in config.inference_batches:
                     x = jnp.asarray(rng.normal(size=(size, *torch_zoo.IMAGE_SHAPES[name])))
                     x = x.astype(jnp.float32)
@@ -194,7 +202,8 @@ def train_and_inference(config: BenchConfig, have_torch: bool) -> tuple[list, di
                         jax.block_until_ready(predict(variables, x))
 
                     call()
-                    predictors[size]["jaxprune"] = call
+                    key = "jaxprune" if impl == "auto" else f"jaxprune {impl}"
+                    predictors[size][key] = call
         if have_torch:
             runners["torch"] = torch_zoo.train_step_runner(name, config.batch, rng)
             model = torch_zoo.torch_model(name)
@@ -217,17 +226,19 @@ def train_and_inference(config: BenchConfig, have_torch: bool) -> tuple[list, di
             timing = take_turns(predictors[size], config.rounds, repeats)
             details["inference"][name][str(size)] = timing
             per_s = {key: size / (row["median_ms"] / 1e3) for key, row in timing.items()}
-            rows.append(
-                _row(
-                    f"inference images/s, b{size}",
-                    name,
-                    per_s["jaxprune"],
-                    per_s.get("torch"),
-                    "PyTorch",
-                    _div(per_s["jaxprune"], per_s.get("torch")),
-                    "jaxprune/torch",
+            for key in sorted(k for k in per_s if k.startswith("jaxprune")):
+                variant = key.removeprefix("jaxprune")
+                rows.append(
+                    _row(
+                        f"inference images/s, b{size}" + (f",{variant}" if variant else ""),
+                        name,
+                        per_s[key],
+                        per_s.get("torch"),
+                        "PyTorch",
+                        _div(per_s[key], per_s.get("torch")),
+                        "jaxprune/torch",
+                    )
                 )
-            )
         print(f"  train + inference: {name} done (cpu pressure {cpu_pressure()})", flush=True)
     return rows, details
 
@@ -293,13 +304,18 @@ def core_rows(config: BenchConfig, have_tp: bool) -> tuple[list, dict]:
     peer_s = theirs["total_s"] if theirs else None
     rows = [
         _row(
-            "graph + surgery s, 50% L1",
+            f"graph + surgery s, 50% L1{label}",
             name,
-            ours["total_s"],
+            ours[key],
             peer_s,
             "Torch-Pruning graph + step",
-            _div(ours["total_s"], peer_s),
+            _div(ours[key], peer_s),
             "jaxprune/torch",
+        )
+        for key, label in (
+            ("total_s", ", prune verify=True (default)"),
+            ("total_no_verify_s", ", verify=False"),
+            ("first_total_s", ", first call in process, verify=True"),
         )
     ]
     details: dict[str, Any] = {"surgery": {"jaxprune": ours, "torch_pruning": theirs}}

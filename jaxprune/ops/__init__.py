@@ -7,6 +7,9 @@
   whose gradient is elementwise instead of an index-recording scatter.
 * `GLIBC_TUNABLES` / `tuned_environ`: malloc settings for the process that stop XLA:CPU from
   page-faulting its temporaries at every step.
+* `use_cpu_defaults`: XLA:CPU without YNNPACK fusions, measured faster for every convnet of the
+  benchmark. Importing this package applies it (before any JAX backend starts; opt out with
+  ``JAXPRUNE_STOCK_XLA_CPU=1``); see `jaxprune.ops.cpu`.
 
 Example:
   >>> import flax.linen as nn
@@ -17,9 +20,12 @@ Example:
 from jaxprune.ops.conv import conv_general_dilated_gemm, is_handled
 from jaxprune.ops.cpu import (
     GLIBC_TUNABLES,
+    OPT_OUT_ENV,
     cpu_compiler_options,
     has_tuned_malloc,
+    stock_cpu_compiler_options,
     tuned_environ,
+    use_cpu_defaults,
 )
 from jaxprune.ops.pool import max_pool
 from jaxprune.ops.registry import CONV_IMPLS, ConvFn, conv_impl, default_conv_impl
@@ -27,6 +33,7 @@ from jaxprune.ops.registry import CONV_IMPLS, ConvFn, conv_impl, default_conv_im
 __all__ = [
     "CONV_IMPLS",
     "GLIBC_TUNABLES",
+    "OPT_OUT_ENV",
     "ConvFn",
     "conv_general_dilated_gemm",
     "conv_impl",
@@ -35,5 +42,10 @@ __all__ = [
     "has_tuned_malloc",
     "is_handled",
     "max_pool",
+    "stock_cpu_compiler_options",
     "tuned_environ",
+    "use_cpu_defaults",
 ]
+
+# The measured-fastest XLA:CPU configuration is the default (a no-op once a backend started).
+use_cpu_defaults()

@@ -22,29 +22,46 @@ The price is memory that stays with the process after a peak instead of returnin
 system. Other allocators and non-glibc systems ignore the variable.
 
 Compiler options. jaxlib 0.10 hands convolutions and matrix products on CPU to YNNPACK fusions.
-`cpu_compiler_options` turns them off for one jitted function, so XLA's own (Eigen)
-convolutions run, which spread better over both cores: the VGG-small training step took 0.79x
-of the stock time with idle cores (0.66x together with `jaxprune.ops.max_pool`), but 1.1x when
-other processes held the cores. It is therefore an opt-in::
+XLA's own (Eigen) convolutions spread better over the cores: measured with ``python -m
+experiments.bench`` (2-core x86, jaxlib 0.10.2, batch 128, both in one process), the train step
+without YNNPACK took 0.76-0.83x of the stock time on LeNet-5, VGG-small and ResNet-20, and
+inference was faster too (see the table of ``experiments/bench/run_all.py``). So it is the
+default on CPU: importing `jaxprune.ops` (which the zoo and `jaxprune.train` do) calls
+`use_cpu_defaults`, which adds ``--xla_cpu_experimental_ynn_fusion_type=`` to ``XLA_FLAGS``
+for the process, when
+
+* the jaxlib is one where it was measured (0.10.x: the option is experimental, and XLA aborts
+  on a flag it does not know);
+* ``XLA_FLAGS`` does not set that option already (a user's choice wins);
+* ``JAXPRUNE_STOCK_XLA_CPU`` is unset or ``0`` (the opt-out: ``JAXPRUNE_STOCK_XLA_CPU=1``);
+* no JAX backend has started yet (XLA reads its flags once; after that the call does nothing).
+
+Unless opted out, it also installs `jaxprune.ops.lowering`'s CPU lowering of convolutions
+that read one input channel (a shifted sum, 7x faster on LeNet-5's first layer).
+
+An ``xla_cpu_*`` flag changes only what XLA compiles for the CPU, so accelerators are never
+affected. For one function, `cpu_compiler_options` gives the same choice as ``compiler_options``
+of `jax.jit` and `stock_cpu_compiler_options` the stock one::
 
     step = jax.jit(train_step, compiler_options=cpu_compiler_options())
 
-In the one-command benchmark on an idle machine it gave 0.97x (VGG-small) and 0.84x
-(ResNet-20) of the stock step. jaxlib 0.10.2 also links oneDNN, but its options
-(``xla_cpu_use_onednn``, ``xla_cpu_experimental_onednn_custom_call``) left the convolutions'
-times unchanged (VGG-small's 28x28 32->32 layer, batch 128: forward 19.8 against 19.9 ms,
-weight gradient 24.6 against 23.4 ms), so they are not used.
+jaxlib 0.10.2 also links oneDNN, but its options (``xla_cpu_use_onednn``,
+``xla_cpu_experimental_onednn_custom_call``) left the convolutions' times unchanged
+(VGG-small's 28x28 32->32 layer, batch 128: forward 19.8 against 19.9 ms, weight gradient
+24.6 against 23.4 ms), so they are not used.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from jaxprune.ops.lowering import use_single_channel_lowering
 
 # one arena / no per-buffer mmap / never trim / huge pages for the heap (glibc >= 2.35).
 GLIBC_TUNABLES = ":".join(
@@ -58,7 +75,16 @@ GLIBC_TUNABLES = ":".join(
 
 
 # XLA:CPU options (jaxlib 0.10.2): no YNNPACK fusions, so convolutions and dots use Eigen.
-_CPU_OPTIONS: Mapping[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+_YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+_CPU_OPTIONS: Mapping[str, Any] = {_YNN_OPTION: ""}
+# jaxlib 0.10's own default, to ask for it back in one function.
+_STOCK_OPTIONS: Mapping[str, Any] = {
+    _YNN_OPTION: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+}
+# jaxlib versions on which the default was measured (and whose XLA knows the flag).
+_MEASURED_JAXLIB = ("0.10.",)
+# Set to 1 to keep XLA:CPU's stock options.
+OPT_OUT_ENV = "JAXPRUNE_STOCK_XLA_CPU"
 
 
 @functools.cache
@@ -89,6 +115,62 @@ def cpu_compiler_options(platform: str | None = None) -> dict[str, Any]:
         return {}
     items = tuple(sorted(_CPU_OPTIONS.items()))
     return dict(items) if _compiler_accepts(items) else {}
+
+
+def stock_cpu_compiler_options(platform: str | None = None) -> dict[str, Any]:
+    """``compiler_options`` for `jax.jit` that restore jaxlib's stock XLA:CPU choices (YNNPACK
+    fusions) for one function, whatever the process default is.
+
+    Args:
+      platform: as for `cpu_compiler_options`.
+
+    Returns:
+      The options on a CPU with a jaxlib that accepts them, else ``{}``.
+    """
+    if (platform or jax.default_backend()) != "cpu":
+        return {}
+    items = tuple(sorted(_STOCK_OPTIONS.items()))
+    return dict(items) if _compiler_accepts(items) else {}
+
+
+def _backends_started() -> bool:
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # private API: assume started, so nothing is set
+        return True
+
+
+def use_cpu_defaults(environ: MutableMapping[str, str] | None = None) -> bool:
+    """Makes XLA:CPU compile without YNNPACK fusions in this process (see the module docs),
+    and lowers one-channel convolutions as shifted sums (`jaxprune.ops.lowering`).
+
+    Args:
+      environ: the environment to edit; defaults to `os.environ` (children inherit it).
+
+    Returns:
+      True when this call added the option; False when it left ``XLA_FLAGS`` alone (the flags
+      name the option already, opted out, another jaxlib, or a backend already started).
+    """
+    env = os.environ if environ is None else environ
+    if env.get(OPT_OUT_ENV, "0") not in ("", "0"):
+        return False
+    use_single_channel_lowering()
+    flags = env.get("XLA_FLAGS", "")
+    if _YNN_OPTION in flags:
+        return False
+    if not jaxlib_version().startswith(_MEASURED_JAXLIB) or _backends_started():
+        return False
+    env["XLA_FLAGS"] = f"{flags} --{_YNN_OPTION}=".strip()
+    return True
+
+
+def jaxlib_version() -> str:
+    """The installed jaxlib's version string."""
+    import jaxlib
+
+    return str(getattr(jaxlib, "__version__", ""))
 
 
 def tuned_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
