@@ -16,7 +16,6 @@ import jax
 import numpy as np
 import optax
 
-from jaxprune import checkpoint as ckpt
 from jaxprune import train
 from jaxprune.graph import ChannelGraph
 from jaxprune.methods.iterative_network import Network, make_network
@@ -77,20 +76,6 @@ def save(
     store.save(int(state.step), _arrays(state), meta)
 
 
-def _read_meta(store: Checkpoints, step: int) -> dict[str, Any]:
-    """The JSON of a checkpoint alone: its keep fixes the shapes its arrays are read into."""
-    try:
-        document = store.manager.restore(
-            step, args=ckpt.ocp.args.Composite(meta=ckpt.ocp.args.JsonRestore())
-        ).meta
-    except Exception as error:  # orbax raises assorted types for damaged files
-        raise ckpt.CheckpointError(
-            f"checkpoint {store.directory / str(step)} is damaged ({type(error).__name__}); "
-            "delete it to fall back to an earlier one."
-        ) from error
-    return dict(document["meta"])
-
-
 def restore(
     store: Checkpoints | None,
     *,
@@ -116,7 +101,7 @@ def restore(
     step = None if store is None else store.latest_step()
     if step is None:
         return None
-    meta = _read_meta(store, step)
+    meta = store.meta(step)  # its keep fixes the shapes the arrays are read into
     keep = {name: np.asarray(kept, np.int64) for name, kept in meta["keep"].items()}
     network = make_network(model, original, base, keep)
     masks = network.full_masks()
