@@ -24,8 +24,9 @@ system. Other allocators and non-glibc systems ignore the variable.
 Compiler options. jaxlib 0.10 hands convolutions and matrix products on CPU to YNNPACK fusions.
 XLA's own (Eigen) convolutions spread better over the cores: measured with ``python -m
 experiments.bench`` (2-core x86, jaxlib 0.10.2, batch 128, both in one process), the train step
-without YNNPACK took 0.76-0.83x of the stock time on LeNet-5, VGG-small and ResNet-20, and
-inference was faster too (see the table of ``experiments/bench/run_all.py``). So it is the
+without YNNPACK took 0.83x (LeNet-5), 0.85x (VGG-small) and 0.76x (ResNet-20) of the stock time,
+with other processes on the cores for the first two (earlier idle runs: 0.76x, 0.97x, 0.84x);
+the rows of ``experiments/bench/run_all.py`` compare it with the stock options. So it is the
 default on CPU: importing `jaxprune.ops` (which the zoo and `jaxprune.train` do) calls
 `use_cpu_defaults`, which adds ``--xla_cpu_experimental_ynn_fusion_type=`` to ``XLA_FLAGS``
 for the process, when
