@@ -12,15 +12,18 @@ Command, on a machine with CIFAR-100 prepared for TFDS (`tfds build cifar100
     jaxprune prune --config experiments/blending_resnet56_cifar100.py \\
         --model-file workdirs/r56_c100/base.msgpack --workdir workdirs/blending_r56_c100
 
-Every generation is checkpointed in the workdir and the run resumes when started again. It has
-not been run at this scale here (no GPU, no CIFAR-100): tests/test_blending.py runs this config
-for two generations of four candidates on TFDS mock data with a 4-channel ResNet-56.
+Every generation and the fine-tuning are checkpointed in the workdir and the run resumes when
+started again. It has not been run at this scale here (no GPU, no CIFAR-100):
+tests/test_blending.py runs this config's `blending` settings through
+`jaxprune.methods.blending.blending_prune` for two generations of four candidates on TFDS mock
+data with a 4-channel ResNet-56.
 """
 
 from __future__ import annotations
 
 from jaxprune.commands.prune import PruneJob
 from jaxprune.data import DataConfig
+from jaxprune.fit import FitConfig
 from jaxprune.methods.blending import BlendingConfig
 from jaxprune.methods.blending_clusters import ClusterConfig
 from jaxprune.methods.evolution import EvolutionConfig
@@ -46,7 +49,7 @@ def get_config() -> PruneJob:
             fitness_examples=1000,
             batch_size=250,
             chunk_size=32,
-            finetune_epochs=40,
-            finetune_lr=0.01,
+            # 40 epochs of SGD (momentum 0.9, weight decay 5e-4, cosine from 0.01).
+            finetune=FitConfig(epochs=40),
         ),
     )

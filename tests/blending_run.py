@@ -3,9 +3,9 @@
 Usage: python tests/blending_run.py WORKDIR DELAY_S
 
 LeNet-5 on 128 Fashion-MNIST validation images, a pool of five criteria (weights and APoZ:
-quick to compile), a population of 8 over 6 generations. Every fitness batch arrives DELAY_S
-seconds late, so the test can kill the process (SIGKILL) between generation checkpoints; the
-delay changes no result. The result goes to
+quick to compile), a population of 8 over 6 generations, no fine-tuning. Every generation's
+fitness evaluation starts DELAY_S seconds late, so the test can kill the process (SIGKILL)
+between generation checkpoints; the delay changes no result. The result goes to
 WORKDIR/result.json (history without timings, factors, best, keep, device count) and the
 timings to WORKDIR/seconds.json (they tell a resumed generation from a recomputed one).
 """
@@ -22,19 +22,6 @@ from jaxprune.runtime import enable_compilation_cache
 BASE = Path(__file__).resolve().parent.parent / "jaxprune/pretrained/lenet5_fashion_mnist.msgpack"
 
 
-class DelayedBatches:
-    """Re-iterable batches; each one arrives `delay_s` seconds late."""
-
-    def __init__(self, batches, delay_s: float) -> None:
-        self._batches = batches
-        self._delay_s = delay_s
-
-    def __iter__(self):
-        for batch in self._batches:
-            time.sleep(self._delay_s)
-            yield batch
-
-
 def config():
     from jaxprune.methods.blending import BlendingConfig
     from jaxprune.methods.evolution import EvolutionConfig
@@ -45,39 +32,40 @@ def config():
         evolution=EvolutionConfig(population=8, generations=6),
         batch_size=64,
         chunk_size=4,
+        finetune=None,
     )
 
 
 def main(workdir: str, delay_s: float) -> None:
     enable_compilation_cache()
     import jax
-    import jax.numpy as jnp
 
     from jaxprune import checkpoint, data
-    from jaxprune.graph import channel_graph
-    from jaxprune.methods.blending import blending_prune
+    from jaxprune.methods import blending
+    from jaxprune.model import Model
 
-    model, variables, _ = checkpoint.load_model_file(BASE)
+    evaluate = blending.population_fitness
+
+    def delayed(*args, **kwargs):
+        time.sleep(delay_s)
+        return evaluate(*args, **kwargs)
+
+    blending.population_fitness = delayed  # this process only
+    module, variables, _ = checkpoint.load_model_file(BASE)
     dataset = data.load(data.DataConfig(validation_examples=128, test_examples=128))
-    graph = channel_graph(model.apply, variables, jnp.zeros((1, *dataset.image_shape)))
     batches = list(data.preprocessed_batches(dataset, "validation", 64, 128))
-    result = blending_prune(
-        model.apply,
-        graph,
-        variables,
-        batches,
-        DelayedBatches(batches, delay_s),
-        config=config(),
-        workdir=workdir,
+    model = Model.linen(module, batches[0]["image"][:1], variables=variables)
+    result = blending.blending_prune(
+        model, variables, batches, config(), workdir=workdir, progress=False
     )
-    Path(workdir, "result.json").write_text(
+    Path(workdir, "outcome.json").write_text(
         json.dumps(
             {
                 "devices": jax.device_count(),
                 "history": [{k: v for k, v in r.items() if k != "seconds"} for r in result.history],
-                "factors": result.factors,
-                "best": result.best,
-                "keep": {k: v.tolist() for k, v in result.pruned.keep.items()},
+                "factors": result.summary["method"]["factors"],
+                "best": result.summary["method"]["best"],
+                "keep": {k: v.tolist() for k, v in result.keep.items()},
             }
         )
     )

@@ -1,5 +1,5 @@
 """Blending pruning criteria (He et al. 2021): blended scores, population fitness, the search,
-resume after a kill, devices, and the `run` entry of `jaxprune prune`."""
+the method on the shipped LeNet-5, resume after a kill, devices, and the paper-scale config."""
 
 from __future__ import annotations
 
@@ -18,17 +18,18 @@ from kill_resume import cpu_env, kill_when, run_through
 from scipy import stats
 
 from jaxprune import checkpoint, criteria, data
-from jaxprune.commands import run_blending
 from jaxprune.criteria.base import softmax_cross_entropy
+from jaxprune.fit import FitConfig
 from jaxprune.gates import gated_call
 from jaxprune.graph import channel_graph
 from jaxprune.methods.blending import (
     PAPER_POOL,
+    POOL_SCORES_FILE,
     BlendingConfig,
     GenomeLayout,
-    _cached_pool_scores,
     blend,
     blending_prune,
+    cached_pool_scores,
     candidate_scores,
     check_config,
     pool_names,
@@ -40,9 +41,12 @@ from jaxprune.methods.blending import (
 from jaxprune.methods.blending_clusters import ClusterConfig, LayerClusters
 from jaxprune.methods.blending_fitness import make_chunk_fn, population_fitness
 from jaxprune.methods.evolution import EvolutionConfig
-from jaxprune.methods.oneshot import keep_from_scores
-from jaxprune.models import build_model, widths_from_params
+from jaxprune.methods.selection import keep_from_scores
+from jaxprune.model import Model
+from jaxprune.models import build_model
+from jaxprune.run import RunDir, RunMismatchError
 from jaxprune.surgery import prune
+from jaxprune.train import evaluate
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
@@ -51,7 +55,7 @@ SMALL = BlendingConfig(
     evolution=EvolutionConfig(population=6, generations=3),
     batch_size=64,
     chunk_size=4,
-    finetune_epochs=0,
+    finetune=None,
 )
 
 
@@ -59,6 +63,10 @@ SMALL = BlendingConfig(
 def lenet():
     model, variables, _ = checkpoint.load_model_file(LENET)
     return model, variables
+
+
+def as_model(module, variables, batches) -> Model:
+    return Model.linen(module, batches[0]["image"][:1], variables=variables)
 
 
 @pytest.fixture(scope="module")
@@ -179,13 +187,14 @@ def test_a_search_killed_mid_way_resumes_from_its_last_generation(setup, tmp_pat
     whole = search_factors(evaluate, graph, candidates, layout, config, fingerprint="f")
     assert len(calls) == 5
     calls.clear()
-    with pytest.raises(_Killed):
+    with pytest.raises(_Killed), RunDir.open(tmp_path, kind="search", identity={}) as run:
         search_factors(lambda m: evaluate(m, kill_at=3), graph, candidates, layout, config,
-                       fingerprint="f", checkpoint_dir=tmp_path)  # fmt: skip
+                       fingerprint="f", run=run)  # fmt: skip
     calls.clear()
-    resumed = search_factors(
-        evaluate, graph, candidates, layout, config, fingerprint="f", checkpoint_dir=tmp_path
-    )
+    with RunDir.open(tmp_path, kind="search", identity={}) as run:
+        resumed = search_factors(
+            evaluate, graph, candidates, layout, config, fingerprint="f", run=run
+        )
     assert len(calls) == 3  # generations 2, 3 and 4 only
     np.testing.assert_array_equal(resumed[0], whole[0])
     assert resumed[1] == whole[1]
@@ -198,8 +207,33 @@ def test_a_search_killed_mid_way_resumes_from_its_last_generation(setup, tmp_pat
     so_far = [sign * r["best_so_far"] for r in strip]
     assert so_far == sorted(so_far)
     with pytest.raises(ValueError, match="other settings"):
-        search_factors(evaluate, graph, candidates, layout, config, fingerprint="g",
-                       checkpoint_dir=tmp_path)  # fmt: skip
+        with RunDir.open(tmp_path, kind="search", identity={}) as run:
+            search_factors(evaluate, graph, candidates, layout, config, fingerprint="g", run=run)
+
+
+def test_a_damaged_generation_falls_back_to_the_one_before(setup, tmp_path):
+    _, _, graph, _ = setup
+    config = dataclasses.replace(SMALL, evolution=EvolutionConfig(population=8, generations=4))
+    evaluate, candidates, layout, calls = _synthetic_search(graph)
+    whole = search_factors(evaluate, graph, candidates, layout, config, fingerprint="f")
+    calls.clear()
+    with pytest.raises(_Killed), RunDir.open(tmp_path, kind="search", identity={}) as run:
+        search_factors(lambda m: evaluate(m, kill_at=4), graph, candidates, layout, config,
+                       fingerprint="f", run=run)  # fmt: skip
+    # Generations 1 and 2 are kept; the newest is cut short (a full disk).
+    assert sorted(p.name for p in (tmp_path / "search").iterdir()) == [
+        "generation_000002.json",
+        "generation_000003.json",
+    ]
+    (tmp_path / "search" / "generation_000003.json").write_text('{"format": "jaxprune-blen')
+    calls.clear()
+    with RunDir.open(tmp_path, kind="search", identity={}) as run:
+        resumed = search_factors(
+            evaluate, graph, candidates, layout, config, fingerprint="f", run=run
+        )
+    assert len(calls) == 2  # generations 2 and 3 again
+    np.testing.assert_array_equal(resumed[0], whole[0])
+    assert resumed[1] == whole[1]
 
 
 def test_vmapped_population_fitness_equals_separately_pruned_networks(setup):
@@ -221,8 +255,7 @@ def test_vmapped_population_fitness_equals_separately_pruned_networks(setup):
     for p in range(7):
         keep = {g: np.flatnonzero(masks[g][p]) for g in masks}
         pruned = prune(variables, graph, keep)
-        small = build_model("lenet5", 10, pruned.widths)
-        logits = small.apply(pruned.variables, images, train=False)
+        logits = pruned.apply_fn(pruned.variables, images, train=False)
         accuracy = float(jnp.mean(jnp.argmax(logits, -1) == labels))
         loss = float(jnp.mean(softmax_cross_entropy(logits, labels)))
         assert found.accuracy[p] == pytest.approx(accuracy, abs=1e-9)
@@ -235,70 +268,81 @@ def test_vmapped_population_fitness_equals_separately_pruned_networks(setup):
 
 
 def test_search_prunes_to_the_ratio_and_its_best_is_the_pruned_accuracy(setup):
-    model, variables, graph, batches = setup
-    result = blending_prune(model.apply, graph, variables, batches, batches, config=SMALL)
-    assert result.pruned.widths["conv1"] == 3 and result.pruned.widths["conv2"] == 8
-    assert set(result.factors) == {"conv1", "conv2"}
-    for group, layer in result.clusters.items():
-        assert set(result.factors[group]) == set(layer.representatives)
-        assert all(0.0 <= f <= 1.0 for f in result.factors[group].values())
+    module, variables, graph, batches = setup
+    model = as_model(module, variables, batches)
+    result = blending_prune(model, variables, batches, SMALL, progress=False)
+    widths = {g: k.size for g, k in result.keep.items()}
+    assert widths == {"conv1": 3, "conv2": 8}
+    report = result.summary["method"]
+    factors, clusters, best = report["factors"], report["clusters"], report["best"]
+    assert set(factors) == {"conv1", "conv2"}
+    for group, layer in clusters.items():
+        assert set(factors[group]) == set(layer["representatives"])
+        assert all(0.0 <= f <= 1.0 for f in factors[group].values())
         # LeNet has no BatchNorm: the BN criteria of the pool do not score it.
-        assert layer.criteria == tuple(
+        assert tuple(layer["criteria"]) == tuple(
             c for c in PAPER_POOL if not c.startswith(("bn", "taylor_bn"))
         )
     assert len(result.history) == 3
     best_so_far = [r["best_so_far"] for r in result.history]
-    assert best_so_far == sorted(best_so_far) and best_so_far[-1] == result.best["accuracy"]
-    small = build_model("lenet5", 10, result.pruned.widths)
+    assert best_so_far == sorted(best_so_far) and best_so_far[-1] == best["accuracy"]
     images = jnp.concatenate([b["image"] for b in batches])
     labels = jnp.concatenate([b["label"] for b in batches])
-    logits = small.apply(result.pruned.variables, images, train=False)
+    logits = result.model(result.variables, images)  # the pruned program
     accuracy = float(jnp.mean(jnp.argmax(logits, -1) == labels))
-    assert result.best["accuracy"] == pytest.approx(accuracy, abs=1e-9)
-    again = blending_prune(model.apply, graph, variables, batches, batches, config=SMALL)
-    assert again.factors == result.factors and again.best == result.best
+    assert best["accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    # Without fine-tuning the final model is the pruned one.
+    validation = result.summary["validation"]
+    assert validation["after"] == validation["pruned"]
+    assert validation["after"]["accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    again = blending_prune(model, variables, batches, SMALL, progress=False)
+    assert again.summary["method"] == report
 
 
 def test_a_finished_workdir_is_reused_and_another_config_is_refused(setup, tmp_path):
-    model, variables, graph, batches = setup
-    first = blending_prune(model.apply, graph, variables, batches, batches, config=SMALL,
-                           workdir=tmp_path)  # fmt: skip
-    assert (tmp_path / "pool_scores.npz").is_file()
+    module, variables, graph, batches = setup
+    model = as_model(module, variables, batches)
+    first = blending_prune(model, variables, batches, SMALL, workdir=tmp_path, progress=False)
+    assert (tmp_path / POOL_SCORES_FILE).is_file()
     began = time.perf_counter()
-    second = blending_prune(
-        model.apply, graph, variables, batches, batches, config=SMALL, workdir=tmp_path
-    )
+    second = blending_prune(model, variables, batches, SMALL, workdir=tmp_path, progress=False)
     assert time.perf_counter() - began < 10  # nothing left to score or evaluate
-    assert second.factors == first.factors
-    with pytest.raises(ValueError, match="other settings"):
-        blending_prune(model.apply, graph, variables, batches, batches,
-                       config=dataclasses.replace(SMALL, seed=1), workdir=tmp_path)  # fmt: skip
-    # Other fitness images, or another model with the same pool scores, are another search.
-    with pytest.raises(ValueError, match="other settings"):
-        blending_prune(model.apply, graph, variables, batches, batches[:1], config=SMALL,
+    assert second.summary["method"] == first.summary["method"]
+    with pytest.raises(RunMismatchError, match="config.seed: 0 -> 1"):
+        blending_prune(model, variables, batches, dataclasses.replace(SMALL, seed=1),
                        workdir=tmp_path)  # fmt: skip
-    scores = score_pool(
-        criteria.ScoringContext(model.apply, graph), variables, batches, pool_names(SMALL)
-    )
+    # Other fitness images, or another model, are another run.
+    with pytest.raises(RunMismatchError, match="fitness_data"):
+        blending_prune(model, variables, batches[:1], SMALL, workdir=tmp_path)
     other = jax.tree_util.tree_map(lambda v: v * 1.01, variables)
-    with pytest.raises(ValueError, match="other settings"):
-        blending_prune(model.apply, graph, other, batches, batches, config=SMALL,
-                       workdir=tmp_path, pool_scores=scores)  # fmt: skip
+    with pytest.raises(RunMismatchError, match="variables"):
+        blending_prune(model, other, batches, SMALL, workdir=tmp_path)
+    # How many candidates share a compiled call changes nothing: the run resumes.
+    third = blending_prune(model, variables, batches, dataclasses.replace(SMALL, chunk_size=2),
+                           workdir=tmp_path, progress=False)  # fmt: skip
+    assert third.summary["method"] == first.summary["method"]
 
 
 def test_stored_pool_scores_are_used_only_for_the_same_model_and_images(setup, tmp_path):
-    model, variables, graph, batches = setup
-    context = criteria.ScoringContext(model.apply, graph)
+    module, variables, graph, batches = setup
+    context = criteria.ScoringContext(module.apply, graph)
     pool = ("l1", "apoz")
-    first = _cached_pool_scores(context, variables, batches, pool, tmp_path)
-    stored = tmp_path / "pool_scores.npz"
-    assert stored.is_file()
-    again = _cached_pool_scores(context, variables, iter(batches), pool, tmp_path)
-    np.testing.assert_array_equal(again["apoz"]["conv2"], first["apoz"]["conv2"])
-    fewer = _cached_pool_scores(context, variables, batches[:1], pool, tmp_path)
-    expected = score_pool(context, variables, batches[:1], pool)
-    np.testing.assert_array_equal(fewer["apoz"]["conv2"], expected["apoz"]["conv2"])
-    assert not np.array_equal(fewer["apoz"]["conv2"], first["apoz"]["conv2"])
+    identity = {"model": "a", "images": 2}
+    with RunDir.open(tmp_path, kind="scores", identity={}) as run:
+        first = cached_pool_scores(context, variables, batches, pool, run, identity)
+        stored = tmp_path / POOL_SCORES_FILE
+        assert stored.is_file()
+        again = cached_pool_scores(context, variables, [], pool, run, identity)
+        np.testing.assert_array_equal(again["apoz"]["conv2"], first["apoz"]["conv2"])
+        fewer = cached_pool_scores(context, variables, batches[:1], pool, run, {"images": 1})
+        expected = score_pool(context, variables, batches[:1], pool)
+        np.testing.assert_array_equal(fewer["apoz"]["conv2"], expected["apoz"]["conv2"])
+        assert not np.array_equal(fewer["apoz"]["conv2"], first["apoz"]["conv2"])
+        # A damaged file is scored again, not fatal.
+        stored.write_text('{"identity": {"images": 1}, "value": {"l1": [0.1, ')
+        repaired = cached_pool_scores(context, variables, batches, pool, run, identity)
+        np.testing.assert_array_equal(repaired["apoz"]["conv2"], first["apoz"]["conv2"])
+        assert run.artifact(POOL_SCORES_FILE, identity) is not None
 
 
 def finished_generations(workdir: Path) -> list[int]:
@@ -316,9 +360,10 @@ def uninterrupted(tmp_path_factory):
     """The result of tests/blending_run.py run through on one device."""
     workdir = tmp_path_factory.mktemp("whole")
     run_through([*RUN, str(workdir), "0"])
-    return json.loads((workdir / "result.json").read_text())
+    return json.loads((workdir / "outcome.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_killed_search_resumes_and_ends_like_an_uninterrupted_one(tmp_path, uninterrupted):
     resumed = tmp_path / "resumed"
     returncode = kill_when(
@@ -335,7 +380,7 @@ def test_a_killed_search_resumes_and_ends_like_an_uninterrupted_one(tmp_path, un
 
     run_through([*RUN, str(resumed), "0"])
     expected = uninterrupted
-    got = json.loads((resumed / "result.json").read_text())
+    got = json.loads((resumed / "outcome.json").read_text())
     assert got == expected
     assert len(expected["history"]) == 6
     # The generations finished before the kill were read back, not run again.
@@ -347,7 +392,7 @@ def test_the_population_is_sharded_over_devices_with_the_same_result(tmp_path, u
     env = cpu_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
     run_through([*RUN, str(tmp_path), "0"], env)
     a = uninterrupted
-    b = json.loads((tmp_path / "result.json").read_text())
+    b = json.loads((tmp_path / "outcome.json").read_text())
     assert (a["devices"], b["devices"]) == (1, 2)
     assert [r["best_accuracy"] for r in a["history"]] == [r["best_accuracy"] for r in b["history"]]
     np.testing.assert_allclose(
@@ -356,27 +401,33 @@ def test_the_population_is_sharded_over_devices_with_the_same_result(tmp_path, u
     assert a["keep"] == b["keep"]
 
 
-def test_run_prunes_reports_and_fine_tunes_a_zoo_model(lenet, tiny_data, tmp_path):
-    model, variables = lenet
-    config = dataclasses.replace(SMALL, finetune_epochs=1, finetune_examples=128, ratio=0.5)
-    report = run_blending.run(config, "lenet5", model, variables, tiny_data, tmp_path,
-                              progress=False)  # fmt: skip
-    small, small_variables, meta = checkpoint.load_model_file(tmp_path / "pruned.msgpack")
-    assert meta["method"] == "blending" and meta["criterion"] == "all"
-    assert report["widths"]["conv1"] == 3 and report["widths"]["conv2"] == 8
-    assert report["keep"] == meta["keep"]
-    summary = report["summary"]
-    assert summary["final"]["remaining"]["channels"] == pytest.approx(11 / 22)
-    assert summary["final"]["flops"] < summary["base"]["flops"]
-    for split in ("validation", "test"):
-        assert 0.0 < summary[split]["accuracy"] <= 1.0
-        assert 0.0 < summary["before_finetune"][split]["accuracy"] <= 1.0
-    assert summary["blending"]["generations"] == 3 == len(report["history"])
-    assert set(summary["blending"]["factors"]) == {"conv1", "conv2"}
-    json.dumps(report)
-    for flag, (kind, text, paths) in run_blending.FLAGS.items():
-        assert kind in (int, float, str) and text and paths
-        assert all(p.startswith("blending.") for p in paths), flag
+def test_the_method_fine_tunes_the_pruned_program_and_reports_before_and_after(
+    lenet, tiny_data, tmp_path
+):
+    module, variables = lenet
+    x = jnp.zeros((1, *tiny_data.image_shape))
+    model = Model.linen(module, x, variables=variables)
+    config = dataclasses.replace(SMALL, finetune=FitConfig(epochs=1, checkpoint_every=2))
+    result = blending_prune(model, variables, tiny_data, config, workdir=tmp_path, progress=False)
+    assert {g: k.size for g, k in result.keep.items()} == {"conv1": 3, "conv2": 8}
+    summary = result.summary
+    assert summary["cost"]["after"]["flops"] < summary["cost"]["before"]["flops"]
+    kept = sum(k.size for k in result.keep.values())
+    total = sum(result.graph[g].size for g in result.keep)
+    assert kept / total == pytest.approx(11 / 22)
+    for stage in ("before", "pruned", "after"):
+        assert 0.0 < summary["validation"][stage]["accuracy"] <= 1.0
+    # The result's variables are the fine-tuned ones; "pruned" is the model before that.
+    validation = list(data.preprocessed_batches(tiny_data, "validation", 64))
+    assert evaluate(result.model, result.variables, validation) == summary["validation"]["after"]
+    assert summary["validation"]["pruned"] != summary["validation"]["after"]
+    assert len(summary["finetune"]) == 1 and summary["finetune"][0]["step"] == 5
+    assert summary["method"]["generations"] == 3 == len(result.history)
+    assert set(summary["method"]["factors"]) == {"conv1", "conv2"}
+    assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(summary))
+    # Rerun: everything is read back, the fine-tuned variables included.
+    again = blending_prune(model, variables, tiny_data, config, workdir=tmp_path, progress=False)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again.variables, result.variables)
 
 
 @pytest.mark.parametrize(
@@ -391,7 +442,8 @@ def test_run_prunes_reports_and_fine_tunes_a_zoo_model(lenet, tiny_data, tmp_pat
         ({"chunk_size": -1}, "chunk_size must be"),
         ({"min_channels": 0}, "min_channels must be >= 1"),
         ({"seed": -1}, "seed must be >= 0"),
-        ({"finetune_lr": 0.0}, "finetune_lr must be > 0"),
+        ({"finetune": FitConfig(epochs=0)}, "epochs must be > 0"),
+        ({"finetune": {"epochs": 1}}, "finetune must be a jaxprune.fit.FitConfig"),
         ({"clustering": ClusterConfig(similarity="pearson")}, "similarity must be one of"),
         ({"evolution": EvolutionConfig(elitism=32)}, "elitism must be in"),
     ],
@@ -410,34 +462,28 @@ def test_the_resnet56_cifar100_config_runs_two_generations_on_mock_data(tmp_path
     import tensorflow_datasets as tfds
 
     from jaxprune.cli import load_config
-    from jaxprune.commands.prune import run_job
 
     job = load_config(REPO_ROOT / "experiments" / "blending_resnet56_cifar100.py")
     config = job.blending
     assert job.method == "blending" and job.model == "resnet56"
     assert config.criterion == "all" and config.evolution.population == 32
+    assert config.finetune is not None and config.finetune.epochs == 40
     assert job.data.name == "cifar100"
     widths = {name: 4 for name in build_model("resnet56", 100).full_widths() if name != "head"}
-    model = build_model("resnet56", 100, widths)
+    module = build_model("resnet56", 100, widths)
     x = jnp.zeros((1, 32, 32, 3))
-    variables = model.init(jax.random.key(0), x)
-    base = checkpoint.save_model_file(
-        tmp_path / "base.msgpack", model_name="resnet56", num_classes=100,
-        widths=widths_from_params(variables["params"]),
-        variables=variables, meta={}, input_shape=x.shape[1:],
-    )  # fmt: skip
+    variables = module.init(jax.random.key(0), x)
+    model = Model.linen(module, x, variables=variables)
     tiny = dataclasses.replace(
-        job,
-        model_file=str(base),
-        data=dataclasses.replace(job.data, data_dir=str(tmp_path / "data"), validation_size=8),
-        blending=dataclasses.replace(
-            config,
-            evolution=dataclasses.replace(config.evolution, generations=2, population=4),
-            finetune_epochs=0,
-        ),
+        config,
+        evolution=dataclasses.replace(config.evolution, generations=2, population=4),
+        finetune=None,
     )
+    data_config = dataclasses.replace(job.data, data_dir=str(tmp_path / "data"), validation_size=8)
     with tfds.testing.mock_data(num_examples=24):
-        report = run_job(tiny, tmp_path / "run", progress=False)
-    assert len(report["history"]) == 2
-    assert all(w == 2 for name, w in report["widths"].items() if name != "head")
+        dataset = data.load(data_config)
+        result = blending_prune(model, variables, dataset, tiny, workdir=tmp_path / "run",
+                                progress=False)  # fmt: skip
+    assert len(result.history) == 2
+    assert all(k.size == 2 for k in result.keep.values())
     assert (tmp_path / "run" / "result.json").is_file()

@@ -1,6 +1,7 @@
 """Blending pruning criteria with an evolutionary search (He et al., ICANN 2021, arXiv 2107.05033).
 
-1. Score every channel with each criterion of a pool (the paper's 12 by default).
+1. Score every channel with each criterion of a pool (the paper's 12 by default) on the first
+   `score_examples` validation images.
 2. Per layer, cluster the criteria by the rank similarity of their scores and keep one
    representative per cluster (`blending_clusters`).
 3. The blended score of channel c of layer l is ``sum_k f_{l,k} * norm(s_{l,k})_c`` over the
@@ -8,14 +9,16 @@
    by default) and f the calibration factors.
 4. A seeded genetic algorithm (`evolution`) searches the factors. A genome's fitness is the
    accuracy (ties broken by loss) of the network pruned with its blended scores at the target
-   ratio, without fine-tuning, on fixed validation images; the whole population runs in one
-   vmapped call over masks per batch (`blending_fitness`). Each generation is checkpointed
-   (`blending_checkpoint`), so a killed search resumes and ends identically.
-5. The best factors prune the model (`surgery.prune`); fine-tuning follows in the caller
-   (`jaxprune.commands.run_blending` fine-tunes zoo models).
+   ratio, without fine-tuning, on the first `fitness_examples` validation images; the
+   population runs as masked forward passes of the unpruned model (`jaxprune.gated_call`),
+   vmapped in chunks of candidates per batch (`blending_fitness`). Each generation is
+   checkpointed in the run directory (`blending_checkpoint`), so a killed search resumes and
+   ends identically.
+5. The best factors prune the model (`jaxprune.prune`: the pruned program, no rebuild), and
+   `config.finetune` fine-tunes it (`jaxprune.fit.fit`, resumable).
 
-Choices the paper leaves open, ours and each a knob (`BlendingConfig`, `ClusterConfig`,
-`EvolutionConfig`):
+The method is reconstructed from the paper's abstract and description; every choice the paper
+leaves open is ours, and each is a knob (`BlendingConfig`, `ClusterConfig`, `EvolutionConfig`):
 
 * Normalisation before blending: ranks scaled to [0, 1] per layer (scale-free; the criteria's
   ranges differ by orders of magnitude). "l2" and "max" are the alternatives.
@@ -31,13 +34,20 @@ Choices the paper leaves open, ours and each a knob (`BlendingConfig`, `ClusterC
   population 32 for 20 generations.
 * Fitness: accuracy, ties broken by the loss, on the first `fitness_examples` validation
   images; the criteria read the first `score_examples` validation images.
+* Fine-tuning: one epoch (SGD, momentum 0.9, cosine from 0.01) by default.
+
+With a workdir the run keeps, in one `jaxprune.run.RunDir` of kind "blending": the pool's
+scores (``pool_scores.json``, reused only for the same model, score images and pool; a damaged
+file is recomputed), the search's generations (``search/``), the fine-tuning's checkpoints and
+``result.json``. Rerunning resumes; another run there is refused with its changed fields named.
 
 Example::
 
-  graph = channel_graph(model.apply, variables, x)
-  result = blending_prune(model.apply, graph, variables, score_batches, fitness_batches,
-                          config=BlendingConfig(ratio=0.5), workdir="workdirs/blend")
-  result.pruned.variables, result.pruned.widths, result.factors
+  model = jp.Model.linen(module, x, variables=variables)
+  result = blending_prune(model, variables, validation_batches, BlendingConfig(ratio=0.5),
+                          workdir="workdirs/blend")
+  logits = result.model(result.variables, x)  # the pruned program
+  result.summary["method"]["factors"]
 """
 
 from __future__ import annotations
@@ -47,15 +57,15 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxprune import checkpoint, criteria, train
-from jaxprune.graph import ChannelGraph
+from jaxprune import criteria, train
+from jaxprune.fit import FitConfig, fit
+from jaxprune.graph import ChannelGraph, channel_graph
 from jaxprune.methods import evolution
 from jaxprune.methods.blending_checkpoint import load_search, save_search
 from jaxprune.methods.blending_clusters import (
@@ -65,9 +75,13 @@ from jaxprune.methods.blending_clusters import (
     cluster_layer,
 )
 from jaxprune.methods.blending_fitness import make_chunk_fn, population_fitness
+from jaxprune.methods.contract import PruneResult, as_prune_data
 from jaxprune.methods.evolution import EvolutionConfig
-from jaxprune.methods.oneshot import OneShotConfig, keep_from_scores, select_groups
-from jaxprune.surgery import Pruned, prune
+from jaxprune.methods.outcome import finetuned_summary, first_examples
+from jaxprune.methods.selection import Selection, keep_from_scores, select_groups
+from jaxprune.model import Model
+from jaxprune.run import RunDir, config_identity, fingerprint
+from jaxprune.surgery import prune
 
 # The pool of He et al. 2021 (their figure of criteria similarities lists these 12).
 PAPER_POOL = (
@@ -91,11 +105,20 @@ NORMALIZATIONS: Mapping[str, Callable[..., dict[str, np.ndarray]]] = {
 }
 FITNESSES = ("accuracy", "loss")
 PoolScores = dict[str, dict[str, np.ndarray]]
+# Fields that change nothing the run computes: how many candidates share a compiled call (the
+# losses agree to float32 precision, measured in tests/test_blending_fitness_chunks.py), and
+# how often the fine-tuning checkpoints.
+_COSMETIC = ("chunk_size", "finetune.checkpoint_every")
+POOL_SCORES_FILE = "pool_scores.json"
+
+
+def _default_finetune() -> FitConfig:
+    return FitConfig(epochs=1.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class BlendingConfig:
-    """The pool, the clustering, the search and the pruning target."""
+    """The pool, the clustering, the search, the pruning target and the fine-tuning."""
 
     # The criteria pool: "all" (the paper's 12, `PAPER_POOL`) or comma-separated registry
     # names (at least two distinct).
@@ -125,22 +148,24 @@ class BlendingConfig:
     # Validation images of the fitness (fixed, the first ones of the split; 1000 gives an
     # accuracy resolution of 0.1 point).
     fitness_examples: int = 1000
-    # Batch size of scoring and of the fitness evaluation. Kept at 250: on a CPU, the fitness
-    # at one candidate per call showed no consistent order among batches of 64, 128 and 256
+    # Batch size of scoring and of the fitness evaluation (the validation images are re-cut
+    # into batches of this size). Kept at 250: on a CPU, the fitness at one candidate per call
+    # showed no consistent order among batches of 64, 128 and 256
     # (experiments/bench/population.py); scoring was not measured.
     batch_size: int = 250
     # Candidates per vmapped fitness call (activations scale with it); 0: automatic
     # (`blending_fitness.auto_chunk_size`): 1 on a CPU, where wider chunks measured 1.2-3.6x
     # slower (experiments/bench/population.py), up to 32 on accelerators (not measured here).
     chunk_size: int = 0
-    # Epochs of fine-tuning after pruning (SGD, momentum 0.9, cosine); 0: none.
-    finetune_epochs: int = 1
-    # Peak learning rate of that fine-tuning.
-    finetune_lr: float = 0.01
-    # Fine-tune on a fixed subset of this many training images (0: the whole split).
-    finetune_examples: int = 0
-    # Seed of the search and of the fine-tuning.
+    # Fine-tuning of the pruned model on the training data (`jaxprune.fit`); None: none. Default:
+    # one epoch, SGD with momentum 0.9 and a cosine schedule from 0.01.
+    finetune: FitConfig | None = dataclasses.field(default_factory=_default_finetune)
+    # Seed of the search.
     seed: int = 0
+
+    def check(self) -> None:
+        """Refuses bad settings before any scoring starts (`check_config`)."""
+        check_config(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,27 +210,6 @@ class GenomeLayout:
         }
 
 
-@dataclasses.dataclass(frozen=True)
-class BlendingResult:
-    """What `blending_prune` found and did.
-
-    Attributes:
-      pruned: the pruned variables, width spec and keep indices (`surgery.Pruned`).
-      factors: the best calibration factors, ``{group: {criterion: factor}}``.
-      clusters: each pruned group's criteria clustering.
-      scores: the best blended scores per group.
-      history: one record per generation (best and mean fitness, distinct candidates, time).
-      best: the best genome's fitness and the generation it appeared in.
-    """
-
-    pruned: Pruned
-    factors: dict[str, dict[str, float]]
-    clusters: dict[str, LayerClusters]
-    scores: dict[str, np.ndarray]
-    history: list[dict[str, Any]]
-    best: dict[str, Any]
-
-
 def pool_names(config: BlendingConfig) -> tuple[str, ...]:
     """The pool the config names: `PAPER_POOL` for "all", else the comma-separated names.
 
@@ -239,7 +243,7 @@ def check_config(config: BlendingConfig) -> None:
     """Refuses a bad `BlendingConfig` before any scoring starts.
 
     Args:
-      config: the settings, nested clustering and evolution settings included.
+      config: the settings, nested clustering, evolution and fine-tuning settings included.
 
     Raises:
       ValueError: naming the bad field and its valid values.
@@ -258,13 +262,6 @@ def check_config(config: BlendingConfig) -> None:
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}.")
     if config.chunk_size < 0:
         raise ValueError(f"chunk_size must be >= 1, or 0 for automatic; got {config.chunk_size}.")
-    if config.finetune_epochs < 0 or config.finetune_examples < 0:
-        raise ValueError("finetune_epochs and finetune_examples must be >= 0.")
-    if config.finetune_epochs > 0 and not config.finetune_lr > 0:
-        raise ValueError(
-            f"finetune_lr must be > 0 to fine-tune, got {config.finetune_lr}; or set "
-            "finetune_epochs=0."
-        )
     if config.min_channels < 1:
         raise ValueError(
             f"min_channels must be >= 1 (a group cannot lose all its channels), got "
@@ -275,16 +272,23 @@ def check_config(config: BlendingConfig) -> None:
     check_cluster_config(config.clustering)
     evolution.check_evolution_config(config.evolution)
     select_groups_config(config)
+    if config.finetune is not None:
+        if not isinstance(config.finetune, FitConfig):
+            raise ValueError(
+                f"finetune must be a jaxprune.fit.FitConfig or None, got "
+                f"{type(config.finetune).__name__}."
+            )
+        config.finetune.check()
 
 
-def select_groups_config(config: BlendingConfig) -> OneShotConfig:
-    """The selection (ratio, scope, ranking, minimum) as the one-shot methods express it.
+def select_groups_config(config: BlendingConfig) -> Selection:
+    """The selection (ratio, scope, ranking, minimum) the blended scores are cut with.
 
     Args:
       config: the blending settings.
 
     Returns:
-      The `OneShotConfig` that `oneshot.keep_from_scores` applies to blended scores.
+      The `Selection` that `selection.keep_from_scores` applies to blended scores.
 
     Raises:
       ValueError: an unknown ranking or scope.
@@ -293,7 +297,7 @@ def select_groups_config(config: BlendingConfig) -> OneShotConfig:
         raise ValueError(f"ranking must be 'per_layer' or 'global', got {config.ranking!r}.")
     if config.scope not in ("conv", "all"):
         raise ValueError(f"scope must be 'conv' or 'all', got {config.scope!r}.")
-    return OneShotConfig(
+    return Selection(
         ratio=config.ratio,
         scope=config.scope,
         ranking=config.ranking,
@@ -393,7 +397,7 @@ def blend(
 def population_masks(
     graph: ChannelGraph,
     blended: Mapping[str, np.ndarray],
-    selection: OneShotConfig,
+    selection: Selection,
 ) -> dict[str, np.ndarray]:
     """The masks each candidate's blended scores give at the target.
 
@@ -435,28 +439,21 @@ def fitness_keys(accuracy: np.ndarray, loss: np.ndarray, kind: str) -> np.ndarra
     return np.stack(columns, axis=1)
 
 
-def _fingerprint(
+def _search_fingerprint(
     config: BlendingConfig,
     layout: GenomeLayout,
     candidates: Mapping[str, Any],
     inputs: Sequence[str],
 ) -> str:
     """What a search is: its settings, genome layout, candidate scores and `inputs` (hashes of
-    the model and the fitness images), so a workdir never resumes another search."""
+    the model and the fitness images), so a run never resumes another search."""
     search = {
-        k: v
-        for k, v in dataclasses.asdict(config).items()
-        if k not in ("finetune_epochs", "finetune_lr", "finetune_examples", "chunk_size")
+        k: v for k, v in dataclasses.asdict(config).items() if k not in ("finetune", "chunk_size")
     }
     digest = hashlib.sha256(json.dumps([search, dataclasses.asdict(layout), list(inputs)]).encode())
     for group in layout.groups:
         digest.update(np.ascontiguousarray(candidates[group], np.float64).tobytes())
     return digest.hexdigest()
-
-
-def _reiterable(batches: Iterable[Mapping[str, Any]]) -> Iterable[Mapping[str, Any]]:
-    """Batches that can be iterated once per generation (a one-shot iterator is kept in a list)."""
-    return list(batches) if iter(batches) is batches else batches
 
 
 def search_factors(
@@ -467,7 +464,7 @@ def search_factors(
     config: BlendingConfig,
     *,
     fingerprint: str,
-    checkpoint_dir: str | Path | None = None,
+    run: RunDir | None = None,
     progress: bool = False,
 ) -> tuple[np.ndarray, dict[str, Any], list[dict[str, Any]]]:
     """Runs (or resumes) the genetic algorithm over the calibration factors.
@@ -479,15 +476,18 @@ def search_factors(
       layout: the genome layout.
       config: the search settings.
       fingerprint: identifies this search in its checkpoints.
-      checkpoint_dir: where each generation is saved (None: no checkpoints).
+      run: the run directory each generation is saved in (None: no checkpoints).
       progress: show a progress bar with the best fitness so far and the generation's mean.
 
     Returns:
       (best genome, its fitness record, history).
+
+    Raises:
+      SearchCheckpointError: `run` holds another search's generations.
     """
     settings = config.evolution
     selection = select_groups_config(config)
-    state = load_search(checkpoint_dir, fingerprint) if checkpoint_dir is not None else None
+    state = load_search(run, fingerprint) if run is not None else None
     if state is None:
         population = evolution.initial_population(settings, layout.size, config.seed)
         generation, history, best = 0, [], None
@@ -539,9 +539,9 @@ def search_factors(
                     population, keys, settings, seed=config.seed, generation=generation
                 )
             generation += 1
-            if checkpoint_dir is not None:
+            if run is not None:
                 save_search(
-                    checkpoint_dir,
+                    run,
                     {
                         "fingerprint": fingerprint,
                         "generation": generation,
@@ -558,127 +558,162 @@ def search_factors(
 
 
 def blending_prune(
-    apply_fn: Callable[..., Any],
-    graph: ChannelGraph,
-    variables: Any,
-    score_batches: Iterable[Mapping[str, Any]] | None,
-    fitness_batches: Iterable[Mapping[str, Any]],
-    *,
+    model: Model,
+    variables: Mapping[str, Any],
+    data: Any,
     config: BlendingConfig = BlendingConfig(),
-    workdir: str | Path | None = None,
-    pool_scores: PoolScores | None = None,
-    apply_kwargs: Mapping[str, Any] | None = None,
-    progress: bool = False,
-) -> BlendingResult:
-    """Scores, clusters, searches the calibration factors, and prunes with the best blend.
+    *,
+    workdir: str | None = None,
+    progress: bool = True,
+) -> PruneResult:
+    """Scores, clusters, searches the calibration factors, prunes with the best blend, and
+    fine-tunes.
 
-    Works on any model: `apply_fn` and `graph` are all it needs to know about it.
+    Works on any model: the criteria, the fitness (masked forward passes) and the pruned
+    program only call `model` through its apply function and evaluation keywords.
 
     Args:
-      apply_fn: the model function the graph was built from.
-      graph: its channel graph (`graph.channel_graph`).
-      variables: the trained variables.
-      score_batches: validation batches the data criteria read.
-      fitness_batches: held-out validation batches of the fitness (re-iterable; a one-shot
-        iterator is kept in memory). Never the test split.
-      config: pool, clustering, search and target.
-      workdir: where each generation is checkpointed (``workdir/search``) and the pool's
-        scores are kept (``workdir/pool_scores.npz``); rerunning resumes. None: nothing kept.
-      pool_scores: the pool's scores if already computed (``{criterion: {group: scores}}``).
-      apply_kwargs: keyword arguments of `apply_fn` (default ``{"train": False}``).
-      progress: show a progress bar over generations with the best and mean fitness.
+      model: the model (`jaxprune.Model`: linen, NNX or any apply function).
+      variables: its trained variables.
+      data: the criteria and the fitness read the first `score_examples` and
+        `fitness_examples` images of ``data.validation()`` (never the test split); the
+        fine-tuning reads ``data.train(epoch)``. See `methods.contract.as_prune_data`.
+      config: pool, clustering, search, target and fine-tuning.
+      workdir: where the run keeps the pool's scores, the search's generations, the
+        fine-tuning's checkpoints and ``result.json``; rerunning resumes, and another run
+        there is refused. None: nothing kept.
+      progress: progress bars over generations and fine-tuning.
 
     Returns:
-      A `BlendingResult` with the pruned variables, the factors, the clusters and the history.
+      A `PruneResult`: the pruned program and its final variables, the kept channels, one
+      history record per generation, and a summary with the cost, the validation metrics
+      before pruning, after pruning (``"pruned"``, before fine-tuning) and at the end, the
+      fine-tuning's history, and the method's report (``summary["method"]``: pool, factors,
+      clusters, best fitness, generations).
+
+    Raises:
+      ValueError: a bad config (before any work), or a pool that scores no group.
+      jaxprune.run.RunMismatchError: the workdir holds another run.
     """
-    check_config(config)
+    config.check()
     pool = pool_names(config)
-    kwargs = {"train": False} if apply_kwargs is None else dict(apply_kwargs)
-    context = criteria.ScoringContext(apply_fn, graph, apply_kwargs=kwargs)
-    workdir = None if workdir is None else Path(workdir)
-    if pool_scores is None:
-        pool_scores = _cached_pool_scores(context, variables, score_batches, pool, workdir)
-    missing = [name for name in pool if name not in pool_scores]
-    if missing:
-        raise ValueError(f"pool_scores lacks criteria {missing} of the pool; score them too.")
+    data = as_prune_data(data, batch_size=config.batch_size, seed=config.seed)
+    graph = channel_graph(model.apply_fn, variables, model.example_input, **model.eval_kwargs)
     selection = select_groups_config(config)
-    groups = [
-        g for g in select_groups(graph, config.scope) if any(g in pool_scores[n] for n in pool)
-    ]
+    groups = select_groups(graph, config.scope)
     if not groups:
-        raise ValueError(f"No group of scope {config.scope!r} is scored by the pool {pool}.")
-    clusters = cluster_pool({n: pool_scores[n] for n in pool}, groups, config.clustering)
-    candidates = candidate_scores(pool_scores, clusters, config.normalization)
-    layout = GenomeLayout(
-        groups=tuple(groups), candidates=tuple(clusters[g].representatives for g in groups)
-    )
-    fitness_batches = _reiterable(fitness_batches)
-    chunk_fn = make_chunk_fn(apply_fn, graph, apply_kwargs=kwargs)
-    mesh = train.make_mesh() if jax.device_count() > 1 else None
-
-    def evaluate(masks: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
-        found = population_fitness(
-            chunk_fn, variables, masks, fitness_batches, chunk_size=config.chunk_size, mesh=mesh
+        raise ValueError(f"The model has no group of scope {config.scope!r} to prune.")
+    wanted = max(config.score_examples, config.fitness_examples)
+    images = first_examples(data.validation(), wanted, config.batch_size)  # one read
+    score_batches = first_examples(images, config.score_examples, config.batch_size)
+    fitness_batches = first_examples(images, config.fitness_examples, config.batch_size)
+    inputs = {
+        "variables": fingerprint(variables),
+        "score_data": fingerprint(score_batches),
+        "fitness_data": fingerprint(fitness_batches),
+    }
+    identity = {"config": config_identity(config, _COSMETIC), **inputs}
+    with RunDir.maybe(workdir, kind="blending", identity=identity) as run:
+        context = criteria.ScoringContext(model.apply_fn, graph, apply_kwargs=model.eval_kwargs)
+        scores_identity = {
+            "pool": list(pool),
+            "variables": inputs["variables"],
+            "score_data": inputs["score_data"],
+        }
+        pool_scores = cached_pool_scores(
+            context, variables, score_batches, pool, run, scores_identity
         )
-        return found.accuracy, found.loss, found.evaluated
+        groups = [g for g in groups if any(g in pool_scores[n] for n in pool)]
+        if not groups:
+            raise ValueError(f"No group of scope {config.scope!r} is scored by the pool {pool}.")
+        clusters = cluster_pool({n: pool_scores[n] for n in pool}, groups, config.clustering)
+        candidates = candidate_scores(pool_scores, clusters, config.normalization)
+        layout = GenomeLayout(
+            groups=tuple(groups), candidates=tuple(clusters[g].representatives for g in groups)
+        )
+        chunk_fn = make_chunk_fn(model.apply_fn, graph, apply_kwargs=model.eval_kwargs)
+        mesh = train.make_mesh() if jax.device_count() > 1 else None
 
-    inputs = (
-        checkpoint.tree_fingerprint(variables),
-        checkpoint.tree_fingerprint(list(fitness_batches)),
-    )
-    genome, best, history = search_factors(
-        evaluate,
-        graph,
-        candidates,
-        layout,
-        config,
-        fingerprint=_fingerprint(config, layout, candidates, inputs),
-        checkpoint_dir=None if workdir is None else workdir / "search",
-        progress=progress,
-    )
-    scores = blend(candidates, layout, genome)
-    keep = keep_from_scores(graph, scores, selection)
-    return BlendingResult(
-        pruned=prune(variables, graph, keep),
-        factors=layout.factors(genome),
-        clusters=clusters,
-        scores=scores,
-        history=history,
-        best=best,
-    )
+        def evaluate(masks: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
+            found = population_fitness(
+                chunk_fn, variables, masks, fitness_batches, chunk_size=config.chunk_size, mesh=mesh
+            )
+            return found.accuracy, found.loss, found.evaluated
+
+        genome, best, history = search_factors(
+            evaluate,
+            graph,
+            candidates,
+            layout,
+            config,
+            fingerprint=_search_fingerprint(
+                config, layout, candidates, (inputs["variables"], inputs["fitness_data"])
+            ),
+            run=run,
+            progress=progress,
+        )
+        keep = keep_from_scores(graph, blend(candidates, layout, genome), selection)
+        pruned = prune(variables, graph, keep)
+        small = model.with_apply_fn(pruned.apply_fn)
+        final, tuning = pruned.variables, []
+        if config.finetune is not None:
+            final, tuning = fit(
+                small,
+                pruned.variables,
+                data,
+                config.finetune,
+                run=run,
+                name="finetune",
+                progress=progress,
+            )
+        summary = finetuned_summary(model, variables, small, pruned.variables, final, data, tuning)
+        summary["method"] = {
+            "name": "blending",
+            "pool": list(pool),
+            "factors": layout.factors(genome),
+            "clusters": {g: c.to_dict() for g, c in clusters.items()},
+            "best": best,
+            "generations": len(history),
+        }
+        if run is not None:
+            run.write_json("result.json", summary)
+    return PruneResult("blending", small, final, keep, graph, tuple(history), summary)
 
 
-def _cached_pool_scores(
+def cached_pool_scores(
     context: criteria.ScoringContext,
     variables: Any,
-    batches: Iterable[Mapping[str, Any]] | None,
+    batches: Sequence[Mapping[str, Any]],
     pool: Sequence[str],
-    workdir: Path | None,
+    run: RunDir | None,
+    identity: Mapping[str, Any],
 ) -> PoolScores:
-    """Scores the pool, or reads the scores a previous run of this workdir stored for the same
-    variables and score images (other ones are scored afresh and replace them)."""
-    path = None if workdir is None else workdir / "pool_scores.npz"
-    batches = list(batches) if batches is not None else None
-    inputs = checkpoint.tree_fingerprint(variables) + checkpoint.tree_fingerprint(batches or [])
-    if path is not None and path.is_file():
-        with np.load(path) as stored:
-            found: PoolScores = {}
-            for key in stored.files:
-                if key != _INPUTS_KEY:
-                    name, group = key.split("/", 1)
-                    found.setdefault(name, {})[group] = stored[key]
-            same_inputs = _INPUTS_KEY in stored.files and str(stored[_INPUTS_KEY]) == inputs
-        if same_inputs and all(name in found for name in pool):
-            return found
+    """The pool's scores, read from the run directory when it holds them for `identity` (the
+    model, the score images and the pool); otherwise scored and stored. A damaged or foreign
+    ``pool_scores.json`` is scored again.
+
+    Args:
+      context: the model and its graph.
+      variables: the model variables.
+      batches: the score images' batches.
+      pool: criterion names.
+      run: the run directory (None: always score).
+      identity: what the scores depend on.
+
+    Returns:
+      ``{criterion: {group: float64 scores}}`` in pool order.
+    """
+    if run is not None:
+        stored = run.artifact(POOL_SCORES_FILE, identity)
+        if isinstance(stored, Mapping) and all(name in stored for name in pool):
+            return {
+                name: {g: np.asarray(v, np.float64) for g, v in stored[name].items()}
+                for name in pool
+            }
     scores = score_pool(context, variables, batches, pool)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name("pool_scores.tmp.npz")
-        arrays = {f"{n}/{g}": s for n, per in scores.items() for g, s in per.items()}
-        np.savez(temporary, **arrays, **{_INPUTS_KEY: np.asarray(inputs)})
-        temporary.replace(path)
+    scores = {
+        n: {g: np.asarray(v, np.float64) for g, v in per.items()} for n, per in scores.items()
+    }
+    if run is not None:
+        run.save_artifact(POOL_SCORES_FILE, identity, scores)
     return scores
-
-
-# The entry of pool_scores.npz that names the variables and score images the scores belong to.
-_INPUTS_KEY = "__inputs_sha256__"

@@ -1,100 +1,101 @@
 """The checkpoint of an evolutionary search: one small JSON file per finished generation.
 
 The search's state is a handful of numbers (the next population, the best genome so far, the
-history), so it is stored as JSON, written to a temporary file and renamed into place: a kill
-at any moment leaves either the previous generation's file or the new one, never half a file.
-Python's JSON writes floats with `repr`, which reads back to the same float64 bits, so a
-resumed search continues bit for bit. The random state is not stored as such: generation g
-draws from a generator seeded with (seed, g) (`evolution.generation_rng`).
+history), so it is stored as JSON in the run directory (``search/generation_NNNNNN.json``),
+written atomically by `RunDir.write_json`: a kill at any moment leaves either the previous
+generation's file or the new one, never half a file. Python's JSON writes floats with `repr`,
+which reads back to the same float64 bits, so a resumed search continues bit for bit. The random
+state is not stored as such: generation g draws from a generator seeded with (seed, g)
+(`evolution.generation_rng`).
+
+The newest file and the one before it are kept: a damaged newest file (cut by a full disk) falls
+back to the previous generation, and with none readable the search starts again.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
+from jaxprune.checkpoint import CheckpointError
+from jaxprune.run import RunDir
+
 FORMAT = "jaxprune-blending-search"
-VERSION = 1
+VERSION = 2
+FOLDER = "search"
 _NAME = re.compile(r"^generation_(\d{6})\.json$")
 # Older generation files kept besides the newest (the rest are deleted).
 _KEEP_OLDER = 1
 
 
 class SearchCheckpointError(ValueError):
-    """A search checkpoint that belongs to another search, or cannot be read."""
+    """A search checkpoint that belongs to another search."""
 
 
-def checkpoint_files(directory: str | Path) -> list[Path]:
-    """The generation files of a search directory.
+def checkpoint_files(run: RunDir) -> list[str]:
+    """The generation files of a run's search, oldest first.
 
     Args:
-      directory: the search's checkpoint folder (missing: none).
+      run: the run directory.
 
     Returns:
-      Paths, oldest generation first.
+      Names relative to the run's folder (``search/generation_000003.json``).
     """
-    directory = Path(directory)
+    directory = run.path / FOLDER
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
+    found = [(int(m.group(1)), p.name) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    return [f"{FOLDER}/{name}" for _, name in sorted(found)]
 
 
-def save_search(directory: str | Path, state: Mapping[str, Any]) -> Path:
+def save_search(run: RunDir, state: Mapping[str, Any]) -> str:
     """Writes the state after a generation atomically; keeps the newest files only.
 
     Args:
-      directory: the search's checkpoint folder (created if missing).
+      run: the run directory.
       state: JSON-compatible, with an integer "generation" (generations finished).
 
     Returns:
-      The file written.
+      The name of the file written, relative to the run's folder.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"generation_{int(state['generation']):06d}.json"
-    temporary = path.with_suffix(".json.tmp")
-    with temporary.open("w") as f:
-        json.dump({"format": FORMAT, "version": VERSION, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-    for old in checkpoint_files(directory)[: -1 - _KEEP_OLDER]:
-        old.unlink()
-    return path
+    name = f"{FOLDER}/generation_{int(state['generation']):06d}.json"
+    run.write_json(name, {"format": FORMAT, "version": VERSION, **state})
+    for old in checkpoint_files(run)[: -1 - _KEEP_OLDER]:
+        (run.path / old).unlink()
+    return name
 
 
-def load_search(directory: str | Path, fingerprint: str) -> dict[str, Any] | None:
-    """The newest checkpoint of a search, or None when there is none.
+def load_search(run: RunDir, fingerprint: str) -> dict[str, Any] | None:
+    """The newest readable checkpoint of the run's search, or None when there is none.
 
     Args:
-      directory: the search's checkpoint folder.
-      fingerprint: what the caller's search is (config, candidates, scores); a stored state
-        with another fingerprint is refused.
+      run: the run directory.
+      fingerprint: what the caller's search is (settings, genome layout, candidate scores,
+        model and fitness images); a stored state with another fingerprint is refused.
 
     Returns:
-      The stored state, or None.
+      The stored state, or None (nothing stored, or nothing readable: the search restarts).
 
     Raises:
-      SearchCheckpointError: the checkpoint is of another search or format.
+      SearchCheckpointError: the newest readable checkpoint is of another search.
     """
-    files = checkpoint_files(directory)
-    if not files:
-        return None
-    path = files[-1]
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise SearchCheckpointError(f"Cannot read search checkpoint {path}: {error}.") from error
-    if state.get("format") != FORMAT or state.get("version") != VERSION:
-        raise SearchCheckpointError(f"{path} is not a {FORMAT} v{VERSION} file.")
-    if state.get("fingerprint") != fingerprint:
-        raise SearchCheckpointError(
-            f"{path} holds a search with other settings, criteria scores, model or fitness "
-            f"images; use a new workdir, or delete {Path(directory)} to start this search afresh."
-        )
-    return state
+    for name in reversed(checkpoint_files(run)):
+        try:
+            state = run.read_json(name)
+        except CheckpointError:
+            continue  # damaged: try the generation before
+        if (
+            not isinstance(state, dict)
+            or state.get("format") != FORMAT
+            or state.get("version") != VERSION
+        ):
+            continue
+        if state.get("fingerprint") != fingerprint:
+            raise SearchCheckpointError(
+                f"{run.path / name} holds a search with other settings, criteria scores, model or "
+                f"fitness images; use a new workdir, or delete {run.path / FOLDER} to start this "
+                "search afresh."
+            )
+        return state
+    return None
