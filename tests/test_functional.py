@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from core_helpers import init, rebuild
+from core_helpers import init
 from toy_models import ConvBNDense
 
+from jaxprune import criteria
 from jaxprune.criteria.functionality import (
     VisualizationConfig,
     channel_means,
@@ -33,10 +34,13 @@ from jaxprune.methods.functional import (
     check_config,
     choose_representatives,
     cluster_filters,
+    functional_layers,
     functional_prune,
     kept_count,
     layer_images,
 )
+from jaxprune.model import Model
+from jaxprune.run import RunDir, RunMismatchError
 from jaxprune.surgery import keep_to_masks
 
 SHAPE = (8, 8, 1)
@@ -354,30 +358,47 @@ def test_bad_inputs_name_the_fix(toy):
     ids=["agglomerative-taylor", "kmeans-centroid", "threshold"],
 )
 def test_pruned_model_equals_the_masked_model(toy, config):
-    model, variables, graph = toy
+    module, variables, graph = toy
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(16, *SHAPE)), jnp.float32)
     batch = {"image": x, "label": jnp.asarray(rng.integers(0, 5, 16), jnp.int32)}
-    result = functional_prune(model.apply, graph, variables, [batch], config)
-    assert set(result.layers) == {"conv0", "conv1"}
-    for name, layer in result.layers.items():
+    model = Model.linen(module, x[:1], variables=variables)
+    result = functional_prune(model, variables, [batch], config, progress=False)
+    records = {r["group"]: r for r in result.history}
+    assert set(records) == {"conv0", "conv1"} == set(result.keep)
+    images = layer_images(module.apply, graph, variables, ["conv0", "conv1"], SHAPE, FAST)
+    scores = None
+    if config.representative == "criterion":
+        context = criteria.ScoringContext(module.apply, graph)
+        scores = criteria.score(config.criterion, context, variables, [batch])
+    layers = functional_layers(module.apply, graph, variables, images, scores, config)
+    for name, layer in layers.items():
         n_clusters = len(np.unique(layer.labels))
         assert len(layer.keep) == n_clusters
         np.testing.assert_array_equal(
             layer.responsive,
-            responsive_filters(model.apply, graph, variables, name, layer.images, FAST),
+            responsive_filters(module.apply, graph, variables, name, layer.images, FAST),
         )
         assert len(np.unique(layer.labels[layer.keep])) == n_clusters  # one per cluster
         if config.ratio is not None:
             assert n_clusters == kept_count(graph[name].size, config)
-    small = rebuild(model, result.pruned.variables)
-    masks = keep_to_masks(graph, result.pruned.keep)
+        # The method found the same clusters and representatives.
+        assert records[name]["labels"] == layer.labels.tolist()
+        assert records[name]["keep"] == layer.keep.tolist() == result.keep[name].tolist()
+        assert records[name]["unresponsive"] == int(np.sum(~layer.responsive))
+    masks = keep_to_masks(graph, result.keep)
     np.testing.assert_allclose(
-        small.apply(result.pruned.variables, x),
-        gated_call(model.apply, graph, variables, x, masks),
+        result.model(result.variables, x),  # the pruned program
+        gated_call(module.apply, graph, variables, x, masks),
         rtol=1e-5,
         atol=1e-5,
     )
+    assert result.summary["cost"]["after"]["flops"] < result.summary["cost"]["before"]["flops"]
+
+
+def stored_steps(workdir) -> list[str]:
+    images = workdir / "checkpoints" / "images"
+    return sorted(p.name for p in images.iterdir() if p.name.isdigit())
 
 
 def test_stored_images_resume_and_refuse_other_settings(toy, tmp_path, monkeypatch):
@@ -386,9 +407,9 @@ def test_stored_images_resume_and_refuse_other_settings(toy, tmp_path, monkeypat
     stored = layer_images(
         model.apply, graph, variables, ["conv0", "conv1"], SHAPE, FAST, workdir=tmp_path
     )
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["1", "2"]
+    assert stored_steps(tmp_path) == ["1", "2"]
     # As if killed after the first layer: only its checkpoint is left; the rerun resumes there.
-    shutil.rmtree(tmp_path / "2")
+    shutil.rmtree(tmp_path / "checkpoints" / "images" / "2")
     made = []
     original = functional.maximization_images
     monkeypatch.setattr(
@@ -404,11 +425,11 @@ def test_stored_images_resume_and_refuse_other_settings(toy, tmp_path, monkeypat
         np.testing.assert_array_equal(stored[name], whole[name])
         np.testing.assert_array_equal(resumed[name], whole[name])
     other_variables = jax.tree_util.tree_map(lambda v: v + 1.0, variables)
-    with pytest.raises(ValueError, match="another model or configuration"):
+    with pytest.raises(RunMismatchError, match="variables"):
         layer_images(
             model.apply, graph, other_variables, ["conv0", "conv1"], SHAPE, FAST, workdir=tmp_path
         )
-    with pytest.raises(ValueError, match="another model or configuration"):
+    with pytest.raises(RunMismatchError, match="visualization.steps: 12 -> 3"):
         layer_images(
             model.apply,
             graph,
@@ -418,3 +439,34 @@ def test_stored_images_resume_and_refuse_other_settings(toy, tmp_path, monkeypat
             dataclasses.replace(FAST, steps=3),
             workdir=tmp_path,
         )
+
+
+def test_images_of_a_run_are_recomputed_when_damaged_or_not_theirs(toy, tmp_path, monkeypatch):
+    model, variables, graph = toy
+    groups = ["conv0", "conv1"]
+    whole = layer_images(model.apply, graph, variables, groups, SHAPE, FAST)
+    with RunDir.open(tmp_path, kind="functional", identity={}) as run:
+        layer_images(model.apply, graph, variables, groups, SHAPE, FAST, run=run)
+    # Damage the newest step's arrays: it is recomputed from the step before it.
+    step = tmp_path / "checkpoints" / "images" / "2"
+    for path in step.rglob("*"):
+        if path.is_file() and path.stat().st_size > 1000:
+            path.write_bytes(b"\0" * path.stat().st_size)
+    made = []
+    original = functional.maximization_images
+    monkeypatch.setattr(
+        functional,
+        "maximization_images",
+        lambda *args, **kwargs: made.append(args[3]) or original(*args, **kwargs),
+    )
+    with RunDir.open(tmp_path, kind="functional", identity={}) as run:
+        again = layer_images(model.apply, graph, variables, groups, SHAPE, FAST, run=run)
+    assert made == ["conv1"]
+    for name in whole:
+        np.testing.assert_array_equal(again[name], whole[name])
+    # Images of other variables in the same run directory are never reused: all recomputed.
+    made.clear()
+    other = jax.tree_util.tree_map(lambda v: v * 1.5, variables)
+    with RunDir.open(tmp_path, kind="functional", identity={}) as run:
+        layer_images(model.apply, graph, other, groups, SHAPE, FAST, run=run)
+    assert made == groups

@@ -6,40 +6,53 @@ such cluster removes repetition at little cost, even without retraining. Per con
 1. an activation-maximisation image of every filter (`jaxprune.criteria.functionality`, all
    filters of the layer vmapped at once);
 2. a descriptor per image (the standardised pixels by default) and their cosine similarity;
-3. clusters: agglomerative with average linkage, merged while the mean similarity is at least
-   `clustering.threshold` (default), or cut at exactly the number of filters a target `ratio`
-   keeps (the threshold is then read off the dendrogram per layer, see
-   `jaxprune.methods.clustering`), or k-means with k = that number;
+3. clusters (`jaxprune.methods.clustering`, shared with blending): agglomerative with average
+   linkage, merged while the mean similarity is at least `clustering.threshold` (default), or
+   cut at exactly the number of filters a target `ratio` keeps (the threshold is then read off
+   the dendrogram per layer), or k-means with k = that number;
    Filters that their own image does not drive above the start image
    (`jaxprune.criteria.functionality.responsive_filters`: silent ReLU filters, whose images
    are all the same penalty-shaped picture) show no functionality; by default
    (`clustering.separate_unresponsive`) each stays a cluster of its own (similarity -1 to
-   every other filter), rather than all of them being merged as "identical". The paper does
-   not discuss such filters; this is a choice of jaxprune;
+   every other filter), rather than all of them being merged as "identical";
 4. one representative per cluster: the most relevant by `criterion` (Taylor by default, scored
-   on validation images), or the member closest to the cluster centroid; the rest are removed.
+   on the first `score_examples` validation images), or the member closest to the cluster
+   centroid; the rest are removed (`jaxprune.prune`: the pruned program, no rebuild).
 
-No retraining by default (the paper's claim is that little is needed); `jaxprune prune
---method functional --finetune-epochs N` fine-tunes afterwards.
+The method is reconstructed from the paper's abstract and description; the descriptor, the
+similarity, the clustering, the handling of unresponsive filters, the representative and the
+ratio-driven cut are choices of jaxprune, each a field of `FunctionalConfig`. No retraining by
+default (the paper's claim is that little is needed); `FunctionalConfig.finetune` fine-tunes
+afterwards (`jaxprune.fit.fit`).
 
-`functional_prune` is the pure function over (apply_fn, graph, variables, data); given a
-`workdir` it checkpoints each layer's images (orbax + a JSON meta) and resumes from them.
+The images run the model through its apply function (`jaxprune.gated_call` reads the filters),
+so any `jaxprune.Model` works: linen, NNX, or a plain function. With a workdir the run keeps, in
+one `jaxprune.run.RunDir` of kind "functional", the images layer by layer (the checkpoint
+sequence ``checkpoints/images``, step k holding the first k layers; reused only for the same
+model, visualisation settings and layers, a damaged step recomputed), the fine-tuning's
+checkpoints and ``result.json``. Rerunning resumes after the last finished layer; another run
+there is refused with its changed fields named.
+
+Example::
+
+  model = jp.Model.linen(module, x, variables=variables)
+  result = functional_prune(model, variables, validation_batches, FunctionalConfig(ratio=0.5))
+  logits = result.model(result.variables, x)  # the pruned program
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from jaxprune import checkpoint, criteria
-from jaxprune.criteria.base import iter_batches
+from jaxprune import criteria
+from jaxprune.checkpoint import CheckpointError, json_default
 from jaxprune.criteria.functionality import (
     DESCRIPTORS,
     NORMALIZATIONS,
@@ -50,14 +63,22 @@ from jaxprune.criteria.functionality import (
     maximization_images,
     responsive_filters,
 )
-from jaxprune.graph import ChannelGraph
+from jaxprune.fit import FitConfig, fit
+from jaxprune.graph import ChannelGraph, channel_graph
 from jaxprune.methods import clustering
-from jaxprune.methods.oneshot import select_groups
-from jaxprune.surgery import Pruned, prune
+from jaxprune.methods.contract import PruneData, PruneResult, as_prune_data
+from jaxprune.methods.outcome import finetuned_summary, first_examples
+from jaxprune.methods.selection import select_groups
+from jaxprune.model import Model
+from jaxprune.run import Checkpoints, RunDir, config_identity, fingerprint
+from jaxprune.surgery import prune
 
 IMAGES_FORMAT = "jaxprune-functionality-images"
+IMAGES = "images"
 REPRESENTATIVES = ("criterion", "centroid")
 CLUSTERINGS = ("agglomerative", "kmeans")
+# Fields that do not change a functional run's result.
+_COSMETIC = ("finetune.checkpoint_every",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +89,8 @@ class ClusteringConfig:
     method: str = "agglomerative"
     # Agglomerative without a ratio: clusters merge while their mean cosine similarity is >= this.
     threshold: float = 0.5
-    # Image descriptor compared: "pixels" (default) or "pooled" (2x2 average-pooled pixels).
+    # Image descriptor compared (`criteria.functionality.DESCRIPTORS`): "pixels" (default),
+    # "pooled" (2x2 average-pooled pixels) or "spectrum" (Fourier magnitudes).
     descriptor: str = "pixels"
     # Per-image normalisation before the cosine: "standardize", "l2" or "none".
     normalization: str = "standardize"
@@ -101,16 +123,17 @@ class FunctionalConfig:
     min_channels: int = 1
     # Validation images the representative criterion reads.
     score_examples: int = 1024
-    # Batch size of scoring and evaluation.
+    # Batch size of scoring (the validation images are re-cut into batches of this size).
     batch_size: int = 128
-    # Epochs of fine-tuning after pruning (SGD, momentum 0.9, cosine); 0: none, as the paper.
-    finetune_epochs: int = 0
-    # Peak learning rate of that fine-tuning.
-    finetune_lr: float = 0.01
-    # Seed of k-means, the random criterion and the fine-tuning.
+    # Fine-tuning of the pruned model on the training data (`jaxprune.fit`); None: none, as the
+    # paper.
+    finetune: FitConfig | None = None
+    # Seed of k-means and of the random criterion.
     seed: int = 0
-    # Show a progress bar over layers.
-    progress: bool = False
+
+    def check(self) -> None:
+        """Refuses bad settings before any image is made (`check_config`)."""
+        check_config(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,13 +159,18 @@ class LayerFunctionality:
     threshold: float
     scores: np.ndarray | None = None
 
-
-@dataclasses.dataclass(frozen=True)
-class FunctionalResult:
-    """The pruned model and, per group, its images, clusters and representatives."""
-
-    pruned: Pruned
-    layers: dict[str, LayerFunctionality]
+    def record(self, group: str) -> dict[str, Any]:
+        """The layer as a JSON-compatible history record (no images, no similarity)."""
+        return {
+            "group": group,
+            "filters": int(len(self.labels)),
+            "clusters": int(len(np.unique(self.labels))),
+            # None where no threshold applies (k-means, or nothing merged).
+            "threshold": float(self.threshold) if np.isfinite(self.threshold) else None,
+            "unresponsive": int(np.sum(~np.asarray(self.responsive, bool))),
+            "labels": np.asarray(self.labels).tolist(),
+            "keep": np.asarray(self.keep).tolist(),
+        }
 
 
 def check_config(config: FunctionalConfig) -> None:
@@ -196,8 +224,13 @@ def check_config(config: FunctionalConfig) -> None:
         )
     if config.min_channels < 1:
         raise ValueError(f"min_channels must be >= 1, got {config.min_channels}.")
-    if config.finetune_epochs < 0:
-        raise ValueError(f"finetune_epochs must be >= 0, got {config.finetune_epochs}.")
+    if config.finetune is not None:
+        if not isinstance(config.finetune, FitConfig):
+            raise ValueError(
+                f"finetune must be a jaxprune.fit.FitConfig or None, got "
+                f"{type(config.finetune).__name__}."
+            )
+        config.finetune.check()
     check_visualization(config.visualization)
 
 
@@ -212,49 +245,51 @@ def kept_count(size: int, config: FunctionalConfig) -> int | None:
 # Images, checkpointed per layer
 
 
-class _ImageStore:
-    """Per-layer images in an orbax directory: step k holds the first k layers' images."""
-
-    def __init__(self, directory: Path, meta: Mapping[str, Any]) -> None:
-        options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
-        handlers = {"images": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-        self.manager = ocp.CheckpointManager(
-            directory.absolute(), options=options, item_handlers=handlers
+def images_identity(
+    graph: ChannelGraph,
+    variables: Any,
+    groups: Sequence[str],
+    input_shape: Sequence[int],
+    config: VisualizationConfig,
+    apply_kwargs: Mapping[str, Any],
+) -> dict[str, Any]:
+    """What a set of stored images depends on: the model, the layers, the input shape and the
+    visualisation settings (JSON values)."""
+    return json.loads(
+        json.dumps(
+            {
+                "format": IMAGES_FORMAT,
+                "groups": list(groups),
+                "sizes": [graph[g].size for g in groups],
+                "input_shape": list(input_shape),
+                "visualization": dataclasses.asdict(config),
+                "apply_kwargs": dict(sorted(apply_kwargs.items())),
+                "variables": fingerprint(variables),
+            },
+            default=json_default,
         )
-        self.meta = dict(meta)
+    )
 
-    def restore(self, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
-        step = self.manager.latest_step()
-        if step is None:
-            return []
-        stored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        expected = {**self.meta, "layers_done": step}
-        if stored.meta != json.loads(json.dumps(expected)):
-            raise ValueError(
-                f"{self.manager.directory} holds images of another model or configuration "
-                f"(stored {stored.meta}); use a fresh workdir or delete that folder."
-            )
-        target = {str(k): np.zeros(shapes[k], np.float32) for k in range(step)}
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(images=ocp.args.StandardRestore(target))
-        )
-        return [np.asarray(restored.images[str(k)]) for k in range(step)]
 
-    def save(self, images: Sequence[np.ndarray]) -> None:
-        step = len(images)
-        arrays = {str(k): np.asarray(a) for k, a in enumerate(images)}
-        meta = {**self.meta, "layers_done": step}
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                images=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)
-            ),
-        )
-        self.manager.wait_until_finished()
-
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+def _restore_images(
+    store: Checkpoints, identity: Mapping[str, Any], shapes: Sequence[tuple[int, ...]]
+) -> list[np.ndarray]:
+    """The images of the newest step stored for `identity`; steps that are damaged or hold
+    other images are deleted (and recomputed)."""
+    step = store.latest_step()
+    while step is not None:
+        meta = None
+        if step <= len(shapes):
+            target = {str(k): jax.ShapeDtypeStruct(shapes[k], np.float32) for k in range(step)}
+            try:
+                arrays, meta = store.restore(step, target)
+            except CheckpointError:
+                meta = None
+        if meta is not None and meta.get("identity") == identity and meta.get("layers") == step:
+            return [np.asarray(arrays[str(k)], np.float32) for k in range(step)]
+        store.manager.delete(step)
+        step = store.latest_step()
+    return []
 
 
 def layer_images(
@@ -265,7 +300,8 @@ def layer_images(
     input_shape: tuple[int, ...],
     config: VisualizationConfig | None = None,
     *,
-    workdir: str | Path | None = None,
+    run: RunDir | None = None,
+    workdir: str | None = None,
     progress: bool = False,
     apply_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
@@ -276,48 +312,47 @@ def layer_images(
       groups: the groups to visualise, in order.
       input_shape: one example's shape, e.g. (28, 28, 1).
       config: the visualisation settings (default `VisualizationConfig()`).
-      workdir: if given, each finished layer is checkpointed there and a rerun resumes after
-        the last finished layer (refusing images of other variables or settings).
+      run: a run directory: each finished layer is checkpointed in its sequence
+        ``images`` and a rerun resumes after the last finished layer (images of other
+        variables, settings or layers, and damaged steps, are recomputed).
+      workdir: instead of `run`, a folder of its own for the images (a `RunDir` of kind
+        "functionality-images" whose identity is the images'; other images there are refused).
       progress: show a progress bar over layers.
       apply_kwargs: keyword arguments of `apply_fn` (default ``{"train": False}``).
 
     Returns:
       Per group, float32 images (filters, *input_shape).
+
+    Raises:
+      ValueError: both `run` and `workdir`.
+      jaxprune.run.RunMismatchError: `workdir` holds images of another model or settings.
     """
     config = config if config is not None else VisualizationConfig()
-    shapes = [(graph[g].size, *input_shape) for g in groups]
-    store = None
-    done: list[np.ndarray] = []
+    kwargs = {"train": False} if apply_kwargs is None else dict(apply_kwargs)
+    if run is not None and workdir is not None:
+        raise ValueError("Give layer_images a run directory or a workdir, not both.")
+    identity = images_identity(graph, variables, groups, input_shape, config, kwargs)
     if workdir is not None:
-        meta = {
-            "format": IMAGES_FORMAT,
-            "groups": list(groups),
-            "input_shape": list(input_shape),
-            "visualization": dataclasses.asdict(config),
-            "variables": checkpoint.tree_fingerprint(variables),
-        }
-        store = _ImageStore(Path(workdir), meta)
-        done = store.restore(shapes)
-    try:
-        bar = tqdm(groups, desc="functionality images", disable=not progress, initial=len(done))
+        with RunDir.open(workdir, kind="functionality-images", identity=identity) as own:
+            return layer_images(
+                apply_fn, graph, variables, groups, input_shape, config, run=own,
+                progress=progress, apply_kwargs=kwargs,
+            )  # fmt: skip
+    shapes = [(graph[g].size, *input_shape) for g in groups]
+    store = run.checkpoints(IMAGES) if run is not None else None
+    done = _restore_images(store, identity, shapes) if store is not None else []
+    with tqdm(
+        total=len(groups), initial=len(done), desc="functionality images", disable=not progress
+    ) as bar:
         for group in groups[len(done) :]:
             images = maximization_images(
-                apply_fn,
-                graph,
-                variables,
-                group,
-                tuple(input_shape),
-                config,
-                apply_kwargs=apply_kwargs,
+                apply_fn, graph, variables, group, tuple(input_shape), config, apply_kwargs=kwargs
             )
             done.append(np.asarray(images, np.float32))
             if store is not None:
-                store.save(done)
+                arrays = {str(k): a for k, a in enumerate(done)}
+                store.save(len(done), arrays, {"identity": identity, "layers": len(done)})
             bar.update(1)
-        bar.close()
-    finally:
-        if store is not None:
-            store.close()
     return dict(zip(groups, done, strict=True))
 
 
@@ -466,75 +501,44 @@ def _top_up(keep: np.ndarray, value: np.ndarray, minimum: int) -> np.ndarray:
     return np.sort(np.concatenate([keep, np.asarray(order[: minimum - len(keep)], np.int64)]))
 
 
-def functional_prune(
+def functional_layers(
     apply_fn: Callable[..., Any],
     graph: ChannelGraph,
     variables: Any,
-    batches: Iterable[Mapping[str, Any]] | Mapping[str, Any] | None,
-    config: FunctionalConfig = FunctionalConfig(),
+    images: Mapping[str, np.ndarray],
+    scores: Mapping[str, np.ndarray] | None,
+    config: FunctionalConfig,
     *,
-    input_shape: tuple[int, ...] | None = None,
-    images: Mapping[str, np.ndarray] | None = None,
-    workdir: str | Path | None = None,
-) -> FunctionalResult:
-    """Prunes every conv group to one filter per functionality cluster.
+    apply_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, LayerFunctionality]:
+    """Per group, the clusters of its filters' images and the representatives kept.
 
     Args:
-      apply_fn: the model function the graph was built from (any flax module's apply).
-      graph: its channel graph.
-      variables: the trained variables.
-      batches: preprocessed validation batches ``{"image", "label"}`` for a data-driven
-        representative criterion (None is fine for weight criteria and "centroid").
-      config: clustering, representatives, visualisation; see `FunctionalConfig`.
-      input_shape: one example's shape; default: the shape of the first batch's images.
-      images: precomputed images per group, made with `config.visualization` (e.g. by
-        `layer_images`; their start image decides which filters are responsive); the rest
-        are computed.
-      workdir: checkpoint folder for the images (resumes from it).
+      apply_fn, graph, variables: the model, its graph and variables (which filters their own
+        image drives is read by running it).
+      images: per group, (filters, *input_shape) images made with `config.visualization`.
+      scores: per group, the representative criterion's scores (None: centroids).
+      config: descriptor, clustering, ratio and minimum.
+      apply_kwargs: keyword arguments of `apply_fn` (default ``{"train": False}``).
 
     Returns:
-      A `FunctionalResult`: the pruned variables, width spec and keep indices, and per group
-      the images, similarity, clusters and representatives.
+      ``{group: LayerFunctionality}`` in the order of `images`.
 
     Raises:
-      ValueError: a bad config, or no way to know the input shape.
+      ValueError: images of the wrong shape.
     """
-    check_config(config)
-    batch_list = list(iter_batches(batches))
-    if input_shape is None:
-        if not batch_list:
-            raise ValueError("Pass input_shape=(H, W, C) when no batches are given.")
-        input_shape = tuple(np.shape(batch_list[0]["image"])[1:])
-    groups = select_groups(graph, config.scope)
-    given = dict(images or {})
-    missing = [g for g in groups if g not in given]
-    found = layer_images(
-        apply_fn,
-        graph,
-        variables,
-        missing,
-        tuple(input_shape),
-        config.visualization,
-        workdir=workdir,
-        progress=config.progress,
-    )
-    all_images = {**given, **found}
-    scores = None
-    if config.representative == "criterion":
-        context = criteria.ScoringContext(apply_fn=apply_fn, graph=graph)
-        options = {"seed": config.seed} if config.criterion == "random" else {}
-        scores = criteria.score(config.criterion, context, variables, batch_list, **options)
     layers: dict[str, LayerFunctionality] = {}
-    for group in groups:
-        group_images = np.asarray(all_images[group])
-        if group_images.shape != (graph[group].size, *input_shape):
+    for group, group_images in images.items():
+        group_images = np.asarray(group_images)
+        if group_images.ndim < 2 or group_images.shape[0] != graph[group].size:
             raise ValueError(
-                f"images[{group!r}] has shape {group_images.shape}; the group needs "
-                f"{(graph[group].size, *input_shape)}."
+                f"images[{group!r}] has shape {group_images.shape}; the group needs one image "
+                f"per filter ({graph[group].size})."
             )
         responsive = responsive_filters(
-            apply_fn, graph, variables, group, group_images, config.visualization
-        )
+            apply_fn, graph, variables, group, group_images, config.visualization,
+            apply_kwargs=apply_kwargs,
+        )  # fmt: skip
         descriptors, similarity, labels, threshold = layer_clusters(
             group_images, responsive, config
         )
@@ -555,5 +559,107 @@ def functional_prune(
             threshold=threshold,
             scores=group_scores,
         )
-    pruned = prune(variables, graph, {g: layer.keep for g, layer in layers.items()})
-    return FunctionalResult(pruned=pruned, layers=layers)
+    return layers
+
+
+def _score_batches(data: PruneData, config: FunctionalConfig) -> list[dict[str, np.ndarray]]:
+    """The validation images the representative criterion reads (none for centroids or a
+    weight criterion)."""
+    if config.representative != "criterion":
+        return []
+    if not criteria.get_criterion(config.criterion, **_options(config)).uses_batches:
+        return []
+    return first_examples(data.validation(), config.score_examples, config.batch_size)
+
+
+def _options(config: FunctionalConfig) -> dict[str, Any]:
+    return {"seed": config.seed} if config.criterion == "random" else {}
+
+
+def functional_prune(
+    model: Model,
+    variables: Mapping[str, Any],
+    data: Any,
+    config: FunctionalConfig = FunctionalConfig(),
+    *,
+    workdir: str | None = None,
+    progress: bool = True,
+) -> PruneResult:
+    """Prunes every conv group to one filter per functionality cluster, then optionally
+    fine-tunes.
+
+    Args:
+      model: the model (`jaxprune.Model`: linen, NNX or any apply function); the images have
+        the shape of its example input.
+      variables: its trained variables.
+      data: the representative criterion reads the first `score_examples` images of
+        ``data.validation()`` (never the test split); fine-tuning reads ``data.train(epoch)``.
+        See `methods.contract.as_prune_data`.
+      config: clustering, representatives, visualisation, fine-tuning; see `FunctionalConfig`.
+      workdir: where the run keeps its images (per layer), the fine-tuning's checkpoints and
+        ``result.json``; rerunning resumes, and another run there is refused. None: nothing
+        kept.
+      progress: progress bars over layers and fine-tuning.
+
+    Returns:
+      A `PruneResult`: the pruned program and its final variables, the kept filters, one
+      history record per layer (filters, clusters, threshold, unresponsive filters, labels,
+      kept filters), and a summary with the cost, the validation metrics before pruning,
+      after pruning (``"pruned"``, before fine-tuning) and at the end, the fine-tuning's
+      history and the method's report (``summary["method"]``).
+
+    Raises:
+      ValueError: a bad config (before any work), or a model without conv groups.
+      jaxprune.run.RunMismatchError: the workdir holds another run.
+    """
+    config.check()
+    data = as_prune_data(data, batch_size=config.batch_size, seed=config.seed)
+    graph = channel_graph(model.apply_fn, variables, model.example_input, **model.eval_kwargs)
+    groups = select_groups(graph, config.scope)
+    if not groups:
+        raise ValueError("The model has no conv group: functional pruning needs convolutions.")
+    input_shape = tuple(model.example_input.shape[1:])
+    score_batches = _score_batches(data, config)
+    identity = {
+        "config": config_identity(config, _COSMETIC),
+        "variables": fingerprint(variables),
+        "data": fingerprint(score_batches) if score_batches else None,
+    }
+    with RunDir.maybe(workdir, kind="functional", identity=identity) as run:
+        images = layer_images(
+            model.apply_fn, graph, variables, groups, input_shape, config.visualization,
+            run=run, progress=progress, apply_kwargs=model.eval_kwargs,
+        )  # fmt: skip
+        scores = None
+        if config.representative == "criterion":
+            context = criteria.ScoringContext(model.apply_fn, graph, apply_kwargs=model.eval_kwargs)
+            scores = criteria.score(
+                config.criterion, context, variables, score_batches, **_options(config)
+            )
+        layers = functional_layers(
+            model.apply_fn, graph, variables, images, scores, config,
+            apply_kwargs=model.eval_kwargs,
+        )  # fmt: skip
+        keep = {group: layer.keep for group, layer in layers.items()}
+        pruned = prune(variables, graph, keep)
+        small = model.with_apply_fn(pruned.apply_fn)
+        final, tuning = pruned.variables, []
+        if config.finetune is not None:
+            final, tuning = fit(
+                small, pruned.variables, data, config.finetune, run=run, name="finetune",
+                progress=progress,
+            )  # fmt: skip
+        summary = finetuned_summary(model, variables, small, pruned.variables, final, data, tuning)
+        history = tuple(layer.record(group) for group, layer in layers.items())
+        summary["method"] = {
+            "name": "functional",
+            "criterion": config.criterion if config.representative == "criterion" else None,
+            "representative": config.representative,
+            "layers": {
+                r["group"]: {k: r[k] for k in ("filters", "clusters", "threshold", "unresponsive")}
+                for r in history
+            },
+        }
+        if run is not None:
+            run.write_json("result.json", summary)
+    return PruneResult("functional", small, final, keep, graph, history, summary)
