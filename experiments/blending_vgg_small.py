@@ -46,6 +46,10 @@ fitness images are the first 500 of the validation split, so validation accuracy
 optimistic for the blend; the test numbers are clean. The clusters are the same in conv1-conv5
 ({l1, l2, fpgm, fermat}, {bn_beta, taylor_bn_beta}, {taylor_weight_l1, taylor_weight_l2}, and
 bn_gamma, taylor_bn_gamma, apoz, entropy alone); conv6 also splits the BN-beta pair.
+
+These numbers were produced before `blending_prune` took a `jaxprune.Model` and fine-tuned
+through `jaxprune.fit.fit` (same pool, clustering, search and selection); the script has not
+been rerun since.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ FINETUNE_SINGLES = 3
 
 def blending_config():
     """The settings of the blend."""
+    from jaxprune.fit import FitConfig
     from jaxprune.methods.blending import BlendingConfig
     from jaxprune.methods.evolution import EvolutionConfig
 
@@ -78,117 +83,125 @@ def blending_config():
         fitness_examples=500,
         batch_size=250,
         chunk_size=8,
-        finetune_epochs=1,
-        finetune_lr=0.01,
-        finetune_examples=2048,
+        # One epoch over a fixed 2048-image subset of the training split (`PruneData` below):
+        # SGD, momentum 0.9, weight decay 5e-4, cosine from 0.01.
+        finetune=FitConfig(epochs=1),
     )
+
+
+class PruneData:
+    """Validation from the whole split, training from a fixed subset (the fine-tuning's)."""
+
+    def __init__(self, dataset, finetune_dataset) -> None:
+        from jaxprune.methods.contract import DatasetData
+
+        self.validation_data = DatasetData(dataset, batch_size=250)
+        self.train_data = DatasetData(finetune_dataset, batch_size=128)
+
+    def train(self, epoch):
+        return self.train_data.train(epoch)
+
+    def validation(self):
+        return self.validation_data.validation()
 
 
 def run(workdir: Path) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxprune import checkpoint, data, train
-    from jaxprune.commands import reporting, run_blending
+    from jaxprune import checkpoint, cost, data, train
+    from jaxprune.checkpoint import json_default
     from jaxprune.criteria import normalize_rank
+    from jaxprune.fit import fit
     from jaxprune.graph import channel_graph
-    from jaxprune.methods.blending import PAPER_POOL, select_groups_config
-    from jaxprune.methods.oneshot import keep_from_scores
+    from jaxprune.methods.blending import PAPER_POOL, blending_prune, select_groups_config
+    from jaxprune.methods.selection import keep_from_scores
+    from jaxprune.model import Model
+    from jaxprune.run import RunDir, read_json
     from jaxprune.surgery import prune
 
     began = time.perf_counter()
     config = blending_config()
-    model, variables, _ = checkpoint.load_model_file(BASE)
+    module, variables, _ = checkpoint.load_model_file(BASE)
     dataset = data.load(data.DataConfig(name="fashion_mnist"))
-    blend_report = run_blending.run(
-        config, "vgg_small", model, variables, dataset, workdir / "blend"
-    )
+    finetune_dataset = data.load(data.DataConfig(name="fashion_mnist", train_examples=2048))
+    prune_data = PruneData(dataset, finetune_dataset)
+    x = jnp.zeros((1, *dataset.image_shape))
+    model = Model.linen(module, x, variables=variables)
+    result = blending_prune(model, variables, prune_data, config, workdir=str(workdir / "blend"))
     blend_s = time.perf_counter() - began
 
-    graph = channel_graph(model.apply, variables, jnp.zeros((1, *dataset.image_shape)))
-    with np.load(workdir / "blend" / "pool_scores.npz") as stored:
-        pool = {}
-        for key in stored.files:
-            if "/" in key:
-                name, group = key.split("/", 1)
-                pool.setdefault(name, {})[group] = stored[key]
+    graph = channel_graph(model.apply_fn, variables, x, **model.eval_kwargs)
+    stored = read_json(workdir / "blend" / "pool_scores.json")["value"]
+    pool = {name: {g: np.asarray(v) for g, v in per.items()} for name, per in stored.items()}
     selection = select_groups_config(config)
     fitness_batches = list(data.preprocessed_batches(dataset, "validation", 250, 500))
+    validation = list(data.preprocessed_batches(dataset, "validation", 500))
+    test = list(data.preprocessed_batches(dataset, "test", 500))
+    before = cost.count(model.apply_fn, variables, x, **model.eval_kwargs).flops
 
-    def fitness_accuracy(apply_fn, small_variables) -> float:
-        hits = sum(
-            int(jnp.sum(jnp.argmax(apply_fn(small_variables, b["image"], train=False), -1)
-                        == b["label"]))
-            for b in fitness_batches
-        )  # fmt: skip
-        return hits / 500
+    def measure(small, small_variables, batches) -> float:
+        return train.evaluate(small, small_variables, batches)["accuracy"]
 
-    finetune_data = dataclasses.replace(dataset.config, train_examples=config.finetune_examples)
+    def remaining(small, small_variables) -> dict:
+        after = cost.count(small.apply_fn, small_variables, x, **model.eval_kwargs).flops
+        return {"flops": after / before}
+
     runs = {}
-    summary = blend_report["summary"]
+    summary = result.summary
+    # The blend before fine-tuning: the same keep, not fine-tuned.
+    blend_pruned = prune(variables, graph, result.keep)
+    blend_small = model.with_apply_fn(blend_pruned.apply_fn)
     runs["blend (EA)"] = {
-        "fitness_accuracy": summary["blending"]["best"]["accuracy"],
-        "validation": summary["before_finetune"]["validation"]["accuracy"],
-        "test": summary["before_finetune"]["test"]["accuracy"],
-        "test_finetuned": summary["test"]["accuracy"],
-        "remaining": summary["final"]["remaining"],
+        "fitness_accuracy": summary["method"]["best"]["accuracy"],
+        "validation": summary["validation"]["pruned"]["accuracy"],
+        "test": measure(blend_small, blend_pruned.variables, test),
+        "test_finetuned": measure(result.model, result.variables, test),
+        "remaining": remaining(blend_small, blend_pruned.variables),
     }
     candidates = {name: pool[name] for name in PAPER_POOL}
     # The equal-factor blend of the clusters' representatives (the search's starting point).
-    clusters = summary["blending"]["clusters"]
+    clusters = summary["method"]["clusters"]
     equal = {}
     for group, layer in clusters.items():
         equal[group] = sum(
             normalize_rank({group: pool[c][group]})[group] for c in layer["representatives"]
         )
     candidates["blend (equal factors)"] = equal
+    pruned_singles = {}
     for name, scores in candidates.items():
         keep = keep_from_scores(graph, scores, selection)
         pruned = prune(variables, graph, keep)
-        path = workdir / "single" / name.replace(" ", "_").replace("(", "").replace(")", "")
-        path.mkdir(parents=True, exist_ok=True)
-        pruned_file = path / "pruned.msgpack"
-        reporting.save_pruned(
-            pruned_file, model_name="vgg_small", dataset=dataset, widths=pruned.widths,
-            variables=pruned.variables, method="oneshot", criterion=name, keep=pruned.keep,
-        )  # fmt: skip
-        small, small_variables, _ = checkpoint.load_model_file(pruned_file)
-        measured = reporting.measure(small.apply, small_variables, dataset, batch_size=500)
+        small = model.with_apply_fn(pruned.apply_fn)
+        pruned_singles[name] = (small, pruned.variables)
         runs[name] = {
-            "fitness_accuracy": fitness_accuracy(small.apply, small_variables),
-            "validation": measured["validation"]["accuracy"],
-            "test": measured["test"]["accuracy"],
-            "remaining": reporting.cost_summary(
-                (model.apply, variables), (small.apply, small_variables), dataset.image_shape
-            )["final"]["remaining"],
-            "pruned_file": str(pruned_file),
+            "fitness_accuracy": measure(small, pruned.variables, fitness_batches),
+            "validation": measure(small, pruned.variables, validation),
+            "test": measure(small, pruned.variables, test),
+            "remaining": remaining(small, pruned.variables),
         }
         print(f"{name}: validation {runs[name]['validation']:.4f} test {runs[name]['test']:.4f}")
     singles = sorted(PAPER_POOL, key=lambda n: -runs[n]["validation"])[:FINETUNE_SINGLES]
     for name in singles:
-        pruned_file = Path(runs[name]["pruned_file"])
-        tuned = train.fine_tune(
-            "vgg_small", pruned_file, finetune_data, pruned_file.parent / "finetune",
-            epochs=config.finetune_epochs, learning_rate=config.finetune_lr, seed=config.seed,
-        )  # fmt: skip
-        small, _, _ = checkpoint.load_model_file(pruned_file)
-        measured = reporting.measure(small.apply, tuned, dataset, splits=("test",), batch_size=500)
-        runs[name]["test_finetuned"] = measured["test"]["accuracy"]
+        small, small_variables = pruned_singles[name]
+        with RunDir.open(
+            workdir / "single" / name, kind="finetune", identity={"criterion": name}
+        ) as run:
+            tuned, _ = fit(small, small_variables, prune_data, config.finetune, run=run)
+        runs[name]["test_finetuned"] = measure(small, tuned, test)
     stored = {
         "config": dataclasses.asdict(config),
         "wall_s": time.perf_counter() - began,
         "blend_wall_s_of_this_call": blend_s,
         "runs": runs,
-        "factors": summary["blending"]["factors"],
+        "factors": summary["method"]["factors"],
         "clusters": clusters,
-        "best": summary["blending"]["best"],
-        "history": blend_report["history"],
+        "best": summary["method"]["best"],
+        "history": list(result.history),
         "base_test_accuracy": checkpoint.load_model_file(BASE)[2]["result"]["test"]["accuracy"],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "results.json").write_text(
-        json.dumps(stored, indent=1, default=reporting.json_default)
-    )
+    (RESULTS / "results.json").write_text(json.dumps(stored, indent=1, default=json_default))
     write_table(stored)
     plot_similarity(clusters)
     plot_fitness(stored)

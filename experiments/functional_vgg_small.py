@@ -50,6 +50,10 @@ images; 0.9 minutes resumed from a workdir that holds the images and the fine-tu
    0.24 alike (raw pixels are shift-sensitive). Before/after images share their start, so they
    stay closer than that in conv1-conv4; in conv5-conv6 they fall below the control, which is
    where the fine-tuning clearly changed what the surviving filters respond to.
+
+These numbers were produced before the fine-tuning of analysis 3 went through
+`jaxprune.fit.fit` on the pruned program (same settings) and before the clustering moved to
+`jaxprune.methods.clustering` (same partitions); the script has not been rerun since.
 """
 
 from __future__ import annotations
@@ -290,11 +294,14 @@ def defection_analysis(model, variables, graph, groups, scores, dataset, workdir
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxprune import checkpoint, train
-    from jaxprune.commands import reporting
+    from jaxprune import data, train
     from jaxprune.criteria.functionality import cosine_similarity, image_descriptors
+    from jaxprune.fit import FitConfig, fit
     from jaxprune.graph import channel_graph
+    from jaxprune.methods.contract import DatasetData
     from jaxprune.methods.functional import FunctionalConfig, kept_count
+    from jaxprune.model import Model
+    from jaxprune.run import RunDir, fingerprint
     from jaxprune.surgery import prune
 
     sizes = graph.sizes
@@ -302,38 +309,26 @@ def defection_analysis(model, variables, graph, groups, scores, dataset, workdir
         g: top_k(scores["l1"][g], kept_count(sizes[g], FunctionalConfig(ratio=0.5))) for g in groups
     }
     pruned = prune(variables, graph, keep)
-    pruned_file = workdir / "l1_pruned.msgpack"
-    if not pruned_file.is_file():
-        reporting.save_pruned(
-            pruned_file,
-            model_name=MODEL,
-            dataset=dataset,
-            widths=pruned.widths,
-            variables=pruned.variables,
-            method="oneshot",
-            criterion="l1",
-            keep=pruned.keep,
-        )
-    small, before, _ = checkpoint.load_model_file(pruned_file)
-    after = train.fine_tune(
-        MODEL,
-        pruned_file,
-        dataclasses.replace(dataset.config, train_examples=FINETUNE_EXAMPLES),
-        workdir / "l1_finetune",
-        epochs=1,
-        learning_rate=0.01,
-    )
     x = jnp.zeros((1, 28, 28, 1), jnp.float32)
-    small_graph = channel_graph(small.apply, before, x)
+    # The pruned program, called like the base model.
+    small = Model.linen(model, x, variables=variables).with_apply_fn(pruned.apply_fn)
+    before = pruned.variables
+    # One epoch over a fixed training subset: SGD, momentum 0.9, weight decay 5e-4, cosine
+    # from 0.01 (FitConfig's default optimizer).
+    subset = data.load(dataclasses.replace(dataset.config, train_examples=FINETUNE_EXAMPLES))
+    identity = {"keep": {g: k.tolist() for g, k in keep.items()}, "variables": fingerprint(before)}
+    with RunDir.open(workdir / "l1_finetune", kind="finetune", identity=identity) as run:
+        after, _ = fit(small, before, DatasetData(subset), FitConfig(epochs=1), run=run)
+    small_graph = channel_graph(small.apply_fn, before, x, **small.eval_kwargs)
     found_before = images_with_objective(
-        small.apply, small_graph, before, groups, workdir / "images_l1_before.npz"
+        small.apply_fn, small_graph, before, groups, workdir / "images_l1_before.npz"
     )
     found_after = images_with_objective(
-        small.apply, small_graph, after, groups, workdir / "images_l1_after.npz"
+        small.apply_fn, small_graph, after, groups, workdir / "images_l1_after.npz"
     )
     # Control: the same model's images from another seed, i.e. how far images move by chance.
     found_seed = images_with_objective(
-        small.apply,
+        small.apply_fn,
         small_graph,
         before,
         groups,
@@ -354,11 +349,12 @@ def defection_analysis(model, variables, graph, groups, scores, dataset, workdir
             "similarity": similarity.tolist(),
             "seed_similarity": paired(a, image_descriptors(found_seed[g][0])).tolist(),
         }
-    limit = {"limit": TEST_EXAMPLES, "splits": ("test",), "batch_size": 500}
-    accuracy = {
-        "before": reporting.measure(small.apply, before, dataset, **limit)["test"]["accuracy"],
-        "after": reporting.measure(small.apply, after, dataset, **limit)["test"]["accuracy"],
-    }
+
+    def test_accuracy(small_variables) -> float:
+        batches = data.preprocessed_batches(dataset, "test", 500, TEST_EXAMPLES)
+        return train.evaluate(small, small_variables, batches)["accuracy"]
+
+    accuracy = {"before": test_accuracy(before), "after": test_accuracy(after)}
     return per_layer, accuracy, found_before, found_after
 
 
