@@ -70,7 +70,15 @@ class Network:
 
     @classmethod
     def of(cls, model: Model, variables: PyTree) -> Network:
-        """The network of `model` with `variables`, its graph traced at the example input."""
+        """The network of `model` with `variables`.
+
+        Args:
+          model: how to call the model (a pruned program is fine).
+          variables: its variables.
+
+        Returns:
+          The network, its channel graph traced at the model's example input.
+        """
         graph = channel_graph(model.apply_fn, variables, model.example_input, **model.eval_kwargs)
         return cls(model, variables, graph)
 
@@ -302,7 +310,15 @@ def rebatch(
 
 
 def count_examples(batches: Iterable[Batch], limit: int | None = None) -> int:
-    """How many examples `batches` hold (reading stops at `limit`)."""
+    """How many examples `batches` hold.
+
+    Args:
+      batches: batches (dicts of arrays with the same leading size).
+      limit: stop reading once this many are seen (and return it); None: read all.
+
+    Returns:
+      The count.
+    """
     seen = 0
     for batch in batches:
         seen += len(next(iter(batch.values())))
@@ -327,9 +343,11 @@ class EpochData:
     steps_per_epoch: int
 
     def train(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        """Epoch `epoch` of this retraining: the data's epoch ``first_epoch + epoch``."""
         return rebatch(self.data.train(self.first_epoch + epoch), self.batch_size, self.examples)
 
     def validation(self) -> Iterable[Batch]:
+        """The data's validation batches, unchanged."""
         return self.data.validation()
 
 
@@ -337,6 +355,15 @@ def epoch_data(
     data: Any, first_epoch: int, batch_size: int | None, examples: int | None
 ) -> EpochData:
     """`EpochData` with its number of steps counted from the data's epoch `first_epoch`.
+
+    Args:
+      data: `PruneData`.
+      first_epoch: the data's epoch read as this retraining's epoch 0.
+      batch_size: images per batch; None: the data's batches.
+      examples: images per epoch (the first ones); None: all.
+
+    Returns:
+      The `EpochData` (its epochs are assumed to hold as many images as the first).
 
     Raises:
       ValueError: the epoch holds less than one batch.
