@@ -10,6 +10,7 @@ Example:
 """
 
 from jaxprune import nnx
+from jaxprune import ops as _ops  # noqa: F401  (applies the CPU compiler defaults first)
 from jaxprune.gates import activations_and_gradients, gated_apply_fn, gated_call, map_over_masks
 from jaxprune.graph import ChannelGraph, ChannelGroup, GraphError, channel_graph
 from jaxprune.program import PrunedProgram
