@@ -1,12 +1,18 @@
-"""Progressive simplification killed (SIGKILL) after a layer resumes and ends bit-identical."""
+"""Progressive simplification killed (SIGKILL) after a layer resumes and ends bit-identical.
+
+The slow tier (a real kill of a fresh interpreter); the default tier resumes in process
+(tests/test_progressive.py).
+"""
 
 from __future__ import annotations
 
 import sys
 
+import pytest
 from kill_resume import TESTS_DIR, kill_and_resume, numbered_entries
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
     command = [sys.executable, str(TESTS_DIR / "progressive_run.py")]
     expected, killed_at, whole = kill_and_resume(command, tmp_path, "checkpoints/layers")
