@@ -19,9 +19,11 @@ from jaxprune.criteria.functionality import (
     VisualizationConfig,
     channel_means,
     cosine_similarity,
+    filter_descriptors,
     image_descriptors,
     maximization_images,
     normalize_images,
+    response_maps,
     response_patterns,
     responsive_filters,
 )
@@ -304,6 +306,40 @@ def test_response_patterns_are_the_mean_activation_maps(toy):
     _, captured = gated_call(model.apply, graph, variables, jnp.asarray(images), capture=True)
     expected = np.moveaxis(np.asarray(captured["conv0"][0]).mean(axis=0), -1, 0)
     np.testing.assert_allclose(patterns, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_response_maps_are_the_gated_maps_in_batches(toy):
+    model, variables, graph = toy
+    images = np.random.default_rng(1).normal(size=(5, *SHAPE)).astype(np.float32)
+    groups = [g.name for g in graph.groups if g.name.startswith("conv")]
+    maps = response_maps(model.apply, graph, variables, groups, images, batch_size=2)
+    _, captured = gated_call(model.apply, graph, variables, jnp.asarray(images), capture=True)
+    for group in groups:
+        np.testing.assert_allclose(maps[group], captured[group][0], rtol=1e-5, atol=1e-6)
+
+
+def test_combined_descriptor_averages_image_and_response_similarity(hand_made):
+    model, variables, graph = hand_made
+    rng = np.random.default_rng(2)
+    images = rng.normal(size=(4, *SHAPE)).astype(np.float32)
+    probes = rng.normal(size=(6, *SHAPE)).astype(np.float32)
+    model_args = dict(apply_fn=model.apply, graph=graph, variables=variables, group="conv")
+    responses = filter_descriptors(
+        images, "responses", probes=probes, resolution=None, **model_args
+    )
+    # Filters 0 and 1 are the same kernel: identical (centred) responses.
+    np.testing.assert_allclose(responses[0], responses[1], rtol=1e-6)
+    np.testing.assert_allclose(responses.mean(axis=1), 0.0, atol=1e-9)
+    both = filter_descriptors(
+        images, "image+responses", probes=probes, resolution=None, **model_args
+    )
+    pixels = image_descriptors(images, "pixels")
+    expected = (cosine_similarity(pixels) + np.corrcoef(responses)) / 2
+    np.testing.assert_allclose(cosine_similarity(both), expected, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="runs the model"):
+        filter_descriptors(images, "responses")
+    with pytest.raises(ValueError, match="descriptor must be one of"):
+        filter_descriptors(images, "colour")
 
 
 def test_bad_inputs_name_the_fix(toy):

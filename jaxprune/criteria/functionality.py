@@ -50,7 +50,10 @@ from jaxprune.interpret import Interpreter, bind, frames_holding
 from jaxprune.trace import Const, TracedProgram, trace_apply
 
 NORMALIZATIONS = ("standardize", "l2", "none")
+# Descriptors of the images alone (`image_descriptors`).
 DESCRIPTORS = ("pixels", "pooled", "spectrum")
+# Descriptors that also run the model on probe images (`filter_descriptors`).
+RESPONSE_DESCRIPTORS = ("responses", "image+responses")
 OBJECTIVES = ("mean", "center")
 
 
@@ -672,28 +675,59 @@ def cosine_similarity(descriptors: jax.Array | np.ndarray) -> np.ndarray:
 # Functionality as responses, and how well a descriptor measures it
 
 
-def _map_reader(
-    apply_fn: Callable[..., Any],
-    graph: ChannelGraph,
-    variables: Any,
-    group: str,
-    example: np.ndarray,
-    apply_kwargs: Mapping[str, Any],
-) -> Callable[[Any, jax.Array], jax.Array]:
-    """A jitted (variables, batch) -> the group's NHWC map at its first gate point."""
-    point = gate_points(apply_fn, graph, variables, example, **apply_kwargs)[group][0]
+def _check_maps_point(point: GatePoint, group: str) -> None:
     if len(point.shape) != 4 or point.axis % 4 != 3 or point.channel_of_index is not None:
         raise ValueError(
             f"Group {group!r} is read as shape {point.shape} (channel axis {point.axis}); "
             "responses need an NHWC map with the group's channels last (a conv layer)."
         )
 
-    @jax.jit
-    def maps(variables: Any, batch: jax.Array) -> jax.Array:
-        _, captured = gated_call(apply_fn, graph, variables, batch, capture=True, **apply_kwargs)
-        return captured[group][0].astype(jnp.float32)
 
-    return maps
+def response_maps(
+    apply_fn: Callable[..., Any],
+    graph: ChannelGraph,
+    variables: Any,
+    groups: Sequence[str],
+    images: jax.Array | np.ndarray,
+    *,
+    batch_size: int = 256,
+    apply_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, np.ndarray]:
+    """Every filter's map at its group's (first) gate point on every image, for several groups
+    in one pass.
+
+    Args:
+      apply_fn, graph, variables: the model, its graph and variables.
+      groups: conv groups (each read as an NHWC map with its channels last).
+      images: (N, H, W, C) images in the model's input space.
+      batch_size: images per forward pass.
+      apply_kwargs: keyword arguments of `apply_fn` (default ``{"train": False}``).
+
+    Returns:
+      Per group, float32 (N, h, w, filters).
+
+    Raises:
+      ValueError: no images, or a group that is not read as an NHWC map.
+    """
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty (N, H, W, C) array, got {images.shape}.")
+    kwargs = dict(apply_kwargs) if apply_kwargs is not None else {"train": False}
+    points = gate_points(apply_fn, graph, variables, images[:1], **kwargs)
+    groups = list(groups)
+    for group in groups:
+        _check_maps_point(points[group][0], group)
+
+    @jax.jit
+    def maps(variables: Any, batch: jax.Array) -> dict[str, jax.Array]:
+        _, captured = gated_call(apply_fn, graph, variables, batch, capture=True, **kwargs)
+        return {g: captured[g][0].astype(jnp.float32) for g in groups}
+
+    parts = [
+        jax.device_get(maps(variables, jnp.asarray(images[k : k + batch_size])))
+        for k in range(0, len(images), batch_size)
+    ]
+    return {g: np.concatenate([np.asarray(p[g]) for p in parts]) for g in groups}
 
 
 def cell_means(maps: np.ndarray, resolution: int | None) -> np.ndarray:
@@ -765,16 +799,29 @@ def response_descriptors(
     Raises:
       ValueError: no probes, or a group that is not read as an NHWC map.
     """
-    probes = np.asarray(probes, np.float32)
-    if probes.ndim != 4 or probes.shape[0] == 0:
-        raise ValueError(f"probes must be a non-empty (P, H, W, C) array, got {probes.shape}.")
-    kwargs = dict(apply_kwargs) if apply_kwargs is not None else {"train": False}
-    maps = _map_reader(apply_fn, graph, variables, group, probes[:1], kwargs)
-    parts = [
-        cell_means(np.asarray(maps(variables, jnp.asarray(probes[k : k + batch_size]))), resolution)
-        for k in range(0, len(probes), batch_size)
-    ]
-    pooled = np.concatenate(parts)
+    maps = response_maps(
+        apply_fn,
+        graph,
+        variables,
+        [group],
+        probes,
+        batch_size=batch_size,
+        apply_kwargs=apply_kwargs,
+    )[group]
+    return describe_responses(maps, resolution)
+
+
+def describe_responses(maps: np.ndarray, resolution: int | None = 7) -> np.ndarray:
+    """The response descriptors of `response_descriptors` from the maps themselves.
+
+    Args:
+      maps: (P, h, w, filters) the layer's maps on the probes (`response_maps`).
+      resolution: the most cells per spatial axis (`cell_means`).
+
+    Returns:
+      float64 (filters, P * cells), each row centred.
+    """
+    pooled = cell_means(maps, resolution)
     descriptors = np.moveaxis(pooled, -1, 0).reshape(pooled.shape[-1], -1)
     return descriptors - descriptors.mean(axis=1, keepdims=True)
 
@@ -810,7 +857,14 @@ def response_similarity(
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"images must be a non-empty (N, H, W, C) array, got {images.shape}.")
     kwargs = dict(apply_kwargs) if apply_kwargs is not None else {"train": False}
-    maps = _map_reader(apply_fn, graph, variables, group, images[:1], kwargs)
+    point = gate_points(apply_fn, graph, variables, images[:1], **kwargs)[group][0]
+    _check_maps_point(point, group)
+
+    @jax.jit
+    def maps(variables: Any, batch: jax.Array) -> jax.Array:
+        _, captured = gated_call(apply_fn, graph, variables, batch, capture=True, **kwargs)
+        return captured[group][0].astype(jnp.float32)
+
     count, total, products = 0, None, None
     for k in range(0, len(images), batch_size):
         a = np.asarray(maps(variables, jnp.asarray(images[k : k + batch_size])), np.float64)
@@ -875,3 +929,76 @@ def similarity_agreement(similarity: np.ndarray, reference: np.ndarray) -> float
         )
     upper = np.triu_indices(s.shape[0], 1)
     return spearman(s[upper], r[upper])
+
+
+def filter_descriptors(
+    images: jax.Array | np.ndarray,
+    kind: str = "pixels",
+    normalization: str = "standardize",
+    *,
+    apply_fn: Callable[..., Any] | None = None,
+    graph: ChannelGraph | None = None,
+    variables: Any = None,
+    group: str | None = None,
+    probes: jax.Array | np.ndarray | None = None,
+    responses: np.ndarray | None = None,
+    resolution: int | None = 7,
+    apply_kwargs: Mapping[str, Any] | None = None,
+) -> np.ndarray:
+    """One descriptor per filter of a layer, of any kind: what functionality similarity compares.
+
+    Kinds:
+
+    * "pixels", "pooled", "spectrum": the filter's own activation-maximisation image
+      (`image_descriptors`; no model needed);
+    * "responses": the filter's pooled responses to the probe images (`response_descriptors`);
+    * "image+responses": both, each scaled to unit length and concatenated,
+      ``d_f = [p_f / |p_f|, r_f / |r_f|]`` with p_f the normalised pixels of its image and r_f
+      its centred responses, so that ``cos(d_f, d_g) = (cos(p_f, p_g) + corr(r_f, r_g)) / 2``
+      when neither part is zero. The equal weighting is a choice of jaxprune.
+
+    Args:
+      images: (filters, H, W, C) the layer's activation-maximisation images (image f of filter f).
+      kind: one of `DESCRIPTORS` or `RESPONSE_DESCRIPTORS`.
+      normalization: per-image normalisation of the image part (`normalize_images`).
+      apply_fn, graph, variables, group: the model and the layer (response kinds only).
+      probes: (P, H, W, C) probe images (response kinds only), e.g. every conv layer's
+        activation-maximisation images concatenated.
+      responses: instead of the model and probes, the layer's maps on the probes, (P, h, w,
+        filters) as `response_maps` returns them.
+      resolution: the response maps' most cells per axis (`cell_means`).
+      apply_kwargs: keyword arguments of `apply_fn` (default ``{"train": False}``).
+
+    Returns:
+      float64 (filters, descriptor length).
+
+    Raises:
+      ValueError: an unknown kind, or a response kind without the model, layer and probes
+        (or the responses).
+    """
+    if kind in DESCRIPTORS:
+        return image_descriptors(images, kind, normalization)
+    if kind not in RESPONSE_DESCRIPTORS:
+        raise ValueError(
+            f"descriptor must be one of {DESCRIPTORS + RESPONSE_DESCRIPTORS}, got {kind!r}."
+        )
+    if responses is None:
+        if any(v is None for v in (apply_fn, graph, variables, group, probes)):
+            raise ValueError(
+                f"The {kind!r} descriptor runs the model: pass apply_fn, graph, variables, "
+                "group and probes (or the layer's responses to the probes)."
+            )
+        responses = response_maps(
+            apply_fn, graph, variables, [group], probes, apply_kwargs=apply_kwargs
+        )[group]
+    responses = describe_responses(responses, resolution)
+    if len(responses) != len(images):
+        raise ValueError(f"{len(images)} images for {len(responses)} filters' responses.")
+    if kind == "responses":
+        return responses
+    pixels = image_descriptors(images, "pixels", normalization)
+
+    def unit(d: np.ndarray) -> np.ndarray:
+        return d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
+
+    return np.concatenate([unit(pixels), unit(responses)], axis=1)
