@@ -10,7 +10,7 @@ Command, on a machine with CIFAR-100 prepared for TFDS (`tfds build cifar100
 `jaxprune.checkpoint.save_model_file` (e.g. `jaxprune train ... --export`):
 
     jaxprune prune --config experiments/blending_resnet56_cifar100.py \\
-        --model-file workdirs/r56_c100/base.msgpack --workdir workdirs/blending_r56_c100
+        --variables workdirs/r56_c100/base.msgpack --workdir workdirs/blending_r56_c100
 
 Every generation and the fine-tuning are checkpointed in the workdir and the run resumes when
 started again. It has not been run at this scale here (no GPU, no CIFAR-100):
@@ -33,9 +33,9 @@ def get_config() -> PruneJob:
     """The paper-scale settings."""
     return PruneJob(
         method="blending",
-        # A zoo "resnet56" trained on CIFAR-100 (pass --model-file to use another path).
+        # A zoo "resnet56" trained on CIFAR-100 (pass --variables to use another file).
         model="resnet56",
-        model_file="workdirs/r56_c100/base.msgpack",
+        variables="workdirs/r56_c100/base.msgpack",
         # CIFAR-100: 5000 training images carved out as the validation split (fitness, criteria).
         data=DataConfig(name="cifar100", batch_size=128, validation_size=5000),
         blending=BlendingConfig(

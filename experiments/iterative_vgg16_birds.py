@@ -11,13 +11,12 @@ caltech_birds2011 --file_format=array_record`, see jaxprune.data):
 
     jaxprune prune --config experiments/iterative_vgg16_birds.py --workdir workdirs/vgg16_birds
 
-`model_file` must hold a VGG-16 (the zoo's "vgg16": 13 convs, dense 4096-4096, 200 classes)
+`variables` must hold a VGG-16 (the zoo's "vgg16": 13 convs, dense 4096-4096, 200 classes)
 already fine-tuned on Birds-200, written with `jaxprune.checkpoint.save_model_file` (e.g. by
 `jaxprune train ... --export`). The run checkpoints every 10 pruning steps and resumes when run
-again. From Python, with `job = get_config()` and the model file's module and variables:
+again (`--variables FILE` names another model file). From Python, with `job = get_config()`:
 
-    model = jaxprune.model.Model.linen(module, x, variables=variables)
-    iterative_prune(model, variables, jaxprune.data.load(job.data), job.iterative, workdir=...)
+    jaxprune.commands.prune.run_job(job, "workdirs/vgg16_birds")
 
 It has not been run here (no GPU, no Birds-200 data): only a few steps on TFDS mock data at
 32x32 with narrow widths run in tests/test_iterative.py.
@@ -33,7 +32,7 @@ def get_config() -> PruneJob:
     return PruneJob(
         method="iterative",
         model="vgg16",
-        model_file="workdirs/vgg16_birds/base.msgpack",
+        variables="workdirs/vgg16_birds/base.msgpack",
         data=DataConfig(name="caltech_birds2011", image_size=224, batch_size=32),
         iterative=IterativeConfig(
             criterion="taylor",

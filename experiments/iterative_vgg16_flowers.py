@@ -13,7 +13,7 @@ oxford_flowers102 --file_format=array_record`, see jaxprune.data):
 
     jaxprune prune --config experiments/iterative_vgg16_flowers.py --workdir workdirs/vgg16_flowers
 
-`model_file` must hold a VGG-16 (the zoo's "vgg16", 102 classes) fine-tuned on Flowers-102,
+`variables` must hold a VGG-16 (the zoo's "vgg16", 102 classes) fine-tuned on Flowers-102,
 written with `jaxprune.checkpoint.save_model_file`. Flowers-102 has its own validation split
 (1020 images), which every pruning decision reads. It has not been run here (no GPU, no
 Flowers-102 data): only a few steps on TFDS mock data run in tests/test_iterative.py.
@@ -33,7 +33,7 @@ def get_config() -> PruneJob:
     birds = load_config(Path(__file__).with_name("iterative_vgg16_birds.py"))
     return dataclasses.replace(
         birds,
-        model_file="workdirs/vgg16_flowers/base.msgpack",
+        variables="workdirs/vgg16_flowers/base.msgpack",
         data=DataConfig(name="oxford_flowers102", image_size=224, batch_size=32),
         iterative=dataclasses.replace(birds.iterative, updates_per_step=10),
     )

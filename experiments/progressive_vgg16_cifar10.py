@@ -28,7 +28,8 @@ Command:
 CIFAR-10 at 32x32, written with `jaxprune.checkpoint.save_model_file`. The run checkpoints after
 every layer (and during the final fine-tuning) and resumes when run again; it writes
 WORKDIR/result.json and prints the test accuracy. `get_config` gives the same run as a job for
-``jaxprune prune --config``.
+``jaxprune prune --config experiments/progressive_vgg16_cifar10.py --workdir WORKDIR`` (which
+also reports the base model's accuracy and writes WORKDIR/pruned.msgpack).
 
 It has not been run at full scale here (no GPU, no CIFAR-10): tests/test_progressive_paper.py
 runs it for a few updates on `tfds.testing.mock_data` with a narrow VGG-16.
@@ -84,9 +85,9 @@ def get_config() -> Any:
 
     return PruneJob(
         method="progressive",
-        # A zoo "vgg16" trained on CIFAR-10 at 32x32 (pass --model-file to use another path).
+        # A zoo "vgg16" trained on CIFAR-10 at 32x32 (pass --variables to use another file).
         model="vgg16",
-        model_file=MODEL_FILE,
+        variables=MODEL_FILE,
         data=DATA,
         progressive=paper_config(),
     )

@@ -3,8 +3,8 @@
     jaxprune demo                       # the quick start's main job (see `jaxprune.demo`)
     jaxprune train --config experiments/base_vgg_small.py --workdir workdirs/vgg_small
     jaxprune data prepare               # prepare Fashion-MNIST from the Debian package, once
-    jaxprune prune --method iterative --model vgg_small --workdir w --target-flops 0.5
-    jaxprune prune --method oneshot --model my_models.py:make_cnn --workdir w --ratio 0.5
+    jaxprune prune --method iterative --model vgg_small --workdir w --iterative.target-flops 0.5
+    jaxprune prune --method oneshot --model my_models.py:make_cnn --workdir w --oneshot.ratio 0.5
     jaxprune graph --model my_models.py:make_cnn   # the prunable channel groups of a model
     jaxprune score                      # criterion quality vs the oracle (Molchanov's Table 1)
 

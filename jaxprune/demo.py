@@ -7,43 +7,51 @@
     jaxprune demo --method blending                  # He et al. 2021, 12 criteria blended
     jaxprune demo --method functional                # Qin et al. 2019, repeated functionality
 
-Steps, each resumable from the workdir (run the same command again to continue):
+The demo is a `jaxprune prune` job (`commands.prune.run_job`) with demo-sized settings for each
+method (`METHOD_SETTINGS`, one table), so every step resumes from the workdir (run the same
+command again to continue; other settings in the same workdir are refused, naming them):
 
 1. prepare Fashion-MNIST from the Debian package (once) and load it;
-2. load the base model shipped in `jaxprune/pretrained/` (or train it with the config of
+2. take the base model shipped in `jaxprune/pretrained/` (or train it with the config of
    `experiments/base_<model>.py` when the file is missing);
-3. score every kernel with the criterion on validation images, keep the best `1 - ratio` of
-   every convolution's channels, and remove the rest physically (`surgery.prune`); with
-   ``--method iterative``, remove `channels_per_step` kernels at a time over all convolutions,
-   with `updates_per_step` fine-tuning updates in between, until `ratio` of them are gone
-   (`jaxprune.methods.iterative`, checkpointed in `workdir/iterative`); with ``--method
-   progressive`` (or another paper method), the method's own procedure with demo-sized settings
-   (`METHOD_SETTINGS`), checkpointed in `workdir/<method>`;
-4. fine-tune the pruned model (`finetune_epochs`), checkpointed in `workdir/finetune`;
+3. prune it with the method: one-shot scores every kernel on validation images and removes
+   `ratio` of every convolution's; iterative removes `channels_per_step` kernels at a time with
+   `updates_per_step` fine-tuning updates in between until `ratio` of all are gone; the paper
+   methods run their own procedure;
+4. fine-tune the pruned model (`finetune_epochs`, inside the method: its result is the final
+   model, ``workdir/pruned.msgpack``);
 5. evaluate both on the test split, count MACs and parameters, time CPU inference at batch 1
-   and 128, and print a table; `workdir/summary.png` and `workdir/results.json` keep it.
+   and 128, and print a table; `workdir/summary.png` and `workdir/results.json` keep it (and
+   `workdir/result.json` the whole `jaxprune prune` report).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import checkpoint, cost, data, train, train_job
-from jaxprune.graph import channel_graph
-from jaxprune.methods.contract import DatasetData
-from jaxprune.methods.oneshot import OneShotConfig, oneshot_prune
-from jaxprune.model import Model
-from jaxprune.models import widths_from_params
-from jaxprune.surgery import Pruned
+from jaxprune import cost, data, train, train_job
+from jaxprune.commands.config import UsageError
+from jaxprune.commands.prune import PRUNED_FILE, PruneJob, load_job_model, load_pruned, run_job
+from jaxprune.criteria.functionality import VisualizationConfig
+from jaxprune.fit import FitConfig
+from jaxprune.methods.blending import BlendingConfig
+from jaxprune.methods.evolution import EvolutionConfig
+from jaxprune.methods.functional import FunctionalConfig
+from jaxprune.methods.iterative import IterativeConfig
+from jaxprune.methods.oneshot import OneShotConfig
+from jaxprune.methods.progressive import ProgressiveConfig
+from jaxprune.run import write_json_atomic
 
 PRETRAINED = Path(__file__).parent / "pretrained"
+# Fashion-MNIST's training images once the 5000 validation ones are carved out.
+TRAIN_IMAGES = 55_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,17 +68,19 @@ class DemoConfig:
     finetune_lr: float = 0.01
     finetune_examples: int = 0
     score_examples: int = 1024
+    eval_examples: int = 0
     base: str = ""
     seed: int = 0
     channels_per_step: int = 16
     updates_per_step: int = 10
+    timing: bool = True
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(DemoConfig))
 HELP = {
     "model": "zoo model (its base model must be shipped or trainable: lenet5, vgg_small)",
     "dataset": "dataset name (fashion_mnist is built in)",
-    "workdir": "where checkpoints, results.json and summary.png go",
+    "workdir": "where checkpoints, result.json, results.json and summary.png go",
     "method": "pruning method: oneshot, iterative, progressive, blending, functional",
     "criterion": "relevance criterion by name (see jaxprune.criteria.CRITERIA); default: the "
     "method's own (oneshot l1, iterative taylor, progressive oracle_loss, blending all: the "
@@ -78,242 +88,238 @@ HELP = {
     "ratio": "fraction of every convolution's kernels to remove (iterative: of all of them)",
     "finetune_epochs": "epochs of fine-tuning after pruning (0: none)",
     "finetune_lr": "learning rate of the fine-tuning (SGD, momentum 0.9, cosine)",
-    "finetune_examples": "fine-tune on a fixed subset of this many training images (0: all)",
+    "finetune_examples": "train on a fixed subset of this many training images (0: all)",
     "score_examples": "validation images the criterion sees",
+    "eval_examples": "evaluate on the first this-many validation and test images (0: all)",
     "base": "base model file (default: jaxprune/pretrained/<model>_<dataset>.msgpack)",
-    "seed": "seed of scoring (random criterion) and fine-tuning",
+    "seed": "seed of scoring (random criterion), data order and fine-tuning",
     "channels_per_step": "iterative: kernels removed per pruning step (the paper: 1)",
     "updates_per_step": "iterative: fine-tuning updates between pruning steps",
+    "timing": "time CPU inference of the base and pruned models",
 }
 
 
-def _progressive_settings(config: DemoConfig) -> Any:
-    from jaxprune.methods.progressive import ProgressiveConfig
+def _finetune(config: DemoConfig) -> FitConfig | None:
+    """SGD with momentum 0.9 and a cosine schedule from `finetune_lr`; None for 0 epochs."""
+    if config.finetune_epochs <= 0:
+        return None
+    optimizer = train.OptimizerConfig(
+        name="sgd",
+        learning_rate=config.finetune_lr,
+        momentum=0.9,
+        schedule="cosine",
+        weight_decay=5e-4,
+    )
+    return FitConfig(epochs=config.finetune_epochs, optimizer=optimizer, seed=config.seed)
 
-    # Osaku et al.'s procedure at demo size: a few hundred images per layer, learning rates x100
-    # of the authors' (their 1e-5..1e-8 need a whole epoch of batch-8 updates per layer).
-    return ProgressiveConfig(
+
+def _batches(examples: int, batch_size: int = 128) -> int:
+    return max(1, -(-examples // batch_size))
+
+
+def _oneshot(config: DemoConfig) -> OneShotConfig:
+    return OneShotConfig(
         criterion=config.criterion,
         ratio=config.ratio,
-        score_examples=256,
-        retrain_examples=512,
-        learning_rates=((0, 1e-3), (1, 1e-4), (3, 1e-5)),
-        eval_examples=1000,
+        scope="conv",
+        score_batches=_batches(config.score_examples),
+        finetune=_finetune(config),
         seed=config.seed,
     )
 
 
-def _blending_settings(config: DemoConfig) -> Any:
-    from jaxprune.methods.blending import BlendingConfig
-    from jaxprune.methods.evolution import EvolutionConfig
+def _iterative(config: DemoConfig) -> IterativeConfig:
+    # Pruning steps until `ratio` of the conv kernels are gone, then `finetune_epochs` epochs
+    # of updates at the steps' batch size and learning rate.
+    images = config.finetune_examples or TRAIN_IMAGES
+    return IterativeConfig(
+        criterion=config.criterion,
+        channels_per_step=config.channels_per_step,
+        updates_per_step=config.updates_per_step,
+        target_channels=1.0 - config.ratio,
+        final_updates=round(config.finetune_epochs * images / 64),
+        batch_size=64,
+        eval_examples=min(1000, config.eval_examples or 1000),
+        seed=config.seed,
+    )
 
+
+def _progressive(config: DemoConfig) -> ProgressiveConfig:
+    # Osaku et al.'s procedure at demo size: a few hundred images per layer, learning rates x100
+    # of the authors' (their 1e-5..1e-8 need a whole epoch of batch-8 updates per layer); the
+    # final step fine-tunes the whole network like the other methods (no re-initialisation).
+    return ProgressiveConfig(
+        criterion=config.criterion,
+        ratio=config.ratio,
+        score_examples=min(256, config.score_examples),
+        retrain_examples=512,
+        learning_rates=((0, 1e-3), (1, 1e-4), (3, 1e-5)),
+        final_finetune_epochs=config.finetune_epochs,
+        final_learning_rate=config.finetune_lr,
+        final_batch_size=64,
+        final_reinit="none",
+        eval_examples=min(1000, config.eval_examples or 1000),
+        seed=config.seed,
+    )
+
+
+def _blending(config: DemoConfig) -> BlendingConfig:
     # He et al.'s search at demo size: 8 candidates for 5 generations on 500 validation images
-    # (the library's defaults: 32 for 20 on 1000), one candidate per call on a CPU (automatic
-    # chunk size); the demo's own fine-tuning follows.
+    # (the library's defaults: 32 for 20 on 1000), one candidate per call on a CPU.
     return BlendingConfig(
         criterion=config.criterion,
         ratio=config.ratio,
         evolution=EvolutionConfig(population=8, generations=5),
-        score_examples=512,
-        fitness_examples=500,
-        finetune_epochs=0,
+        score_examples=min(512, config.score_examples),
+        fitness_examples=min(500, config.score_examples),
+        finetune=_finetune(config),
         seed=config.seed,
     )
 
 
-def _functional_settings(config: DemoConfig) -> Any:
-    from jaxprune.criteria.functionality import VisualizationConfig
-    from jaxprune.methods.functional import FunctionalConfig
-
+def _functional(config: DemoConfig) -> FunctionalConfig:
     # Qin et al.'s method at demo size: 24 ascent steps of 0.1 per image (the default: 64 of
-    # 0.05), the representative chosen by Taylor on 512 images; the demo's own fine-tuning
-    # follows.
+    # 0.05), the representative chosen by Taylor on 512 images.
     return FunctionalConfig(
         criterion=config.criterion,
         ratio=config.ratio,
         visualization=VisualizationConfig(steps=24, step_size=0.1),
-        score_examples=512,
-        finetune_epochs=0,
+        score_examples=min(512, config.score_examples),
+        finetune=_finetune(config),
         seed=config.seed,
     )
 
 
-# The paper methods run by their `jaxprune prune` runner: method -> (default criterion, the
-# demo's settings of the method's config).
-METHOD_SETTINGS: dict[str, tuple[str, Any]] = {
-    "progressive": ("oracle_loss", _progressive_settings),
-    "blending": ("all", _blending_settings),
-    "functional": ("taylor", _functional_settings),
-}
-DEFAULT_CRITERIA = {"oneshot": "l1", "iterative": "taylor"} | {
-    method: criterion for method, (criterion, _) in METHOD_SETTINGS.items()
-}
-METHODS = tuple(DEFAULT_CRITERIA)
+class MethodSettings(NamedTuple):
+    """A method's default criterion in the demo and its demo-sized config."""
+
+    criterion: str
+    config: Callable[[DemoConfig], Any]
 
 
-def base_model_file(config: DemoConfig) -> Path:
-    """The base model: the given file, the shipped one, or one trained into the workdir."""
+# The demo's settings of every method (`jaxprune.methods.registry.METHODS`), in one table.
+METHOD_SETTINGS: dict[str, MethodSettings] = {
+    "oneshot": MethodSettings("l1", _oneshot),
+    "iterative": MethodSettings("taylor", _iterative),
+    "progressive": MethodSettings("oracle_loss", _progressive),
+    "blending": MethodSettings("all", _blending),
+    "functional": MethodSettings("taylor", _functional),
+}
+DEFAULT_CRITERIA = {method: settings.criterion for method, settings in METHOD_SETTINGS.items()}
+METHODS = tuple(METHOD_SETTINGS)
+
+
+def base_model_file(config: DemoConfig) -> Path | None:
+    """The base model: the given file, None for the shipped one, or one trained into the
+    workdir (resumable) when neither exists."""
     if config.base:
         path = Path(config.base)
         if not path.is_file():
-            raise FileNotFoundError(f"--base {path} does not exist.")
+            raise UsageError(f"--base {path} does not exist.")
         return path
     shipped = PRETRAINED / f"{config.model}_{config.dataset}.msgpack"
     if shipped.is_file():
-        return shipped
+        return None
     trained = Path(config.workdir) / "base.msgpack"
     if trained.is_file():
         return trained
     experiment = Path(__file__).parent.parent / "experiments" / f"base_{config.model}.py"
     if not experiment.is_file():
-        raise FileNotFoundError(
+        raise UsageError(
             f"No base model for {config.model} on {config.dataset}: neither {shipped} nor a "
             f"training config {experiment}. Train one with `jaxprune train` and pass --base."
         )
     from jaxprune.commands.config import load_config
 
     print(f"no shipped base model: training one with {experiment} (resumable)")
-    train_config = dataclasses.replace(load_config(experiment))
     workdir = Path(config.workdir) / "base"
-    result = train_job.train_and_evaluate(train_config, workdir)
+    result = train_job.train_and_evaluate(load_config(experiment), workdir)
     return train_job.export_latest(workdir, trained, meta={"result": result})
+
+
+def demo_job(config: DemoConfig, base: Path | None = None) -> PruneJob:
+    """The `jaxprune prune` job the demo runs (`config.criterion` already chosen)."""
+    eval_examples = config.eval_examples or None
+    settings = METHOD_SETTINGS[config.method].config(config)
+    return dataclasses.replace(
+        PruneJob(
+            method=config.method,
+            model=config.model,
+            variables=str(base) if base is not None else "",
+            data=data.DataConfig(
+                name=config.dataset,
+                seed=config.seed,
+                train_examples=config.finetune_examples or None,
+                validation_examples=eval_examples,
+                test_examples=eval_examples,
+            ),
+        ),
+        **{config.method: settings},
+    )
 
 
 def run(config: DemoConfig) -> dict[str, Any]:
     """Runs the demo and returns its results (also written to `workdir/results.json`)."""
-    if config.method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {config.method!r}.")
+    if config.method not in METHOD_SETTINGS:
+        raise UsageError(f"method must be one of {METHODS}, got {config.method!r}.")
     if not config.criterion:
         config = dataclasses.replace(config, criterion=DEFAULT_CRITERIA[config.method])
     workdir = Path(config.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    data_config = data.DataConfig(name=config.dataset, seed=config.seed)
-    dataset = data.load(data_config)
+    job = demo_job(config, base_model_file(config))
+    report = run_job(job, workdir, quiet=True)
 
-    model, variables, meta = checkpoint.load_model_file(base_model_file(config))
-    x = jnp.zeros((1, *dataset.image_shape), jnp.float32)
-    graph = channel_graph(model.apply, variables, x)
-
-    pruned_file = workdir / "pruned.msgpack"
-    if not pruned_file.is_file():
-        if config.method == "iterative":
-            pruned = _iterative(config, variables, dataset, workdir)
-        elif config.method in METHOD_SETTINGS:
-            pruned = _paper_method(config, model, variables, dataset, workdir)
-        else:
-            result = oneshot_prune(
-                Model.linen(model, x, variables=variables),
-                variables,
-                DatasetData(dataset, 128, seed=config.seed),
-                OneShotConfig(
-                    criterion=config.criterion,
-                    ratio=config.ratio,
-                    scope="conv",
-                    score_batches=max(1, -(-config.score_examples // 128)),
-                    seed=config.seed,
-                ),
-            )
-            widths = widths_from_params(result.variables["params"])
-            pruned = Pruned(result.variables, None, widths, dict(result.keep))
-        keep = pruned.keep
-        checkpoint.save_model_file(
-            pruned_file,
-            model_name=config.model,
-            num_classes=dataset.num_classes,
-            widths=pruned.widths,
-            variables=pruned.variables,
-            input_shape=dataset.image_shape,
-            meta={
-                "criterion": config.criterion,
-                "ratio": config.ratio,
-                "keep": {k: v.tolist() for k, v in keep.items()},
-            },
-        )
-    small, small_variables, _ = checkpoint.load_model_file(pruned_file)
-    rows = {"base": _measure(model, variables, dataset)}
-    if config.finetune_epochs > 0:
-        rows["pruned, before fine-tuning"] = _measure(small, small_variables, dataset, timing=False)
-        small_variables = train_job.fine_tune(
-            config.model,
-            pruned_file,
-            data.DataConfig(name=config.dataset, train_examples=config.finetune_examples or None),
-            workdir / "finetune",
-            epochs=config.finetune_epochs,
-            learning_rate=config.finetune_lr,
-            seed=config.seed,
-        )
-    rows["pruned"] = _measure(small, small_variables, dataset)
-    base_cost = cost.count(model.apply, variables, x)
-    pruned_cost = cost.count(small.apply, small_variables, x)
-    report = {
+    loaded = load_job_model(job)
+    base_model, base_variables = loaded.model, loaded.variables
+    small, small_variables, _ = load_pruned(
+        workdir / PRUNED_FILE, base=(base_model, base_variables)
+    )
+    base_cost = _count(base_model, base_variables)
+    pruned_cost = _count(small, small_variables)
+    metrics = report["metrics"]
+    rows = {
+        "base": _row(base_model, base_variables, base_cost, metrics["base"], config.timing),
+        "pruned": _row(small, small_variables, pruned_cost, metrics["pruned"], config.timing),
+    }
+    results = {
         "config": dataclasses.asdict(config),
         "results": rows,
         "layers": cost.compare(base_cost, pruned_cost),
     }
-    (workdir / "results.json").write_text(json.dumps(report, indent=2, default=float))
-    _print_table(config, rows, report["layers"])
+    write_json_atomic(workdir / "results.json", results)
+    _print_table(config, rows, results["layers"])
+    widths = report["widths"]
     fractions = summary_fractions(
-        [g.name for g in graph.groups],
-        widths_from_params(variables["params"]),
-        widths_from_params(small_variables["params"]),
-        base_cost,
-        pruned_cost,
+        list(widths["before"]), widths["before"], widths["after"], base_cost, pruned_cost
     )
     figures = _plot(workdir / "summary.png", config, rows, fractions)
     print(f"\nwrote {workdir / 'results.json'}, " + " and ".join(str(p) for p in figures.values()))
-    return report
+    return results
 
 
-def _iterative(config: DemoConfig, variables, dataset, workdir: Path):
-    """Iterative pruning until `ratio` of the convolution kernels are gone (resumable)."""
-    from jaxprune.methods.iterative import IterativeConfig, iterative_prune
-
-    iterative = IterativeConfig(
-        criterion=config.criterion,
-        channels_per_step=config.channels_per_step,
-        updates_per_step=config.updates_per_step,
-        target_channels=1.0 - config.ratio,
-        batch_size=64,
-        eval_examples=1000,
-        test_at_end=False,
-        seed=config.seed,
-        progress=True,
-    )
-    return iterative_prune(
-        iterative, config.model, variables, dataset, workdir=workdir / "iterative"
-    )
+def _count(model: Any, variables: Any) -> cost.CostReport:
+    return cost.count(model.apply_fn, variables, model.example_input, **model.eval_kwargs)
 
 
-def _paper_method(config: DemoConfig, model, variables, dataset, workdir: Path):
-    """A paper method through its `jaxprune prune` runner, in `workdir/<method>` (resumable)."""
-    from jaxprune.commands.prune import RUNNERS
-
-    settings = METHOD_SETTINGS[config.method][1](config)
-    runner = RUNNERS[config.method]
-    method_dir = workdir / config.method
-    report = runner.run(settings, config.model, model, variables, dataset, method_dir)
-    _, pruned_variables, _ = checkpoint.load_model_file(method_dir / "pruned.msgpack")
-    keep = {group: np.asarray(indices) for group, indices in report["keep"].items()}
-    return Pruned(pruned_variables, None, dict(report["widths"]), keep)
-
-
-def _measure(model, variables, dataset, timing: bool = True) -> dict[str, float]:
-    x1 = jnp.zeros((1, *dataset.image_shape), jnp.float32)
-    counted = cost.count(model.apply, variables, x1)
-    test = train.evaluate(
-        Model.linen(model, x1), variables, data.preprocessed_batches(dataset, "test", 500)
-    )
+def _row(
+    model: Any, variables: Any, counted: cost.CostReport, metrics: dict[str, Any], timing: bool
+) -> dict[str, float]:
     row = {
-        "test_accuracy": test["accuracy"],
-        "test_kappa": test["kappa"],
+        "test_accuracy": metrics["test"]["accuracy"],
+        "test_kappa": metrics["test"]["kappa"],
+        "validation_accuracy": metrics["validation"]["accuracy"],
         "macs": counted.macs,
         "flops": counted.flops,
         "params": counted.params,
     }
     if timing:
-        b128 = jax.random.normal(jax.random.key(0), (128, *dataset.image_shape))
-        row["latency_b1_ms"] = 1e3 * cost.latency(model.apply, variables, x1).median
-        row["latency_b128_ms"] = 1e3 * cost.latency(model.apply, variables, b128).median
+        shape = model.example_input.shape[1:]
+        x1 = jnp.zeros((1, *shape), jnp.float32)
+        b128 = jax.random.normal(jax.random.key(0), (128, *shape))
+        kwargs = model.eval_kwargs
+        row["latency_b1_ms"] = 1e3 * cost.latency(model.apply_fn, variables, x1, **kwargs).median
+        row["latency_b128_ms"] = (
+            1e3 * cost.latency(model.apply_fn, variables, b128, **kwargs).median
+        )
     return row
 
 
@@ -328,12 +334,6 @@ def _print_table(config, rows, layers: str) -> None:
     )
     print(layers)
     print()
-    if "pruned, before fine-tuning" in rows:
-        before = rows["pruned, before fine-tuning"]
-        print(
-            f"pruned, before fine-tuning: test accuracy {100 * before['test_accuracy']:.2f}%, "
-            f"kappa {before['test_kappa']:.4f}\n"
-        )
     print(f"{'':<18}{'base':>12}{'pruned':>12}{'ratio':>9}")
     fmt = {
         "test_accuracy": ("test accuracy", lambda v: f"{100 * v:.2f}%"),
@@ -344,6 +344,8 @@ def _print_table(config, rows, layers: str) -> None:
         "latency_b128_ms": ("CPU ms, batch 128", lambda v: f"{v:.2f}"),
     }
     for key, (label, show) in fmt.items():
+        if key not in base:
+            continue
         ratio = base[key] / pruned[key] if key not in ("test_accuracy", "test_kappa") else None
         print(
             f"{label:<18}{show(base[key]):>12}{show(pruned[key]):>12}"
