@@ -101,7 +101,17 @@ def test_inspect_command_writes_and_links_the_report(tmp_path):
     model_file = REPO_ROOT / "jaxprune/pretrained/lenet5_fashion_mnist.msgpack"
     out = tmp_path / "inspect"
     args = build_parser().parse_args(
-        ["inspect", "--model-file", str(model_file), "--layer", "all", "--images", "4"]
+        [
+            "inspect",
+            "--model",
+            "lenet5",
+            "--variables",
+            str(model_file),
+            "--layer",
+            "all",
+            "--images",
+            "4",
+        ]
         + ["--scores", "none", "--functionality", "--out", str(out)]
     )
     assert args.func(args) == 0

@@ -186,8 +186,10 @@ def test_p_counts_and_the_n_lowest_by_score_are_selected(browser, toy, tmp_path)
     # p = 25% of 8 kernels is 2; the field for "select the N lowest" follows p.
     assert text_of(browser, "p-count") == "2"
     assert browser.find_element("id", "lowest-count").get_attribute("value") == "2"
-    set_number(browser, "p-percent", "31.25")  # 2.5 kernels: rounded half to even, as the run
+    set_number(browser, "p-percent", "31.25")  # 2.5 kernels: floored, as the run counts p
     assert text_of(browser, "p-count") == "2"
+    set_number(browser, "p-percent", "48.75")  # 3.9 kernels: still 3 (nearest would say 4)
+    assert text_of(browser, "p-count") == "3"
     set_number(browser, "p-percent", "40")  # 3.2 kernels
     assert text_of(browser, "p-count") == "3"
     assert browser.find_element("id", "lowest-count").get_attribute("value") == "3"

@@ -37,6 +37,7 @@ from jaxprune.inspect.filters import kernel_filters
 from jaxprune.inspect.macs import macs_per_kernel as default_macs_per_kernel
 from jaxprune.inspect.maps import activation_maps
 from jaxprune.inspect.selection import FORMAT, SHORT_FINGERPRINT, model_fingerprint
+from jaxprune.methods.progressive_choice import removal_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +63,12 @@ class PageConfig:
     # The criterion the scores come from, named in the legend (oracle_loss: the objective one).
     score_name: str = "oracle_loss"
     # p: the fraction of the layer a progressive run removes (the paper's 5%); the page shows
-    # the count it means (rounded to the nearest, at least one kernel kept) and offers to
+    # the count it means (as the run counts it, at least one kernel kept) and offers to
     # select that many of the lowest scores.
     ratio: float = 0.05
+    # How the run turns p into a count: "floor" (its default, as the authors' code) or
+    # "nearest" (`ProgressiveConfig.rounding`).
+    rounding: str = "floor"
     # p as a count of kernels instead (a run's `count` or `per_layer` entry); overrides ratio.
     count: int | None = None
     # The model's fingerprint recorded in the exported file; None: that of the variables shown
@@ -159,6 +163,7 @@ def kernel_page(
         "model_fingerprint": fingerprint,
         "group": group,
         "num_kernels": int(num_kernels),
+        "rounding": config.rounding,
         "macs_per_kernel": float(macs_per_kernel),
         "download_name": download,
         "save_to": config.save_to,
@@ -287,8 +292,9 @@ def _suggestion(config: PageConfig, num_kernels: int) -> tuple[int, float]:
         return int(config.count), 100.0 * config.count / num_kernels
     if not 0.0 <= config.ratio < 1.0:
         raise ValueError(f"PageConfig.ratio must be in [0, 1); got {config.ratio}.")
-    # Python's round (half to even), as `progressive.removal_count`; the page's script too.
-    return min(int(round(config.ratio * num_kernels)), num_kernels - 1), 100.0 * config.ratio
+    # The run's own rule (`removal_count`); the page's script repeats it as p is edited.
+    count = removal_count(float(config.ratio), num_kernels, rounding=config.rounding)
+    return count, 100.0 * config.ratio
 
 
 def _number(value: float) -> str:
@@ -483,9 +489,11 @@ _SCRIPT = """
     return Math.abs(x % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
   }
 
+  // The run's rule (`removal_count`): floored (with its tolerance for 0.05 * 60) or nearest.
   function countFor(percent) {
     if (!(percent >= 0)) return 0;
-    const wanted = roundHalfEven(percent / 100 * data.num_kernels);
+    const exact = percent / 100 * data.num_kernels;
+    const wanted = data.rounding === "nearest" ? roundHalfEven(exact) : Math.floor(exact + 1e-9);
     return Math.max(0, Math.min(wanted, data.num_kernels - 1));
   }
 
