@@ -1,95 +1,267 @@
-"""`jaxprune prune --method ...` end to end on the shipped LeNet-5, for the paper methods.
+"""`jaxprune prune` end to end: every method through the one generic path, on a model of your
+own (a file with hard-coded widths) and on the zoo's LeNet-5.
 
-Each method's own tests pin its formulas and resume; these check the command line wiring: the
-flags reach the method's config, the workdir gets a loadable pruned model and a report of the
-common shape, and a second run of the same command resumes instead of starting over.
+Each method's own tests pin its formulas and resume; these check the command: flags reach the
+method's config, everything is checked before data loads, the workdir belongs to one run (the
+same command resumes, other settings are refused by name), and ``pruned.msgpack`` is the final
+model whose metrics are those of ``result.json``.
 """
 
-import argparse
+from __future__ import annotations
+
 import json
+import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from jaxprune import checkpoint
+from jaxprune import checkpoint, data, train
+from jaxprune.cli import main
 from jaxprune.commands import prune as prune_command
-from jaxprune.models import widths_from_params
+from jaxprune.graph import channel_graph
+from jaxprune.methods.registry import METHODS
+from jaxprune.surgery import prune
 
-LENET = Path(prune_command.PRETRAINED) / "lenet5_fashion_mnist.msgpack"
-COMMON = [
-    f"--model-file={LENET}",
+# A CNN written without jaxprune in mind: widths typed in, BatchNorm, a train flag of its own
+# name.
+USER_MODEL = textwrap.dedent(
+    """
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+
+    class SmallCNN(nn.Module):
+        @nn.compact
+        def __call__(self, x, training: bool = False):
+            x = nn.Conv(8, (3, 3))(x)
+            x = nn.BatchNorm(use_running_average=not training, momentum=0.9)(x)
+            x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+            x = nn.relu(nn.Conv(12, (3, 3), strides=(2, 2))(x))
+            x = jnp.mean(x, axis=(1, 2))
+            return nn.Dense(10)(x)
+
+
+    def make_cnn(input_shape):
+        module = SmallCNN()
+        variables = module.init(jax.random.key(0), jnp.zeros((1, *input_shape)))
+        return module, variables
+    """
+)
+# Small splits: 256 training, 128 validation and 128 test images.
+DATA = [
+    "--set=data.train_examples=256",
     "--set=data.validation_examples=128",
     "--set=data.test_examples=128",
-    "--no-progress",
 ]
-# method -> its flags for a tiny run, and a check of the job the flags built.
-METHOD_ARGS = {
-    "progressive": (
-        [
-            "--criterion=l1",
-            "--ratio=0.25",
-            "--retrain-examples=64",
-            "--score-examples=64",
-            "--retraining=complete",
-            "--set=progressive.eval_examples=128",
-        ],
-        lambda job: job.progressive.ratio == 0.25 and job.progressive.retraining == "complete",
-    ),
-    "blending": (
-        [
-            "--criterion=l1,fpgm,apoz,taylor_bn_gamma",
-            "--ratio=0.25",
-            "--population=4",
-            "--generations=2",
-            "--fitness-examples=64",
-            "--score-examples=64",
-        ],
-        lambda job: job.blending.evolution.population == 4 and job.blending.ratio == 0.25,
-    ),
-    "functional": (
-        [
-            "--ratio=0.25",
-            "--visualization-steps=4",
-            "--score-examples=64",
-            "--representative=centroid",
-        ],
-        lambda job: job.functional.ratio == 0.25 and job.functional.representative == "centroid",
-    ),
+# method -> flags of a tiny run.
+TINY = {
+    "oneshot": [
+        "--oneshot.ratio=0.5",
+        "--oneshot.score-batches=1",
+        "--set=oneshot.finetune.epochs=1",
+    ],
+    "iterative": [
+        "--iterative.target-channels=0.7",
+        "--iterative.channels-per-step=3",
+        "--iterative.updates-per-step=2",
+        "--iterative.batch-size=32",
+        "--iterative.eval-examples=64",
+    ],
+    "progressive": [
+        "--progressive.criterion=l1",
+        "--progressive.ratio=0.25",
+        "--progressive.retrain-examples=64",
+        "--progressive.score-examples=64",
+        "--progressive.eval-examples=64",
+    ],
+    "blending": [
+        "--blending.criterion=l1,fpgm,apoz,activation_mean",
+        "--blending.ratio=0.25",
+        "--blending.score-examples=64",
+        "--blending.fitness-examples=64",
+        "--set=blending.evolution.population=4",
+        "--set=blending.evolution.generations=2",
+        "--set=blending.finetune=None",
+    ],
+    "functional": [
+        "--functional.ratio=0.25",
+        "--functional.score-examples=64",
+        "--functional.representative=centroid",
+        "--set=functional.visualization.steps=4",
+    ],
 }
 
 
-def run_prune_command(argv: list[str]) -> tuple[int, argparse.Namespace]:
-    parser = argparse.ArgumentParser(prog="jaxprune")
-    prune_command.add_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args), args
+@pytest.fixture(scope="module")
+def user_model(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("models") / "small_cnn.py"
+    path.write_text(USER_MODEL)
+    return f"{path}:make_cnn"
 
 
-@pytest.mark.parametrize("method", sorted(METHOD_ARGS))
-def test_prune_command_runs_each_paper_method(tmp_path, method, capsys):
-    extra, job_is_right = METHOD_ARGS[method]
-    argv = ["prune", f"--method={method}", f"--workdir={tmp_path}", *COMMON, *extra]
-    code, args = run_prune_command(argv)
-    assert code == 0
-    assert job_is_right(prune_command.job_from_args(args))
-    model, variables, meta = checkpoint.load_model_file(tmp_path / "pruned.msgpack")
-    report = json.loads((tmp_path / "result.json").read_text())
-    assert report["job"]["method"] == method == meta["method"]
-    widths = widths_from_params(variables["params"])
-    assert report["widths"] == widths
-    assert widths["conv1"] + widths["conv2"] < 6 + 16
-    summary = report["summary"]
-    assert summary["final"]["macs"] < summary["base"]["macs"]
-    assert 0.0 < summary["test"]["accuracy"] <= 1.0
-    assert f"pruned by {method}" in capsys.readouterr().out
-
-    # The same command again finds the finished run in its workdir.
-    code, _ = run_prune_command(argv)
-    assert code == 0
-    again = json.loads((tmp_path / "result.json").read_text())
-    assert again["widths"] == report["widths"] and again["keep"] == report["keep"]
+def prune_argv(method: str, model: str, workdir: Path, *extra: str) -> list[str]:
+    return [
+        "prune",
+        f"--method={method}",
+        f"--model={model}",
+        f"--workdir={workdir}",
+        "--no-progress",
+        *DATA,
+        *TINY[method],
+        *extra,
+    ]
 
 
-def test_an_unknown_method_is_refused(tmp_path):
+def test_flags_are_each_methods_config_fields_one_name_each():
+    parser = prune_command.add_command(
+        __import__("argparse").ArgumentParser().add_subparsers(dest="command")
+    )
+    args = parser.parse_args(
+        ["--workdir=w", "--method=blending", "--blending.ratio=0.3", "--oneshot.ratio=0.2"]
+    )
+    job = prune_command.job_from_args(args)
+    assert job.method == "blending" and job.blending.ratio == 0.3 and job.oneshot.ratio == 0.2
+    assert job.functional == prune_command.PruneJob().functional  # nothing else changed
+    text = parser.format_help()
+    for name in METHODS:
+        assert f"--method {name}" in text and f"--{name}.seed" in text
+    assert "(default: 0.5)" in text  # defaults are shown
     with pytest.raises(SystemExit):
-        run_prune_command(["prune", "--method=magic", f"--workdir={tmp_path}"])
+        parser.parse_args(["--workdir=w", "--ratio=0.5"])  # no flag sets two methods' fields
+
+
+def check_run(workdir: Path, method: str, spec: str) -> dict:
+    """The report's shape, and a pruned model file that reloads with the report's accuracy."""
+    report = json.loads((workdir / "result.json").read_text())
+    assert report["job"]["method"] == method == report["method"]["name"]
+    assert report["model"]["spec"] == spec
+    before, after = report["widths"]["before"], report["widths"]["after"]
+    assert set(report["keep"]) <= set(before)
+    assert all(after[g] == len(report["keep"][g]) for g in report["keep"])
+    assert sum(after.values()) < sum(before.values())
+    cost = report["cost"]
+    for key in ("flops", "macs", "params"):
+        assert cost["after"][key] < cost["before"][key]
+        assert cost["remaining"][key] == pytest.approx(cost["after"][key] / cost["before"][key])
+    for model in ("base", "pruned"):
+        for split in ("validation", "test"):
+            metrics = report["metrics"][model][split]
+            assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["count"] == 128
+    assert report["devices"]
+
+    model, variables, meta = prune_command.load_pruned(workdir / "pruned.msgpack")
+    assert meta["keep"] == report["keep"] and meta["method"] == method
+    dataset = data.load(data.DataConfig(**report["job"]["data"]))
+    test = train.evaluate(model, variables, data.preprocessed_batches(dataset, "test", 128))
+    assert test["accuracy"] == report["metrics"]["pruned"]["test"]["accuracy"]
+    return report
+
+
+def test_oneshot_on_your_own_model_resumes_and_refuses_other_settings(tmp_path, user_model, capsys):
+    workdir = tmp_path / "run"
+    argv = prune_argv("oneshot", user_model, workdir)
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "pruned by oneshot / l1" in out and "test accuracy" in out
+    report = check_run(workdir, "oneshot", user_model)
+    assert report["job"]["oneshot"]["finetune"]["epochs"] == 1.0
+    assert report["keep"].keys() == {"Conv_0", "Conv_1"}
+    assert [len(k) for k in report["keep"].values()] == [4, 6]
+
+    # The file is the fine-tuned model: its parameters are not the pruned base's.
+    from jaxprune.commands.model_spec import load_model
+
+    base = load_model(user_model, input_shape=(28, 28, 1), num_classes=10, dataset="")
+    graph = channel_graph(
+        base.model.apply_fn, base.variables, base.model.example_input, **base.model.eval_kwargs
+    )
+    pruned = prune(base.variables, graph, report["keep"])
+    saved = checkpoint.load_variables(workdir / "pruned.msgpack", pruned.variables)
+    assert not np.allclose(
+        saved["params"]["Conv_1"]["kernel"], pruned.variables["params"]["Conv_1"]["kernel"]
+    )
+
+    # The same command again reports the finished run; nothing is recomputed.
+    files = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    assert main(argv) == 0
+    assert json.loads((workdir / "result.json").read_text()) == report
+    assert "pruned by oneshot" in capsys.readouterr().out
+
+    # Another ratio in the same workdir is refused, naming the field, and nothing is lost.
+    changed = prune_argv("oneshot", user_model, workdir, "--oneshot.ratio=0.25")
+    assert main(changed) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("error: ")
+    assert "oneshot.ratio: 0.5 -> 0.25" in error
+    assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == files
+
+
+def test_iterative_on_your_own_model(tmp_path, user_model):
+    assert main(prune_argv("iterative", user_model, tmp_path)) == 0
+    report = check_run(tmp_path, "iterative", user_model)
+    assert report["summary"]["method"]["stop_reason"] == "target"
+    kept = sum(report["widths"]["after"].values())
+    assert kept <= 0.7 * sum(report["widths"]["before"].values())
+
+
+@pytest.mark.parametrize("method", ["progressive", "blending", "functional"])
+def test_paper_methods_on_the_zoo_lenet(tmp_path, method, capsys):
+    argv = prune_argv(method, "lenet5", tmp_path)
+    assert main(argv) == 0
+    assert f"pruned by {method}" in capsys.readouterr().out
+    report = check_run(tmp_path, method, "lenet5")
+    module, variables, meta = checkpoint.load_model_file(tmp_path / "pruned.msgpack")
+    assert meta["keep"] == report["keep"]
+    assert variables["params"]["conv2"]["kernel"].shape[-1] == report["widths"]["after"]["conv2"]
+    assert (tmp_path / method / "result.json").is_file()  # the method's own run
+
+
+def test_functional_on_your_own_model(tmp_path, user_model):
+    assert main(prune_argv("functional", user_model, tmp_path)) == 0
+    check_run(tmp_path, "functional", user_model)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--set=oneshot.ratio=abc"], "oneshot.ratio='abc': expected a number"),
+        (["--oneshot.criterion=nope"], "criterion 'nope' is not a registered criterion"),
+        (["--set=method='magic'"], "method 'magic' is unknown"),
+        (["--set=oneshot.colour=1"], "OneShotConfig has no field 'colour'"),
+        (["--model=nowhere.py:make"], "nowhere.py does not exist"),
+    ],
+)
+def test_bad_settings_are_one_line_before_any_data_loads(
+    tmp_path, user_model, monkeypatch, capsys, extra, message
+):
+    def no_data(*args, **kwargs):
+        raise AssertionError("data.load was called")
+
+    monkeypatch.setattr(data, "load", no_data)
+    assert main(prune_argv("oneshot", user_model, tmp_path / "run", *extra)) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1, error
+    assert message in error
+    assert not (tmp_path / "run" / "result.json").exists()
+
+
+def test_a_config_file_gives_the_job(tmp_path):
+    config = tmp_path / "job.py"
+    config.write_text(
+        "from jaxprune.commands.prune import PruneJob\n"
+        "from jaxprune.methods.oneshot import OneShotConfig\n"
+        "def get_config():\n"
+        "    return PruneJob(method='oneshot', model='lenet5',"
+        " oneshot=OneShotConfig(criterion='fpgm', ratio=0.25))\n"
+    )
+    parser = prune_command.add_command(
+        __import__("argparse").ArgumentParser().add_subparsers(dest="command")
+    )
+    args = parser.parse_args(
+        [f"--config={config}", "--workdir=w", "--oneshot.ratio=0.3", "--set=oneshot.seed=2"]
+    )
+    job = prune_command.job_from_args(args)
+    assert job.model == "lenet5" and job.oneshot.criterion == "fpgm"
+    assert job.oneshot.ratio == 0.3 and job.oneshot.seed == 2

@@ -498,6 +498,8 @@ class _Prefixed:
         self.group, self.prefix = group, prefix
 
     def add_argument(self, *names: str, **kwargs: Any) -> Any:
+        if "help" in kwargs:  # argparse %-formats help: a literal "5%" must be "5%%"
+            kwargs["help"] = kwargs["help"].replace("%", "%%")
         return self.group.add_argument(
             *(f"--{self.prefix}.{name.removeprefix('--')}" for name in names), **kwargs
         )
