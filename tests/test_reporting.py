@@ -1,65 +1,119 @@
-"""Tests of jaxprune.commands.reporting: the parts every pruning runner's report is built from."""
+"""What `jaxprune prune` reports and writes: the summary table, the cost, and the pruned model
+file read back for a zoo model and for a model of your own (the documented recipe)."""
 
 from __future__ import annotations
 
-import json
+import types
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from user_models import CompactHardCoded, init_linen
 
-from jaxprune import checkpoint, data
-from jaxprune.commands import reporting
-from jaxprune.graph import channel_graph
+import jaxprune as jp
+from jaxprune import checkpoint
+from jaxprune.commands import prune as prune_command
+from jaxprune.commands.model_spec import LoadedModel
+from jaxprune.model import Model
 
 LENET = Path(__file__).resolve().parent.parent / "jaxprune/pretrained/lenet5_fashion_mnist.msgpack"
 
 
-@pytest.fixture(scope="module")
-def lenet():
-    model, variables, _ = checkpoint.load_model_file(LENET)
-    dataset = data.load(data.DataConfig(validation_examples=64, test_examples=64))
-    return model, variables, dataset
+def report(base_accuracy: float = 0.9, pruned_accuracy: float = 0.85) -> dict:
+    def metrics(accuracy):
+        split = {"accuracy": accuracy, "loss": 0.3, "kappa": 0.8, "count": 10}
+        return {"validation": split, "test": split}
+
+    return {
+        "job": {
+            "method": "oneshot",
+            "data": {"name": "fashion_mnist"},
+            "oneshot": {"criterion": "l1"},
+        },
+        "model": {"spec": "lenet5"},
+        "cost": {
+            "before": {"flops": 2e6, "macs": 1e6, "params": 4e4},
+            "after": {"flops": 1e6, "macs": 5e5, "params": 3e4},
+            "remaining": {"flops": 0.5, "macs": 0.5, "params": 0.75},
+        },
+        "metrics": {"base": metrics(base_accuracy), "pruned": metrics(pruned_accuracy)},
+        "widths": {"before": {"conv1": 6, "conv2": 16}, "after": {"conv1": 3, "conv2": 16}},
+    }
 
 
-def test_keep_lists_and_plain_json_are_json():
-    keep = {"conv1": np.array([0, 2], np.int64), "conv2": [1]}
-    assert reporting.keep_lists(keep) == {"conv1": [0, 2], "conv2": [1]}
-    value = {"a": np.float32(0.5), "b": [np.int64(3)], "c": {"d": np.arange(2)}}
-    plain = reporting.plain_json(value)
-    assert plain == {"a": 0.5, "b": [3], "c": {"d": [0, 1]}}
-    assert json.loads(json.dumps(plain)) == plain
+def test_the_summary_shows_base_and_pruned_side_by_side(capsys):
+    prune_command.print_report(report())
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "lenet5 on fashion_mnist, pruned by oneshot / l1"
+    assert lines[1].split() == ["base", "pruned", "left"]
+    assert lines[2].split() == ["FLOPs", "2.000M", "1.000M", "50.0%"]
+    assert lines[4].split() == ["parameters", "0.040M", "0.030M", "75.0%"]
+    assert lines[5].split() == ["validation", "accuracy", "90.00%", "85.00%"]
+    assert lines[-1] == "kernels kept: conv1 3/6"
 
 
-def test_channels_remaining_counts_unnamed_groups_as_whole(lenet):
-    model, variables, dataset = lenet
-    graph = channel_graph(model.apply, variables, jnp.zeros((1, *dataset.image_shape)))
-    sizes = {g: graph[g].size for g in ("conv1", "conv2")}
-    fraction = reporting.channels_remaining(graph, ["conv1", "conv2"], {"conv1": [0, 1]})
-    assert fraction == pytest.approx((2 + sizes["conv2"]) / sum(sizes.values()))
-    assert reporting.channels_remaining(graph, ["conv2"], {}) == 1.0
-
-
-def test_pruned_summary_measures_before_and_after_fine_tuning(lenet):
-    model, variables, dataset = lenet
-    pair = (model.apply, variables)
-    summary, final = reporting.pruned_summary(
-        pair, pair, dataset, batch_size=32, channels_remaining=0.5
+def test_cost_counts_before_and_after_with_the_fraction_left():
+    module, variables, _ = checkpoint.load_model_file(LENET)
+    model = Model.linen(module, jnp.zeros((1, 28, 28, 1)), variables=variables)
+    graph = jp.channel_graph(module.apply, variables, jnp.zeros((1, 28, 28, 1)), train=False)
+    pruned = jp.prune(variables, graph, {"conv2": np.arange(8)})
+    cost = prune_command._cost(
+        model, variables, model.with_apply_fn(pruned.apply_fn), pruned.variables
     )
-    assert final is variables and "before_finetune" not in summary
-    assert summary["final"]["remaining"] == {"flops": 1, "macs": 1, "params": 1, "channels": 0.5}
-    assert summary["validation"] == reporting.measure(*pair, dataset, batch_size=32)["validation"]
+    assert cost["after"]["macs"] < cost["before"]["macs"]
+    assert cost["remaining"]["params"] == pytest.approx(
+        cost["after"]["params"] / cost["before"]["params"]
+    )
 
-    tuned = {**variables, "params": {**variables["params"]}}
-    tuned["params"]["head"] = {k: -v for k, v in variables["params"]["head"].items()}
-    tuned_summary, tuned_final = reporting.pruned_summary(
-        pair, pair, dataset, batch_size=32, fine_tune=lambda: tuned
+
+def fake_result(variables, keep):
+    return types.SimpleNamespace(variables=variables, keep=keep)
+
+
+def test_a_zoo_models_pruned_file_is_a_zoo_model_file(tmp_path):
+    module, variables, _ = checkpoint.load_model_file(LENET)
+    x = jnp.zeros((1, 28, 28, 1))
+    graph = jp.channel_graph(module.apply, variables, x, train=False)
+    pruned = jp.prune(variables, graph, {"conv1": [0, 2, 4]})
+    loaded = LoadedModel(
+        Model.linen(module, x, variables=variables), variables, "lenet5", "lenet5", True
     )
-    assert tuned_final is tuned
-    assert tuned_summary["before_finetune"] == {k: summary[k] for k in ("validation", "test")}
-    assert (
-        tuned_summary["test"]
-        == reporting.measure(model.apply, tuned, dataset, batch_size=32)["test"]
+    job = prune_command.PruneJob(model="lenet5")
+    dataset = types.SimpleNamespace(num_classes=10, image_shape=(28, 28, 1))
+    path = prune_command.save_pruned(
+        tmp_path / "pruned.msgpack",
+        job,
+        loaded,
+        fake_result(pruned.variables, pruned.keep),
+        dataset,
     )
-    assert tuned_summary["test"] != summary["test"]
+    small, small_variables, meta = prune_command.load_pruned(path)
+    assert meta["keep"]["conv1"] == [0, 2, 4] and meta["model"] == "lenet5"
+    np.testing.assert_allclose(
+        small(small_variables, x), pruned.apply_fn(pruned.variables, x, train=False), atol=1e-5
+    )
+
+
+def test_your_models_pruned_file_reloads_through_jaxprune_prune(tmp_path):
+    module, variables, x, _ = init_linen(CompactHardCoded)
+    model = Model.linen(module, x, variables=variables)
+    graph = jp.channel_graph(module.apply, variables, x, train=False)
+    pruned = jp.prune(variables, graph, {"Conv_0": np.arange(0, 32, 2)})
+    loaded = LoadedModel(model, variables, "models.py:make", None, True)
+    job = prune_command.PruneJob(model="models.py:make")
+    path = prune_command.save_pruned(
+        tmp_path / "pruned.msgpack", job, loaded, fake_result(pruned.variables, pruned.keep), None
+    )
+    with pytest.raises(checkpoint.CheckpointError, match="outside the zoo"):
+        checkpoint.load_model_file(path)
+
+    # The recipe of the module docstring: the base model, its graph, prune with the kept
+    # channels, read the variables into the pruned shapes.
+    again = jp.prune(variables, graph, {"Conv_0": np.arange(0, 32, 2)})
+    read = checkpoint.load_variables(path, again.variables)
+    expected = pruned.apply_fn(pruned.variables, x, train=False)
+    np.testing.assert_allclose(again.apply_fn(read, x, train=False), expected, atol=1e-5)
+    small, small_variables, meta = prune_command.load_pruned(path, base=(model, variables))
+    assert meta["keep"]["Conv_0"] == list(range(0, 32, 2))
+    np.testing.assert_allclose(small(small_variables, x), expected, atol=1e-5)
