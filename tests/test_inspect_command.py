@@ -48,9 +48,9 @@ def test_every_conv_layer_gets_a_page_a_standin_file_and_an_index_entry(lenet_fi
     page = (out / "conv2.html").read_text()
     assert page.count('class="kernel"') == 16 and "rank 16" in page  # l1 scores shown
     assert "Score: l1 (higher" in page and "objective criterion" not in page
-    # p = 25%: 4 of conv2's 16 kernels; 1.5 of conv1's 6 rounds (half to even) to 2.
+    # p = 25%: 4 of conv2's 16 kernels; 1.5 of conv1's 6 is floored to 1, as a progressive run.
     assert '<b id="p-count">4</b>' in page
-    assert '<b id="p-count">2</b>' in (out / "conv1.html").read_text()
+    assert '<b id="p-count">1</b>' in (out / "conv1.html").read_text()
     layers = read_selection(out / "standin_conv2.json")
     assert layers["conv2"]["chosen_by"].startswith("stand-in:")
     assert layers["conv2"]["num_kernels"] == 16 and len(layers["conv2"]["remove"]) == 2
