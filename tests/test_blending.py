@@ -236,6 +236,7 @@ def test_a_damaged_generation_falls_back_to_the_one_before(setup, tmp_path):
     assert resumed[1] == whole[1]
 
 
+@pytest.mark.slow
 def test_vmapped_population_fitness_equals_separately_pruned_networks(setup):
     model, variables, graph, batches = setup
     rng = np.random.default_rng(1)
@@ -267,6 +268,7 @@ def test_vmapped_population_fitness_equals_separately_pruned_networks(setup):
         )
 
 
+@pytest.mark.slow
 def test_search_prunes_to_the_ratio_and_its_best_is_the_pruned_accuracy(setup):
     module, variables, graph, batches = setup
     model = as_model(module, variables, batches)
@@ -299,6 +301,7 @@ def test_search_prunes_to_the_ratio_and_its_best_is_the_pruned_accuracy(setup):
     assert again.summary["method"] == report
 
 
+@pytest.mark.slow
 def test_a_finished_workdir_is_reused_and_another_config_is_refused(setup, tmp_path):
     module, variables, graph, batches = setup
     model = as_model(module, variables, batches)
@@ -388,6 +391,7 @@ def test_a_killed_search_resumes_and_ends_like_an_uninterrupted_one(tmp_path, un
     assert seconds[:finished] == seconds_at_kill
 
 
+@pytest.mark.slow
 def test_the_population_is_sharded_over_devices_with_the_same_result(tmp_path, uninterrupted):
     env = cpu_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
     run_through([*RUN, str(tmp_path), "0"], env)
@@ -401,6 +405,7 @@ def test_the_population_is_sharded_over_devices_with_the_same_result(tmp_path, u
     assert a["keep"] == b["keep"]
 
 
+@pytest.mark.slow
 def test_the_method_fine_tunes_the_pruned_program_and_reports_before_and_after(
     lenet, tiny_data, tmp_path
 ):
@@ -458,6 +463,7 @@ def test_pool_names():
     assert pool_names(BlendingConfig(criterion="l1, fpgm,l1")) == ("l1", "fpgm")
 
 
+@pytest.mark.slow
 def test_the_resnet56_cifar100_config_runs_two_generations_on_mock_data(tmp_path):
     import tensorflow_datasets as tfds
 

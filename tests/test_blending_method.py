@@ -56,6 +56,7 @@ def hard_coded():
     return Model.linen(module, x, variables=variables), variables, x, batches
 
 
+@pytest.mark.slow
 def test_a_user_model_with_hard_coded_widths(hard_coded):
     model, variables, x, batches = hard_coded
     result = blending_prune(model, variables, batches, CONFIG, progress=False)
@@ -69,6 +70,7 @@ def test_a_user_model_with_hard_coded_widths(hard_coded):
     assert result.summary["method"]["best"]["accuracy"] == pytest.approx(accuracy, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_an_nnx_model():
     from flax import nnx
 
@@ -79,6 +81,7 @@ def test_an_nnx_model():
     _check_pruned(result, model, variables, x)
 
 
+@pytest.mark.slow
 def test_a_stopped_run_resumes_to_the_same_result(hard_coded, tmp_path, monkeypatch):
     model, variables, _, batches = hard_coded
     whole = blending_prune(model, variables, batches, CONFIG, progress=False)
@@ -103,6 +106,7 @@ def test_a_stopped_run_resumes_to_the_same_result(hard_coded, tmp_path, monkeypa
     jax.tree_util.tree_map(np.testing.assert_array_equal, resumed.variables, whole.variables)
 
 
+@pytest.mark.slow
 def test_a_damaged_score_cache_is_recomputed(hard_coded, tmp_path, monkeypatch):
     model, variables, _, batches = hard_coded
     config = dataclasses.replace(CONFIG, evolution=EvolutionConfig(population=4, generations=1))

@@ -87,6 +87,7 @@ def assert_states_equal(got: train.TrainState, expected: train.TrainState) -> No
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_round_trip_is_bit_identical(tmp_path, state):
     history = [{"step": 2, "accuracy": 0.5}]
     save_one(tmp_path, state, config={"epochs": 2}, history=history, extra={"keep": [0, 1]})
@@ -342,6 +343,7 @@ def killed_and_resumed(tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_kill_and_resume_reaches_the_uninterrupted_params(killed_and_resumed):
     run = killed_and_resumed
     assert run["returncode"] == -signal.SIGKILL
@@ -362,6 +364,7 @@ def test_kill_and_resume_reaches_the_uninterrupted_params(killed_and_resumed):
     assert whole_result["test"]["count"] == 128
 
 
+@pytest.mark.slow
 def test_another_run_in_the_workdir_is_refused_and_cosmetic_changes_resume(killed_and_resumed):
     config = train_job.TrainConfig.from_dict(run_training.CONFIG)
     dataset = data.load(config.data)
@@ -384,6 +387,7 @@ def test_another_run_in_the_workdir_is_refused_and_cosmetic_changes_resume(kille
     assert result == json.loads((workdir / "result.json").read_text())
 
 
+@pytest.mark.slow
 def test_export_latest_writes_the_final_weights(killed_and_resumed, tmp_path):
     workdir = killed_and_resumed["whole"]
     path = train_job.export_latest(workdir, tmp_path / "lenet5.msgpack", meta={"note": "x"})

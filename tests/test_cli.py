@@ -40,6 +40,7 @@ def test_graph_command_prints_the_groups(capsys):
     assert "conv1" in out and "fc2" in out and "head (the model output)" in out
 
 
+@pytest.mark.slow
 def test_graph_reads_your_own_model_from_a_file(capsys):
     for name, first in (("make_linen", "Conv_0"), ("make_nnx", "conv1"), ("bare_module", "Conv_0")):
         assert (

@@ -54,6 +54,7 @@ def _tiny_expected() -> dict[str, tuple[int, int, int]]:
     }
 
 
+@pytest.mark.slow
 def test_tiny_model_matches_hand_counts():
     variables, x = _init(TinyNet(), (2, 8, 8, 3))
     report = cost.count(TinyNet().apply, variables, x)
@@ -158,6 +159,7 @@ def test_report_serialises_and_prints():
         report.layer("conv9")
 
 
+@pytest.mark.slow
 def test_narrower_model_costs_less_in_proportion():
     wide_vars, x = _init(TinyNet(widths=(8, 12)), (1, 8, 8, 3))
     narrow_vars, _ = _init(TinyNet(widths=(4, 6)), (1, 8, 8, 3))
@@ -263,6 +265,7 @@ def test_bad_input_is_refused():
         cost.latency(TinyNet().apply, variables, x, repeats=0)
 
 
+@pytest.mark.slow
 def test_channel_cost_is_what_removing_one_channel_saves():
     from jaxprune.graph import channel_graph
 

@@ -82,6 +82,7 @@ def scores_of(context, variables, batches, masks=None):
     }
 
 
+@pytest.mark.slow
 def test_conv_bn_relu_activation_computed_by_hand(conv_bn_dense):
     variables, context = conv_bn_dense
     x = np.asarray(X, np.float64)
@@ -137,6 +138,7 @@ def test_batches_accumulate_to_the_scores_of_one_big_batch(conv_bn_dense):
             )
 
 
+@pytest.mark.slow
 def test_several_gate_points_are_averaged():
     variables, context = setup(ResidualProjection())
     acts = captured(context, variables, X)
@@ -156,6 +158,7 @@ def test_several_gate_points_are_averaged():
     np.testing.assert_allclose(got["hrank"]["b1_conv2"], per_point[0]["hrank"])
 
 
+@pytest.mark.slow
 def test_interleaved_channels_are_gathered_per_channel():
     variables, context = setup(TwoBranchConcat())
     (point_a, point_mixed) = context.graph.gate_points["branch_a"]

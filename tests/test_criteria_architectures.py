@@ -22,6 +22,7 @@ def context_of(model_cls):
     return ScoringContext(model.apply, graph, apply_kwargs=kwargs), variables, x
 
 
+@pytest.mark.slow
 def test_batch_norm_after_a_concatenation_counts_for_each_group():
     """In a DenseNet every layer's output is normalised by every later layer's BatchNorm, over
     the concatenation; each of those scales holds the group's channels at an offset."""
@@ -54,6 +55,7 @@ def _y(n=4):
     return jnp.arange(n, dtype=jnp.int32) % 3
 
 
+@pytest.mark.slow
 def test_apoz_leaves_out_groups_without_a_relu():
     """APoZ counts zeros after a ReLU; after a LayerNorm or a GELU nothing is exactly zero, and
     scoring every channel 1 there would be a wrong answer."""
@@ -66,6 +68,7 @@ def test_apoz_leaves_out_groups_without_a_relu():
     assert all(np.all((0 <= v) & (v <= 1)) for v in got.values())
 
 
+@pytest.mark.slow
 def test_weight_criteria_refuse_variables_of_another_graph():
     context, variables, _ = context_of(TinyDenseNet)
     pruned = jp.prune(variables, context.graph, {"Conv_0": np.arange(4)})
@@ -85,7 +88,9 @@ def test_criteria_read_nnx_state_paths():
     kernel = np.asarray(variables["params"]["conv1"]["kernel"])
     np.testing.assert_allclose(l1["conv1"], np.abs(kernel).reshape(-1, 16).sum(0), rtol=1e-6)
     gamma = score("bn_gamma", context, variables)
-    np.testing.assert_allclose(gamma["conv1"], np.abs(np.asarray(variables["params"]["bn1"]["scale"])))
+    np.testing.assert_allclose(
+        gamma["conv1"], np.abs(np.asarray(variables["params"]["bn1"]["scale"]))
+    )
     assert "conv2" not in gamma  # no BatchNorm there
     taylor = score("taylor", context, variables, {"image": x, "label": _y(4)})
     assert {k: v.shape for k, v in taylor.items()} == {

@@ -171,6 +171,7 @@ def test_affine_view_matches_scipy_and_quarter_turns():
         np.testing.assert_allclose(got[..., c], expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_transformed_ascent_is_seeded_and_the_same_view_for_every_filter():
     model = OneConv(filters=2)
     shape = (8, 8, 1)

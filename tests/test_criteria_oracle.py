@@ -64,6 +64,7 @@ def model_setup(request):
     return setup(request.param())
 
 
+@pytest.mark.slow
 def test_oracle_equals_a_brute_force_loop(model_setup):
     variables, context = model_setup
     first = context.graph.groups[0]
@@ -80,6 +81,7 @@ def test_oracle_equals_a_brute_force_loop(model_setup):
             np.testing.assert_allclose(got[group], expected, atol=2e-6, err_msg=f"{mode} {group}")
 
 
+@pytest.mark.slow
 def test_the_delta_path_is_used_where_it_applies_and_refused_elsewhere():
     expectations = {
         ConvBNDense: {"conv0": 1, "conv1": 0, "fc": 0},
@@ -102,6 +104,7 @@ def test_the_delta_path_is_used_where_it_applies_and_refused_elsewhere():
     np.testing.assert_allclose(delta.removed, mask.removed, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_removing_one_channel_equals_the_loss_of_the_pruned_model():
     model = ConvBNDense()
     variables, context = setup(model)
@@ -118,6 +121,7 @@ def test_removing_one_channel_equals_the_loss_of_the_pruned_model():
         np.testing.assert_allclose(base + scores[group][c], pruned_loss, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_oracle_accumulates_over_batches_and_abs_is_its_magnitude():
     variables, context = setup(ConvBNDense())
     whole = score("oracle_loss", context, variables, BATCH)

@@ -277,6 +277,7 @@ def lenet_file(path):
     )
 
 
+@pytest.mark.slow
 def test_score_command_writes_the_report_for_a_model_file(tmp_path, capsys):
     model_file = lenet_file(tmp_path / "lenet.msgpack")
     parser = argparse.ArgumentParser(prog="jaxprune")

@@ -50,6 +50,7 @@ def mean_loss_of(context, variables, x, y, masks=None):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(out, y))
 
 
+@pytest.mark.slow
 def test_variants_place_the_absolute_value_as_documented(residual):
     variables, context = residual
     _, _, acts, grads = jax.jit(
@@ -108,6 +109,7 @@ class TwoScales(nn.Module):
         return nn.Dense(3, name="head")(z.reshape(z.shape[0], -1))
 
 
+@pytest.mark.slow
 def test_a_group_read_at_maps_of_two_sizes_gets_the_first_order_loss_change():
     # Removing channel c of "stem" everywhere changes the mean loss by -d(loss)/d(mask_c) to
     # first order; the signed Taylor score times the first point's positions (8 x 8) is that
@@ -125,6 +127,7 @@ def test_a_group_read_at_maps_of_two_sizes_gets_the_first_order_loss_change():
     )
 
 
+@pytest.mark.slow
 def test_gradient_rows_are_per_example(residual):
     # Eq. 8 averages |t[n, c]| over examples, which is additive over batches only if row n of
     # the gradient is example n's own (a sum, not a mean, of the per-example losses).
@@ -143,6 +146,7 @@ def test_gradient_rows_are_per_example(residual):
                 np.testing.assert_allclose(mean_of_singles, whole[group], rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_taylor_on_batch_norm_is_the_squared_sum_of_gradient_times_parameter(residual):
     variables, context = residual
 
@@ -174,6 +178,7 @@ def test_taylor_on_batch_norm_is_the_squared_sum_of_gradient_times_parameter(res
             np.testing.assert_allclose(got[group], want, rtol=1e-4, atol=1e-12, err_msg=name)
 
 
+@pytest.mark.slow
 def test_taylor_on_weights_uses_the_gradient_of_the_mean_loss_over_all_data(residual):
     variables, context = residual
     grads = jax.jit(

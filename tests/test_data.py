@@ -42,6 +42,7 @@ def _read_all(dataset, split):
 # ---------------------------------------------------------------- Fashion-MNIST, real files
 
 
+@pytest.mark.slow
 def test_fashion_mnist_sizes_shapes_and_labels(fashion, data_dir):
     raw = {
         split: len(tfds.data_source("jaxprune_fashion_mnist", split=split, data_dir=data_dir))
@@ -59,6 +60,7 @@ def test_fashion_mnist_sizes_shapes_and_labels(fashion, data_dir):
         assert labels.min() == 0 and labels.max() == 9
 
 
+@pytest.mark.slow
 def test_fashion_mnist_holds_exactly_the_idx_files(fashion):
     idx_labels = {
         s: data.read_idx(FASHION_DIR / f"{s}-labels-idx1-ubyte.gz") for s in ("train", "t10k")

@@ -92,6 +92,7 @@ def lenet_costs():
     )
 
 
+@pytest.mark.slow
 def test_the_summary_plots_fractions_per_layer(lenet_costs, tmp_path):
     before, after, base_cost, pruned_cost = lenet_costs
     groups = ["conv1", "conv2", "fc1", "fc2"]

@@ -272,6 +272,7 @@ def test_a_count_cut_keeps_unresponsive_filters_alone(method):
         cluster_filters(similarity, descriptors, config, keep=4, responsive=responsive[:3])
 
 
+@pytest.mark.slow
 def test_vmapped_images_equal_one_at_a_time_and_chunked(toy):
     model, variables, graph = toy
     together = np.asarray(maximization_images(model.apply, graph, variables, "conv1", SHAPE, FAST))
@@ -393,6 +394,7 @@ def test_bad_inputs_name_the_fix(toy):
     ],
     ids=["agglomerative-taylor", "kmeans-centroid", "threshold"],
 )
+@pytest.mark.slow
 def test_pruned_model_equals_the_masked_model(toy, config):
     module, variables, graph = toy
     rng = np.random.default_rng(0)

@@ -77,6 +77,7 @@ def dataset():
     return tiny_dataset()
 
 
+@pytest.mark.slow
 def test_a_fine_tuned_run_reports_before_and_after_and_reruns_identically(dataset, tmp_path):
     model, variables = lenet_model(dataset)
     optimizer = OptimizerConfig(learning_rate=0.005, momentum=0.9, schedule="cosine")
@@ -125,6 +126,7 @@ def _check_pruned(result, model, variables, x) -> None:
         assert kept.size == graph[name].size - round(0.5 * graph[name].size)
 
 
+@pytest.mark.slow
 def test_a_user_model_with_hard_coded_widths(tmp_path):
     module, variables, x, _ = init_linen(CompactHardCoded)
     model = Model.linen(module, x, variables=variables)
@@ -134,6 +136,7 @@ def test_a_user_model_with_hard_coded_widths(tmp_path):
     _check_pruned(result, model, variables, x)
 
 
+@pytest.mark.slow
 def test_an_nnx_model_resumes_in_process_after_a_failure(tmp_path, monkeypatch):
     from flax import nnx
 

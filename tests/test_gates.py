@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from core_helpers import init, random_keep
 from toy_models import ConvBNDense, ResidualProjection
 
@@ -51,6 +52,7 @@ def test_vmap_and_chunked_map_over_masks_equal_a_loop():
     chex.assert_trees_all_close(chunked, looped, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_activation_gradients_match_the_mask_derivative():
     # d loss / d mask_c = sum over gate points and positions of a * dL/da: the gradients the
     # probes return must reproduce the derivative with respect to the masks themselves.

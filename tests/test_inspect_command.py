@@ -27,6 +27,7 @@ def lenet_file(tmp_path_factory):
     )
 
 
+@pytest.mark.slow
 def test_every_conv_layer_gets_a_page_a_standin_file_and_an_index_entry(lenet_file, tmp_path):
     out = tmp_path / "inspect"
     args = build_parser().parse_args(
@@ -56,6 +57,7 @@ def test_every_conv_layer_gets_a_page_a_standin_file_and_an_index_entry(lenet_fi
     assert layers["conv2"]["num_kernels"] == 16 and len(layers["conv2"]["remove"]) == 2
 
 
+@pytest.mark.slow
 def test_the_default_layer_is_the_first_conv_and_scores_can_be_off(lenet_file, tmp_path):
     config = InspectConfig(
         model="lenet5", variables=str(lenet_file), images=2, scores="none", out=str(tmp_path / "o")
@@ -75,6 +77,7 @@ def test_the_default_layer_is_the_first_conv_and_scores_can_be_off(lenet_file, t
         ({"ratio": 1.0}, r"--ratio must be in \[0, 1\)"),
     ],
 )
+@pytest.mark.slow
 def test_bad_requests_name_the_fix(lenet_file, tmp_path, change, message):
     config = InspectConfig(
         **{

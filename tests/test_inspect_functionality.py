@@ -97,6 +97,7 @@ def test_report_reuses_stored_images_and_refuses_dense_layers(tmp_path):
         write_functionality_report(model.apply, variables, graph, tmp_path, groups=["head"])
 
 
+@pytest.mark.slow
 def test_inspect_command_writes_and_links_the_report(tmp_path):
     model_file = REPO_ROOT / "jaxprune/pretrained/lenet5_fashion_mnist.msgpack"
     out = tmp_path / "inspect"

@@ -180,6 +180,7 @@ def test_module_is_hashable_and_spec_order_does_not_matter():
 # ---------------------------------------------------------------- call conventions
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_train_and_eval_call_conventions(name):
     num_classes = 3
@@ -208,6 +209,7 @@ def test_train_and_eval_call_conventions(name):
         assert updates == {} and isinstance(updates, dict)
 
 
+@pytest.mark.slow
 def test_lenet_real_init_and_train_mode_changes_nothing():
     model = build_model("lenet5", 10)
     x = jax.random.normal(jax.random.key(1), (2, 28, 28, 1))
@@ -416,6 +418,7 @@ def test_registry_is_read_only():
         MODELS["mine"] = build_model  # type: ignore[index]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, shape", [("lenet5", (2, 28, 28, 1)), ("resnet20", (2, 16, 16, 3))])
 def test_conv_impl_switch_changes_speed_not_results(name, shape):
     from jaxprune.models.random_init import random_variables

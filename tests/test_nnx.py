@@ -41,6 +41,7 @@ def test_graph_names_and_widths_read_module_paths(model):
     }
 
 
+@pytest.mark.slow
 def test_prune_returns_a_new_smaller_module_with_matching_attributes(model):
     x = inputs()
     graph = jp.nnx.channel_graph(model, x)
@@ -72,6 +73,7 @@ def test_prune_returns_a_new_smaller_module_with_matching_attributes(model):
     np.testing.assert_allclose(reloaded.call(pruned.variables, x5), masked, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_optimizer_state_is_pruned_and_training_continues(model):
     x = inputs()
     graph = jp.nnx.channel_graph(model, x)

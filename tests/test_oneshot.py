@@ -45,6 +45,7 @@ def test_bad_input(graph):
         select_groups(graph, "everything")
 
 
+@pytest.mark.slow
 def test_a_group_normalised_in_blocks_loses_whole_blocks():
     from user_models import GroupNormNet, init_linen
 

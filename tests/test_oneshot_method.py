@@ -27,6 +27,7 @@ def problem():
     return Model.linen(module, x, variables=variables), variables, batches
 
 
+@pytest.mark.slow
 def test_oneshot_prunes_a_hard_coded_model_and_runs_the_pruned_program(problem):
     model, variables, batches = problem
     result = oneshot_prune(model, variables, batches, OneShotConfig(criterion="l1", ratio=0.5))
@@ -45,6 +46,7 @@ def test_oneshot_prunes_a_hard_coded_model_and_runs_the_pruned_program(problem):
     assert cost["after"]["macs"] < 0.5 * cost["before"]["macs"]
 
 
+@pytest.mark.slow
 def test_the_workdir_resumes_the_same_run_and_refuses_another(problem, tmp_path):
     model, variables, batches = problem
     config = OneShotConfig(criterion="taylor", ratio=0.25, finetune=FitConfig(epochs=1))

@@ -48,6 +48,7 @@ def _assert_same_as_stock(x, w, *args, atol=ATOL, **kwargs):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel", [1, 3, 5])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("padding", ["SAME", "VALID", ((2, 1), (0, 3))])
@@ -248,6 +249,7 @@ def _train(conv: str, steps: int = 3):
     return params, stats, losses
 
 
+@pytest.mark.slow
 def test_model_trains_to_the_same_params_as_stock():
     params, stats, losses = _train("gemm")
     stock_params, stock_stats, stock_losses = _train("xla")
@@ -313,6 +315,7 @@ def test_conv_impl_refuses_unknown_names(name):
         ((2, 8, 8, 3), (3, 3), (2, 2), "VALID"),  # overlapping windows: stock
     ],
 )
+@pytest.mark.slow
 def test_max_pool_matches_flax(shape, window, strides, padding):
     x = _random(np.random.default_rng(10), shape)  # continuous values: no ties
 

@@ -37,6 +37,7 @@ def conv(x, w, padding):
     "kernel, padding, out",
     [((5, 5), "SAME", 6), ((3, 3), "VALID", 4), ((3, 3), ((2, 0), (-1, 1)), 3)],
 )
+@pytest.mark.slow
 def test_one_channel_lowering_equals_the_stock_convolution_and_its_gradients(kernel, padding, out):
     assert lowering.use_single_channel_lowering()
     rng = np.random.default_rng(0)

@@ -223,6 +223,7 @@ def test_the_trainable_leaves_of_layer_l_are_layers_1_to_l_plus_1(small_vgg):
 # One layer: choice, freezing, retraining
 
 
+@pytest.mark.slow
 def test_the_objective_criterion_removes_the_kernels_whose_removal_leaves_the_lowest_loss(
     small_vgg, tiny_data
 ):
@@ -290,6 +291,7 @@ def test_frozen_leaves_are_bit_identical_after_progressive_retraining(small_vgg,
                     assert changed, f"{collection}/{layer}/{name} did not train"
 
 
+@pytest.mark.slow
 def test_the_mse_retraining_lowers_the_distance_to_the_model_before_pruning(small_vgg, tiny_data):
     model, variables = small_vgg
     teacher = retraining.Network.of(model, variables)
@@ -335,6 +337,7 @@ def test_complete_retraining_trains_every_layer(small_vgg, tiny_data):
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("criterion", ["l1", "apoz", "taylor", "random"])
 def test_any_registered_criterion_chooses_the_kernels(small_vgg, tiny_data, criterion):
     _, variables = small_vgg
@@ -349,6 +352,7 @@ def test_any_registered_criterion_chooses_the_kernels(small_vgg, tiny_data, crit
         assert result.history[0]["removed"] == [int(np.argmin(reference))]
 
 
+@pytest.mark.slow
 def test_a_whole_run_follows_the_layers_and_reports_cost(small_vgg, tiny_data):
     result = run(small_vgg, tiny_data, eval_examples=64)
     assert result.method == "progressive"
@@ -368,6 +372,7 @@ def test_a_whole_run_follows_the_layers_and_reports_cost(small_vgg, tiny_data):
         assert record["removed_base"] == sorted(set(range(4)) - set(kept.tolist()))
 
 
+@pytest.mark.slow
 def test_the_workdir_resumes_the_same_run_and_refuses_another(tmp_path, small_vgg, tiny_data):
     model, variables = small_vgg
     settings = config(layers=("conv1", "conv2"), final_finetune_epochs=1, final_examples=32)

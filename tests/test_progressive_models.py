@@ -58,6 +58,7 @@ def check_pruned(model, variables, result, batches):
     assert cost["after"]["macs"] < cost["before"]["macs"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_cls", [CompactHardCoded, ShapeBranchResNet])
 def test_a_hard_coded_linen_model_is_simplified_without_rebuild(model_cls):
     module, variables, x, _ = init_linen(model_cls)
@@ -76,6 +77,7 @@ def test_a_hard_coded_linen_model_is_simplified_without_rebuild(model_cls):
     assert np.isfinite(np.asarray(logits)).all()
 
 
+@pytest.mark.slow
 def test_an_nnx_model_is_simplified_and_its_later_layers_stay_frozen():
     module = NnxCNN(rngs=nnx.Rngs(0))
     model, variables = Model.nnx(module, jax.numpy.zeros(NnxCNN.SHAPE))

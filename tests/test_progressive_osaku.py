@@ -56,6 +56,7 @@ def run(small_vgg, tiny_data, **changes):
     return progressive_prune(model, variables, tiny_data, settings, progress=False)
 
 
+@pytest.mark.slow
 def test_with_nothing_removed_the_dense_target_is_reached_exactly(small_vgg, tiny_data):
     # conv6's layer l+1 is fc1, whose activation is read after dropout. The student used to
     # run with dropout active against a teacher without: a loss floor far above zero (1.3 on
@@ -140,6 +141,7 @@ def test_p_is_floored_as_the_authors_code_by_default():
     assert [removal_count(nearest, 0, n) for n in (32, 64, 128, 512)] == [2, 3, 6, 26]
 
 
+@pytest.mark.slow
 def test_complete_retraining_uses_the_authors_fixed_rate(small_vgg, tiny_data):
     layers = ("conv1", "conv2", "conv4", "conv6")
     result = run(small_vgg, tiny_data, layers=layers, count=1, retraining="complete")
@@ -189,6 +191,7 @@ def test_a_run_with_the_final_step_fine_tunes_after_redrawing(small_vgg, tiny_da
     assert finetune["reinitialised"] == ["fc1", "head"] and finetune["updates"] == 2
 
 
+@pytest.mark.slow
 def test_split_half_reliability_against_scipy(small_vgg, tiny_data):
     model, variables = small_vgg
     network = retraining.Network.of(model, variables)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import pytest
 import tensorflow_datasets as tfds
 
 from jaxprune import checkpoint
@@ -43,6 +44,7 @@ def narrow_vgg16_file(path: Path) -> Path:
     )
 
 
+@pytest.mark.slow
 def test_the_paper_config_runs_a_few_updates_on_mock_cifar10(tmp_path):
     paper = experiment("progressive_vgg16_cifar10")
     settings = paper.paper_config()
@@ -87,6 +89,7 @@ def test_the_paper_config_runs_a_few_updates_on_mock_cifar10(tmp_path):
     assert 0.0 <= outcome["test"]["accuracy"] <= 1.0
 
 
+@pytest.mark.slow
 def test_the_vgg_small_experiment_builds_its_runs_and_reports_them(tmp_path):
     small = experiment("progressive_vgg_small")
     for variant in small.VARIANTS:

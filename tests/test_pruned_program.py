@@ -50,7 +50,19 @@ def batch(model_cls, n, seed=5):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
-@pytest.mark.parametrize("model_cls", LINEN_MODELS, ids=lambda c: c.__name__)
+# Three styles in the default tier (hard-coded widths with nn.compact and with setup, a
+# closed-over constant), every style in the slow one.
+DEFAULT_TIER_STYLES = ("CompactHardCoded", "SetupHardCoded", "NormalisedInputVGG")
+
+
+@pytest.mark.parametrize(
+    "model_cls",
+    [
+        m if m.__name__ in DEFAULT_TIER_STYLES else pytest.param(m, marks=pytest.mark.slow)
+        for m in LINEN_MODELS
+    ],
+    ids=lambda c: c.__name__,
+)
 def test_masked_equals_pruned_equals_exported(model_cls):
     model, variables, x, kwargs = init_linen(model_cls)
     graph = jp.channel_graph(model.apply, variables, x, **kwargs)
@@ -69,7 +81,9 @@ def test_masked_equals_pruned_equals_exported(model_cls):
     assert (
         max(
             float(jnp.max(jnp.abs(a - b)))
-            for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(small))
+            for a, b in zip(
+                jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(small), strict=True
+            )
         )
         > 1e-3
     )
@@ -87,6 +101,7 @@ def test_masked_equals_pruned_equals_exported(model_cls):
     close(masked, reloaded.call(pruned.variables, x5))
 
 
+@pytest.mark.slow
 def test_the_pruned_program_jits_differentiates_and_vmaps():
     model, variables, x, kwargs = init_linen(ShapeBranchResNet)
     graph = jp.channel_graph(model.apply, variables, x)
@@ -111,6 +126,7 @@ def test_the_pruned_program_jits_differentiates_and_vmaps():
     close(sliced["params"], grads["params"], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_one_optax_step_on_the_pruned_program_with_pruned_momentum():
     model, variables, x, kwargs = init_linen(FeaturesOut)
     graph = jp.channel_graph(model.apply, variables, x)
@@ -146,6 +162,7 @@ def test_a_shape_dependent_branch_keeps_its_traced_path():
         jp.rebuild_linen(model, pruned)
 
 
+@pytest.mark.slow
 def test_a_rebuilt_linen_module_needs_no_source_edit():
     model, variables, x, _ = init_linen(GroupNormNet)
     graph = jp.channel_graph(model.apply, variables, x)
@@ -155,6 +172,7 @@ def test_a_rebuilt_linen_module_needs_no_source_edit():
     close(rebuilt.apply(pruned.variables, x3), pruned.apply_fn(pruned.variables, x3))
 
 
+@pytest.mark.slow
 def test_layer_norm_statistics_are_over_the_kept_channels():
     """The pruned LayerNorm equals a narrower LayerNorm on the kept channels (its mean and
     variance divide by the kept count), and so does the masked model."""
@@ -195,6 +213,7 @@ def test_layer_norm_statistics_are_over_the_kept_channels():
     close(reference, masked)
 
 
+@pytest.mark.slow
 def test_convnext_blocks_prune_every_group():
     model, variables, x, _ = init_linen(TinyConvNeXt)
     graph = jp.channel_graph(model.apply, variables, x)
@@ -246,6 +265,7 @@ def test_constants_sized_by_channels_are_sliced():
     close(masked, pruned.apply_fn(pruned.variables, x))
 
 
+@pytest.mark.slow
 def test_a_channel_shuffle_prunes_in_blocks():
     class Shuffle(nn.Module):
         @nn.compact

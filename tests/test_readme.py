@@ -5,6 +5,7 @@ import re
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
@@ -16,6 +17,7 @@ def section_blocks(title: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", text[start:end], flags=re.S)
 
 
+@pytest.mark.slow
 def test_prune_your_own_model_section_runs():
     linen, nnx_block, masks_block = section_blocks("Prune your own Flax model")
     scope: dict = {}

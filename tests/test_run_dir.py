@@ -131,6 +131,7 @@ class _StopAfter:
         return self.data.validation()
 
 
+@pytest.mark.slow
 def test_a_stopped_fit_resumes_and_ends_like_an_uninterrupted_one(tmp_path, small_problem):
     model, variables, data = small_problem
     config = FitConfig(epochs=2.5, checkpoint_every=3, seed=1)

@@ -74,6 +74,7 @@ def test_pruning_twice_equals_pruning_once_with_composed_keep():
     assert twice.widths == direct.widths
 
 
+@pytest.mark.slow
 def test_optimizer_state_is_pruned_with_params():
     model, variables, graph = setup("conv_bn_dense")
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1, momentum=0.9))

@@ -212,6 +212,7 @@ def test_cohen_kappa_matches_numpy():
         train.cohen_kappa(np.ones((2, 3)))
 
 
+@pytest.mark.slow
 def test_evaluate_counts_every_example_exactly_once():
     examples = synthetic_problem(17, seed=1)
     state = tiny_state()
@@ -272,6 +273,7 @@ OPTIMIZER_OPTIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(OPTIMIZER_OPTIONS))
 def test_every_optimizer_option_builds_and_steps(name):
     state = tiny_state(OPTIMIZER_OPTIONS[name])
@@ -406,6 +408,7 @@ def run_sharded_steps(devices: int, out_path: Path) -> dict:
     return {"summary": json.loads(str(arrays.pop("summary"))), "params": arrays}
 
 
+@pytest.mark.slow
 def test_four_devices_match_one_device(tmp_path):
     single = run_sharded_steps(1, tmp_path / "one.npz")
     sharded = run_sharded_steps(4, tmp_path / "four.npz")

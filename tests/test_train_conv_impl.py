@@ -17,6 +17,7 @@ def _final_params(config: train_job.TrainConfig, workdir) -> dict:
     return jax.device_get(variables["params"])
 
 
+@pytest.mark.slow
 def test_gemm_conv_reaches_the_stock_parameters(tmp_path, monkeypatch):
     built = []
     original = train_job.build_model

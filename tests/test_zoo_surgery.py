@@ -35,7 +35,10 @@ def make(name):
     return model, random_variables(model, x), x
 
 
-@pytest.mark.parametrize("name", sorted(ZOO))
+# LeNet-5 in the default tier, the larger zoo models in the slow one.
+@pytest.mark.parametrize(
+    "name", [n if n == "lenet5" else pytest.param(n, marks=pytest.mark.slow) for n in sorted(ZOO)]
+)
 def test_zoo_masked_equals_pruned(name):
     model, variables, x = make(name)
     graph = channel_graph(model.apply, variables, x)
