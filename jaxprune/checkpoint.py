@@ -620,6 +620,17 @@ def _read_model_file(path: Path) -> tuple[dict[str, Any], Any]:
     return header, stored_variables
 
 
+def read_model_file_header(path: str | os.PathLike) -> dict[str, Any]:
+    """A model file's header (format, model name, input shape, array listing, ``meta``),
+    without building its model.
+
+    Raises:
+      CheckpointError: the file is not a jaxprune model file, or is damaged.
+    """
+    header, _ = _read_model_file(Path(path))
+    return header
+
+
 def _restore_into(path: Path, header: Mapping[str, Any], stored_variables: Any, target: Any) -> Any:
     stored = header["arrays"]
     where = f"model file {path}"

@@ -280,6 +280,7 @@ def test_each_step_removes_the_k_lowest_normalised_scores_and_stops_at_the_flops
     assert pruned_widths["fc1"] == 120
 
 
+@pytest.mark.slow
 def test_masked_training_compiles_once_and_shrinking_every_step_gives_the_same_run(
     lenet, tiny_data
 ):
@@ -328,6 +329,7 @@ class Narrow(nn.Module):
         return nn.Dense(3)(jnp.mean(x, axis=(1, 2)))
 
 
+@pytest.mark.slow
 def test_a_hard_coded_model_prunes_resumes_and_refuses_another_run(tmp_path):
     module, variables, x, _ = init_linen(ShapeBranchResNet)
     model = Model.linen(module, x, variables=variables)
@@ -470,6 +472,7 @@ class StopsAfter:
         return self.data.validation()
 
 
+@pytest.mark.slow
 def test_a_stopped_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
     module, variables, x, _ = init_linen(CompactHardCoded)
     model = Model.linen(module, x, variables=variables)
@@ -577,6 +580,7 @@ def narrow_vgg16(num_classes: int, image_size: int) -> tuple[Model, dict]:
     "name, num_classes, updates",
     [("iterative_vgg16_birds", 200, 30), ("iterative_vgg16_flowers", 102, 10)],
 )
+@pytest.mark.slow
 def test_paper_configs_run_a_few_steps_on_mock_data(tmp_path, name, num_classes, updates):
     job = load_config(REPO_ROOT / "experiments" / f"{name}.py")
     assert job.method == "iterative" and job.model == "vgg16"

@@ -41,7 +41,6 @@ def test_graph_names_and_widths_read_module_paths(model):
     }
 
 
-@pytest.mark.slow
 def test_prune_returns_a_new_smaller_module_with_matching_attributes(model):
     x = inputs()
     graph = jp.nnx.channel_graph(model, x)

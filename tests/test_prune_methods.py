@@ -9,6 +9,7 @@ model whose metrics are those of ``result.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import textwrap
 from pathlib import Path
@@ -265,3 +266,18 @@ def test_a_config_file_gives_the_job(tmp_path):
     job = prune_command.job_from_args(args)
     assert job.model == "lenet5" and job.oneshot.criterion == "fpgm"
     assert job.oneshot.ratio == 0.3 and job.oneshot.seed == 2
+
+
+def test_the_run_identity_is_the_settings_and_the_base_weights_not_their_path():
+    from types import SimpleNamespace
+
+    from jaxprune.commands.prune import PruneJob, job_identity
+
+    weights = SimpleNamespace(variables={"params": {"w": np.ones(3, np.float32)}})
+    other = SimpleNamespace(variables={"params": {"w": np.zeros(3, np.float32)}})
+    job = PruneJob(variables="/data/a/model.msgpack")
+    moved = dataclasses.replace(job, variables="/elsewhere/copy.msgpack")
+    assert job_identity(job, weights) == job_identity(moved, weights)
+    assert job_identity(job, weights) != job_identity(job, other)
+    retuned = dataclasses.replace(job, oneshot=dataclasses.replace(job.oneshot, ratio=0.25))
+    assert job_identity(job, weights) != job_identity(retuned, weights)

@@ -223,10 +223,12 @@ def add_config_flags(
         default = getattr(defaults, field.name)
         dest = f"{prefix}{field.name}"
         help_text = f"{comments.get(field.name, '')} (default: {default!r})".strip()
+        # argparse %-formats help texts: a comment's literal "5%" must reach it as "5%%".
+        escaped = help_text.replace("%", "%%")
         name = "--" + field.name.replace("_", "-")
         if kind is bool:
             group.add_argument(
-                name, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text
+                name, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=escaped
             )
         else:
             group.add_argument(
@@ -234,7 +236,7 @@ def add_config_flags(
                 dest=dest,
                 type=kind,
                 default=None,
-                help=help_text,
+                help=escaped,
                 metavar=kind.__name__.upper(),
             )
         specs.append(FlagSpec(dest, field.name, kind, help_text))

@@ -70,7 +70,8 @@ from jaxprune.model import Model
 PRUNED_FILE = "pruned.msgpack"
 RESULT_FILE = "result.json"
 # Settings that do not change a run's result (flattened names).
-_COSMETIC = ("data.data_dir", "data.source_dir", "data.in_memory")
+# The base variables count by their fingerprint (below), not by the path they were read from.
+_COSMETIC = ("variables", "data.data_dir", "data.source_dir", "data.in_memory")
 _COSMETIC_METHOD = ("checkpoint_every", "finetune.checkpoint_every")
 
 
@@ -411,7 +412,7 @@ def load_pruned(
     from jaxprune.surgery import prune
 
     path = Path(path)
-    header, _ = checkpoint._read_model_file(path)
+    header = checkpoint.read_model_file_header(path)
     meta = dict(header["meta"])
     if header.get("model_name") is not None:
         module, variables, meta = checkpoint.load_model_file(path)
@@ -498,8 +499,6 @@ class _Prefixed:
         self.group, self.prefix = group, prefix
 
     def add_argument(self, *names: str, **kwargs: Any) -> Any:
-        if "help" in kwargs:  # argparse %-formats help: a literal "5%" must be "5%%"
-            kwargs["help"] = kwargs["help"].replace("%", "%%")
         return self.group.add_argument(
             *(f"--{self.prefix}.{name.removeprefix('--')}" for name in names), **kwargs
         )

@@ -34,12 +34,11 @@ import dataclasses
 import inspect
 import json
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
 from tqdm import tqdm
 
 from jaxprune import cost, criteria, train
@@ -678,48 +677,3 @@ def iterative_prune(
         history=position.history,
         summary=summary,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Kept for `commands/reporting.py` (and the committed `methods/progressive.py`), which still
-# evaluate a `jaxprune.data.Dataset` split; remove once they take `PruneData`.
-# ---------------------------------------------------------------------------------------------
-
-
-def evaluate_split(
-    model: Model,
-    variables: PyTree,
-    dataset: Any,
-    split: str,
-    *,
-    batch_size: int,
-    limit: int | None,
-    mesh: Mesh,
-) -> dict[str, float]:
-    """Loss, accuracy and kappa of a model on the first `limit` images of a dataset's split.
-
-    Args:
-      model: the model; variables: its variables.
-      dataset: a `jaxprune.data.Dataset`; split: its split.
-      batch_size: evaluation batch size; limit: how many images (None: all).
-      mesh: the devices to shard over.
-
-    Returns:
-      ``{"loss", "accuracy", "kappa", "count"}``.
-    """
-
-    def batches() -> Iterator[dict[str, np.ndarray]]:
-        seen = 0
-        for batch in dataset.iterate(split, batch_size, shuffle=False, drop_remainder=False):
-            if limit is not None:
-                if seen >= limit:
-                    return
-                batch = {k: v[: limit - seen] for k, v in batch.items()}
-            seen += len(batch["label"])
-            yield batch
-
-    def preprocess(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        images, _ = dataset.preprocess(batch["image"], batch["label"], train=False)
-        return {**batch, "image": images}
-
-    return train.evaluate(model, variables, batches(), mesh=mesh, preprocess=preprocess)
