@@ -508,3 +508,10 @@ def test_images_of_a_run_are_recomputed_when_damaged_or_not_theirs(toy, tmp_path
     with RunDir.open(tmp_path, kind="functional", identity={}) as run:
         layer_images(model.apply, graph, other, groups, SHAPE, FAST, run=run)
     assert made == groups
+
+
+def test_a_layer_normalised_in_blocks_keeps_every_block_holding_a_representative():
+    from jaxprune.methods.functional import _whole_blocks
+
+    np.testing.assert_array_equal(_whole_blocks(np.array([1, 4]), 2), [0, 1, 4, 5])
+    np.testing.assert_array_equal(_whole_blocks(np.array([1, 4]), 1), [1, 4])

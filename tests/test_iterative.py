@@ -146,6 +146,30 @@ def test_choose_removals_takes_the_k_lowest_over_all_groups():
         assert got == reference_removals(ranked, masks, list(sizes), count, min_channels), trial
 
 
+def test_a_group_normalised_in_blocks_loses_whole_blocks():
+    # "g": 3 blocks of 2 (GroupNorm); block means 0.5, 0.15, 3.0. "p": plain channels.
+    ranked = {"g": np.array([0.9, 0.1, 0.2, 0.1, 3.0, 3.0]), "p": np.array([0.12, 0.4, 0.6])}
+    masks = {"g": np.ones(6), "p": np.ones(3)}
+    got = choose_removals(ranked, masks, ["g", "p"], 3, blocks={"g": 2})
+    # The lowest block (mean 0.15) goes whole, then p's channel 0: 3 channels.
+    assert got == [("p", 0), ("g", 2), ("g", 3)]
+    # One channel asked for: the lowest candidate is a block, so two go.
+    assert choose_removals(ranked, masks, ["g"], 1, blocks={"g": 2}) == [("g", 2), ("g", 3)]
+    # The last block is never removed, and min_channels counts channels.
+    assert choose_removals(ranked, masks, ["g"], 100, blocks={"g": 2}) == [
+        ("g", 2),
+        ("g", 3),
+        ("g", 0),
+        ("g", 1),
+    ]
+    assert choose_removals(ranked, masks, ["g"], 100, min_channels=3, blocks={"g": 2}) == [
+        ("g", 2),
+        ("g", 3),
+    ]
+    with pytest.raises(ValueError, match="partly removed blocks"):
+        choose_removals(ranked, {"g": np.array([1, 0, 1, 1, 1, 1])}, ["g"], 1, blocks={"g": 2})
+
+
 def test_choose_removals_never_empties_a_group():
     ranked = {"a": np.array([0.1, 0.2, 0.3]), "b": np.array([5.0, 6.0])}
     masks = {"a": np.ones(3), "b": np.ones(2)}

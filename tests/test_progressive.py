@@ -102,6 +102,19 @@ def test_lowest_takes_the_smallest_scores_ties_to_the_lower_index():
         choice.lowest(np.array([0.0, np.nan]), 1)
 
 
+def test_a_layer_normalised_in_blocks_loses_its_lowest_whole_blocks():
+    # Blocks of 2, means 0.5, 0.15, 3.0, 0.35.
+    scores = np.array([0.9, 0.1, 0.2, 0.1, 3.0, 3.0, 0.3, 0.4])
+    np.testing.assert_array_equal(choice.lowest(scores, 2, block=2), [2, 3])
+    np.testing.assert_array_equal(choice.lowest(scores, 3, block=2), [2, 3, 6, 7])  # 1.5 -> 2
+    np.testing.assert_array_equal(choice.lowest(scores, 1, block=2), [2, 3])  # at least one
+    assert len(choice.lowest(scores, 8, block=2)) == 6  # never the last block
+    assert len(choice.lowest(scores, 0, block=2)) == 0
+    choice.check_whole_blocks(np.array([2, 3, 6, 7]), 2, "conv")
+    with pytest.raises(ValueError, match="splits block 1 .kernels 2-3."):
+        choice.check_whole_blocks(np.array([0, 1, 2]), 2, "conv")
+
+
 def test_learning_rate_breakpoints_follow_the_paper():
     rates = [retraining.learning_rate_for(ProgressiveConfig().learning_rates, i) for i in range(8)]
     assert rates == [1e-5, 1e-6, 1e-6, 1e-7, 1e-7, 1e-7, 1e-8, 1e-8]

@@ -501,6 +501,15 @@ def _top_up(keep: np.ndarray, value: np.ndarray, minimum: int) -> np.ndarray:
     return np.sort(np.concatenate([keep, np.asarray(order[: minimum - len(keep)], np.int64)]))
 
 
+def _whole_blocks(keep: np.ndarray, block: int) -> np.ndarray:
+    """A layer normalised in blocks (GroupNorm) keeps every block that holds a kept filter:
+    removing it would remove a function no other cluster member stands for."""
+    if block == 1:
+        return keep
+    blocks = np.unique(np.asarray(keep, np.int64) // block)
+    return (blocks[:, None] * block + np.arange(block)).reshape(-1)
+
+
 def functional_layers(
     apply_fn: Callable[..., Any],
     graph: ChannelGraph,
@@ -550,6 +559,7 @@ def functional_layers(
             keep = choose_representatives(labels, descriptors=descriptors)
             value = -np.arange(len(labels), dtype=np.float64)
         keep = _top_up(keep, value, min(config.min_channels, graph[group].size))
+        keep = _whole_blocks(keep, graph[group].block)
         layers[group] = LayerFunctionality(
             images=group_images,
             similarity=similarity,

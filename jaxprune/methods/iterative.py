@@ -361,7 +361,12 @@ def _select(
         flops_regularization=config.flops_regularization,
     )
     removals = choose_removals(
-        ranked, state.masks, scored, config.channels_per_step, min_channels=config.min_channels
+        ranked,
+        state.masks,
+        scored,
+        config.channels_per_step,
+        min_channels=config.min_channels,
+        blocks={group.name: group.block for group in setup.graph.groups},
     )
     return removals, ranked
 

@@ -72,11 +72,15 @@ def choose_removals(
     count: int,
     *,
     min_channels: int = 1,
+    blocks: Mapping[str, int] | None = None,
 ) -> list[tuple[str, int]]:
     """The `count` lowest-ranked surviving channels over all `groups` (a global ranking).
 
     A group already down to `min_channels` survivors gives no more; ties go to the earlier
-    group in `groups`, then to the lower channel index.
+    group in `groups`, then to the lower channel index. A group normalised in blocks
+    (GroupNorm, `ChannelGroup.block` > 1) loses whole blocks: a block is ranked by the mean of
+    its channels' scores and taken while fewer than `count` channels are chosen, so a step may
+    remove up to ``block - 1`` channels more than `count`.
 
     Args:
       ranked: per group, one score per channel (e.g. from `rank_scores`); -inf entries that
@@ -85,16 +89,19 @@ def choose_removals(
       groups: the groups that may lose channels, in tie-breaking order.
       count: how many channels to remove (k).
       min_channels: the fewest channels a group may keep (>= 1).
+      blocks: per group, its block size (absent: 1).
 
     Returns:
-      Up to `count` (group, channel) pairs, lowest score first; fewer when not enough
-      channels can be removed.
+      The chosen (group, channel) pairs, lowest score first (a block's channels together);
+      fewer than `count` when not enough channels can be removed.
 
     Raises:
-      ValueError: a NaN score, an unknown group, or `min_channels` < 1.
+      ValueError: a NaN score, an unknown group, `min_channels` < 1, or a group whose
+        survivors are not whole blocks.
     """
     if min_channels < 1:
         raise ValueError(f"min_channels must be >= 1 (never empty a group), got {min_channels}.")
+    blocks = blocks or {}
     candidates = []
     alive_count = {}
     for order, name in enumerate(groups):
@@ -107,15 +114,23 @@ def choose_removals(
             raise ValueError(f"Scores of group {name!r} contain NaN; check the criterion.")
         alive = np.ones(values.size, bool) if name not in masks else np.asarray(masks[name]) != 0
         alive_count[name] = int(alive.sum())
-        candidates += [(float(values[c]), order, int(c), name) for c in np.nonzero(alive)[0]]
+        size = int(blocks.get(name, 1))
+        by_block = alive.reshape(-1, size)
+        if (by_block.any(axis=1) != by_block.all(axis=1)).any():
+            raise ValueError(f"Group {name!r} has partly removed blocks of {size} channels.")
+        block_scores = np.where(by_block, values.reshape(-1, size), 0.0).mean(axis=1)
+        candidates += [
+            (float(block_scores[b]), order, b * size, name, size)
+            for b in np.nonzero(by_block[:, 0])[0]
+        ]
     candidates.sort(key=lambda t: t[:3])
     chosen: list[tuple[str, int]] = []
-    for _, _, channel, name in candidates:
-        if len(chosen) == count:
+    for _, _, first, name, size in candidates:
+        if len(chosen) >= count:
             break
-        if alive_count[name] > min_channels:
-            chosen.append((name, channel))
-            alive_count[name] -= 1
+        if alive_count[name] - size >= min_channels:
+            chosen += [(name, first + c) for c in range(size)]
+            alive_count[name] -= size
     return chosen
 
 

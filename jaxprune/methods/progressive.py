@@ -537,7 +537,9 @@ def _choose(
             removed, chosen_by = choice.subjective_removals(view, config.selection, setup.choose)
         else:
             removed, chosen_by = choice.standin_removals(view)
-        return np.sort(np.asarray(removed, np.int64)), None, chosen_by, None
+        removed = np.sort(np.asarray(removed, np.int64))
+        choice.check_whole_blocks(removed, network.graph[group].block, group)
+        return removed, None, chosen_by, None
     scores = choice.score_layer(
         network,
         group,
@@ -551,7 +553,8 @@ def _choose(
         reliability = choice.split_half_reliability(
             network, group, setup.score_batches, config.criterion, config.criterion_options
         )
-    return choice.lowest(scores, count), scores, f"criterion:{config.criterion}", reliability
+    removed = choice.lowest(scores, count, network.graph[group].block)
+    return removed, scores, f"criterion:{config.criterion}", reliability
 
 
 def _plan(setup: _Setup, student: Network, group: str, index: int) -> retraining.RetrainPlan:

@@ -71,23 +71,55 @@ def removal_count(
     return max(0, min(wanted, size - min_channels))
 
 
-def lowest(scores: np.ndarray, count: int) -> np.ndarray:
+def lowest(scores: np.ndarray, count: int, block: int = 1) -> np.ndarray:
     """The indices of the `count` lowest scores, sorted; ties go to the lower index.
+
+    A layer normalised in blocks of `block` channels (GroupNorm) loses whole blocks, ranked by
+    the mean score of their channels: ``count / block`` of them rounded half up, at least one
+    when `count` > 0, and never the last block.
 
     Args:
       scores: one score per kernel (higher = more relevant).
       count: how many to take.
+      block: the layer's block size (`ChannelGroup.block`).
 
     Returns:
       Sorted int64 indices of the least relevant kernels.
 
     Raises:
-      ValueError: NaN scores.
+      ValueError: NaN scores, or scores that are not whole blocks.
     """
     values = np.asarray(scores, np.float64)
     if np.isnan(values).any():
         raise ValueError("The kernel scores contain NaN; check the criterion and the data.")
-    return np.sort(np.argsort(values, kind="stable")[:count]).astype(np.int64)
+    if block == 1:
+        return np.sort(np.argsort(values, kind="stable")[:count]).astype(np.int64)
+    if values.size % block:
+        raise ValueError(f"{values.size} kernel scores are not whole blocks of {block}.")
+    n_blocks = values.size // block
+    taken = 0 if count <= 0 else min(max(1, int(count / block + 0.5)), n_blocks - 1)
+    order = np.argsort(values.reshape(n_blocks, block).mean(axis=1), kind="stable")[:taken]
+    return np.sort((order[:, None] * block + np.arange(block)).reshape(-1)).astype(np.int64)
+
+
+def check_whole_blocks(removed: np.ndarray, block: int, group: str) -> None:
+    """Refuses a selection that splits a block of a layer normalised in blocks (GroupNorm).
+
+    Raises:
+      ValueError: naming the layer, its block size and the first split block.
+    """
+    if block == 1:
+        return
+    removed = np.asarray(removed, np.int64)
+    counts = np.bincount(removed // block) if removed.size else np.zeros(0, np.int64)
+    split = np.nonzero((counts > 0) & (counts < block))[0]
+    if split.size:
+        first = int(split[0])
+        raise ValueError(
+            f"Layer {group!r} is normalised in blocks of {block} kernels (GroupNorm) and the "
+            f"selection splits block {first} (kernels {first * block}-{first * block + block - 1})"
+            ": select whole blocks."
+        )
 
 
 def score_layer(
