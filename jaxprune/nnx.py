@@ -261,8 +261,12 @@ def _check_module(small: nnx.Module, graph: ChannelGraph, pruned: Pruned) -> Non
     """Raises unless the new module computes what the pruned program computes."""
     x = probe_input(graph)
     kwargs = dict(graph.call_kwargs)
+    # The program runs in inference mode (as_apply's default); so does a copy of the module:
+    # a module in train mode would use batch statistics, and update its own running ones.
+    probe = nnx.clone(small)
+    probe.eval()
     try:
-        ours = small(x, **kwargs)
+        ours = probe(x, **kwargs)
     except Exception as e:  # the module's code refuses its new widths
         why = f"it fails at the new widths: {type(e).__name__}: {e}"
         raise PruneError(_module_refused(why)) from e

@@ -125,3 +125,19 @@ def test_a_module_whose_code_hard_codes_a_width_is_refused_with_the_way_out():
         jp.nnx.prune(model, graph, keep)
     pruned = jp.nnx.pruned_state(model, graph, keep)
     assert pruned.apply_fn(pruned.variables, x).shape == (2, 2)
+
+
+def test_a_module_in_train_mode_prunes_and_its_statistics_are_untouched():
+    m = NnxCNN(rngs=nnx.Rngs(0))  # train mode, as constructed: BatchNorm uses batch statistics
+    m.bn1.mean.set_value(jnp.linspace(-0.5, 0.5, 16))
+    graph = jp.nnx.channel_graph(m, inputs())
+    keep = {"conv1": np.arange(1, 16, 2), "conv2": np.arange(32), "linear1": np.arange(64)}
+    small = jp.nnx.prune(m, graph, keep)  # the self-check compares in inference mode
+    np.testing.assert_array_equal(small.bn1.mean.get_value(), m.bn1.mean.get_value()[1::2])
+    # The returned module keeps the mode it was in, and agrees with the masked model there.
+    x5 = inputs(5, seed=3)
+    apply_fn, variables = jp.nnx.as_apply(m)
+    masked = jp.gated_call(
+        apply_fn, graph, variables, x5, jp.keep_to_masks(graph, keep), train=True
+    )
+    np.testing.assert_allclose(small(x5), masked, atol=1e-5)
