@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from jaxprune.commands.config import apply_overrides, load_config
+from jaxprune.commands.config import DefaultsHelpFormatter, apply_overrides, load_config
 from jaxprune.runtime import enable_compilation_cache
 
 # Re-exported: configs and overrides as the command line reads them.
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxprune",
         description="Structured kernel pruning of CNNs in JAX/Flax.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument(
         "--no-compilation-cache",
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="prepare data, get the base model, prune it, report",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     _add_demo_arguments(demo)
     demo.set_defaults(func=cmd_demo)
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     graph = sub.add_parser(
         "graph",
         help="print the prunable channel groups of a model (zoo name or FILE.py:NAME)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     add_model_arguments(graph)
     graph.add_argument("--input-shape", help="H,W,C of one image (default: the dataset's)")

@@ -25,6 +25,14 @@ class UsageError(ValueError):
     """A command line that cannot be run; the message says what to change."""
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if "(default" in text else super()._get_help_string(action)
+
+
 def load_config(path: str | Path) -> Any:
     """`get_config()` of a config file (one per experiment, as in experiments/)."""
     path = Path(path)

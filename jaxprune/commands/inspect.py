@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxprune.commands.config import DefaultsHelpFormatter
 from jaxprune.commands.model_spec import add_model_arguments
 from jaxprune.inspect.page import PageConfig, page_file_name, write_kernel_page
 from jaxprune.inspect.selection import write_selection
@@ -310,7 +311,7 @@ def add_command(subparsers: Any) -> argparse.ArgumentParser:
             "to remove and export a selection file for `jaxprune prune --method progressive "
             "--criterion subjective --selection FILE`."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     add_model_arguments(parser)
     parser.add_argument(

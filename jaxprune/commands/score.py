@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from jaxprune.commands.config import UsageError
+from jaxprune.commands.config import DefaultsHelpFormatter, UsageError
 from jaxprune.commands.model_spec import add_model_arguments, load_model
 from jaxprune.commands.shapes import data_shape
 from jaxprune.criteria.base import ScoringContext
@@ -210,7 +210,7 @@ def add_score_command(subparsers: Any) -> argparse.ArgumentParser:
             "validation split, and reports their Spearman rank correlations per layer and "
             "over all layers (Molchanov et al. 2017, Table 1)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     add_model_arguments(parser)
     parser.add_argument(
