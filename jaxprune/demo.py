@@ -78,7 +78,10 @@ class DemoConfig:
 
 FIELDS = tuple(f.name for f in dataclasses.fields(DemoConfig))
 HELP = {
-    "model": "zoo model (its base model must be shipped or trainable: lenet5, vgg_small)",
+    "model": (
+        "zoo model (its base model must be shipped or trainable: lenet5, vgg_small), or your "
+        "own trained model as FILE.py:NAME or package.module:NAME (see jaxprune prune --help)"
+    ),
     "dataset": "dataset name (fashion_mnist is built in)",
     "workdir": "where checkpoints, result.json, results.json and summary.png go",
     "method": "pruning method: oneshot, iterative, progressive, blending, functional",
@@ -217,6 +220,8 @@ def base_model_file(config: DemoConfig) -> Path | None:
         if not path.is_file():
             raise UsageError(f"--base {path} does not exist.")
         return path
+    if ":" in config.model:  # FILE.py:NAME or package.module:NAME brings its own variables
+        return None
     shipped = PRETRAINED / f"{config.model}_{config.dataset}.msgpack"
     if shipped.is_file():
         return None

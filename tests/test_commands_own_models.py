@@ -125,3 +125,14 @@ def test_score_and_inspect_read_your_model(spec, tmp_path):
     assert main([*argv, "--score-examples=32"]) == 0
     assert (out / "index.html").is_file()
     assert len(list(out.glob("*.html"))) == 3  # two conv layers and the index
+
+
+@pytest.mark.slow
+def test_the_demo_runs_your_model(spec, tmp_path, capsys):
+    argv = ["demo", f"--model={spec}", f"--workdir={tmp_path}", "--method=oneshot"]
+    small = ["--finetune-examples=256", "--eval-examples=128", "--finetune-epochs=1"]
+    assert main([*argv, *small, "--no-timing"]) == 0
+    assert "oneshot pruning" in capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results
+    check_run(tmp_path, "oneshot", spec)

@@ -25,6 +25,7 @@ def test_every_method_has_demo_settings_of_its_own_config():
         job.method_config().check()
 
 
+@pytest.mark.slow
 def test_demo_prunes_finetunes_reports_and_resumes(tmp_path, capsys):
     config = DemoConfig(workdir=str(tmp_path), ratio=0.5, criterion="l1", **SMALL)
     first = run(config)

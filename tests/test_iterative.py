@@ -386,6 +386,7 @@ def test_a_hard_coded_model_prunes_resumes_and_refuses_another_run(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_an_nnx_model_prunes_through_its_pruned_program():
     module = NnxCNN(rngs=nnx.Rngs(0))
     x = jnp.zeros(NnxCNN.SHAPE)

@@ -207,6 +207,7 @@ def test_iterative_on_your_own_model(tmp_path, user_model):
     assert kept <= 0.7 * sum(report["widths"]["before"].values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["progressive", "blending", "functional"])
 def test_paper_methods_on_the_zoo_lenet(tmp_path, method, capsys):
     argv = prune_argv(method, "lenet5", tmp_path)
