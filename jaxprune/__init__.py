@@ -30,6 +30,7 @@ from jaxprune.methods.functional import FunctionalConfig, functional_prune
 from jaxprune.methods.iterative import IterativeConfig, iterative_prune
 from jaxprune.methods.oneshot import OneShotConfig, oneshot_prune
 from jaxprune.methods.progressive import ProgressiveConfig, progressive_prune
+from jaxprune.methods.registry import METHODS, MethodSpec
 from jaxprune.methods.selection import Selection, keep_from_scores
 from jaxprune.metrics import MetricsWriter
 from jaxprune.model import Model
@@ -69,6 +70,8 @@ __all__ = [
     "FunctionalConfig",
     "GraphError",
     "IterativeConfig",
+    "METHODS",
+    "MethodSpec",
     "MetricsWriter",
     "Model",
     "OneShotConfig",

@@ -52,6 +52,8 @@ PUBLIC = {
     "RunMismatchError",
     "MetricsWriter",
     # the method contract
+    "METHODS",
+    "MethodSpec",
     "PruneData",
     "PruneResult",
     "BatchList",
@@ -92,7 +94,9 @@ def test_no_implementation_module_leaks_into_the_namespace():
 
 
 def test_every_method_has_the_one_contract():
+    assert tuple(jp.METHODS) == METHODS
     for method in METHODS:
+        assert jp.METHODS[method].prune is getattr(jp, f"{method}_prune")
         prune_fn = getattr(jp, f"{method}_prune")
         parameters = inspect.signature(prune_fn).parameters
         assert list(parameters)[:4] == ["model", "variables", "data", "config"], method
