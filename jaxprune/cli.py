@@ -16,6 +16,7 @@ run with other settings, it is refused with the changed settings named. Errors a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import sys
@@ -34,6 +35,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config) if args.config else train_job.TrainConfig()
     config = apply_overrides(config, args.set or [])
+    if args.no_progress:
+        config = dataclasses.replace(config, progress=False)
     config.check()
     workdir = Path(args.workdir)
     result = train_job.train_and_evaluate(config, workdir)
@@ -118,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config field, e.g. --set epochs=3 --set optimizer.learning_rate=0.05",
     )
     train.add_argument("--export", metavar="FILE", help="also write the final model to FILE")
+    train.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (e.g. in log files)"
+    )
     train.set_defaults(func=cmd_train)
 
     data = sub.add_parser("data", help="datasets")

@@ -74,6 +74,7 @@ class DemoConfig:
     channels_per_step: int = 16
     updates_per_step: int = 10
     timing: bool = True
+    progress: bool = True
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(DemoConfig))
@@ -99,6 +100,7 @@ HELP = {
     "channels_per_step": "iterative: kernels removed per pruning step (the paper: 1)",
     "updates_per_step": "iterative: fine-tuning updates between pruning steps",
     "timing": "time CPU inference of the base and pruned models",
+    "progress": "progress bars (--no-progress for log files)",
 }
 
 
@@ -271,7 +273,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
         config = dataclasses.replace(config, criterion=DEFAULT_CRITERIA[config.method])
     workdir = Path(config.workdir)
     job = demo_job(config, base_model_file(config))
-    report = run_job(job, workdir, quiet=True)
+    report = run_job(job, workdir, quiet=True, progress=config.progress)
 
     loaded = load_job_model(job)
     base_model, base_variables = loaded.model, loaded.variables

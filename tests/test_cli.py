@@ -71,3 +71,21 @@ def test_ctrl_c_leaves_one_line_and_the_workdir(monkeypatch, capsys, tmp_path):
     assert main(["train", "--workdir", str(tmp_path)]) == 130
     err = capsys.readouterr().err.strip()
     assert err == f"interrupted; {tmp_path} is kept: run the same command to resume."
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo"],
+        ["train", "--workdir=w"],
+        ["score"],
+        ["inspect"],
+        ["prune", "--workdir=w"],
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_every_long_running_command_takes_no_progress(argv):
+    from jaxprune.cli import build_parser
+
+    args = build_parser().parse_args([*argv, "--no-progress"])
+    assert getattr(args, "no_progress", False) or getattr(args, "progress", True) is False

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from jaxprune.commands.config import DefaultsHelpFormatter
 from jaxprune.commands.model_spec import add_model_arguments
@@ -63,6 +64,8 @@ class InspectConfig:
     functionality: bool = False
     # Prepared TFDS data (None: the default data dir).
     data_dir: str | None = None
+    # A progress bar over the layers' pages.
+    progress: bool = True
 
 
 def run_inspect(config: InspectConfig) -> dict[str, Path]:
@@ -118,7 +121,7 @@ def run_inspect(config: InspectConfig) -> dict[str, Path]:
     title_base = f"{setup.label} on {setup.dataset.config.name}"
     written: dict[str, Path] = {}
     layers = []
-    for group in groups:
+    for group in tqdm(groups, desc="pages", unit="layer", disable=not config.progress):
         written[f"page:{group}"] = _write_page(
             out,
             apply_fn,
@@ -284,6 +287,7 @@ def _from_args(args: argparse.Namespace) -> int:
         standin=args.standin,
         functionality=args.functionality,
         data_dir=args.data_dir,
+        progress=not args.no_progress,
     )
     written = run_inspect(config)
     for name, path in written.items():
@@ -359,5 +363,8 @@ def add_command(subparsers: Any) -> argparse.ArgumentParser:
         help="also write the functionality report and link it from index.html",
     )
     parser.add_argument("--data-dir", default=None, help="prepared TFDS data dir")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (e.g. in log files)"
+    )
     parser.set_defaults(func=_from_args)
     return parser

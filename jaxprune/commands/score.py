@@ -54,6 +54,8 @@ class ScoreConfig:
     data_dir: str | None = None
     # Seed of the "random" criterion.
     seed: int = 0
+    # A progress bar over the oracle and the criteria.
+    progress: bool = True
 
     def check(self) -> None:
         """Raises UsageError naming the first bad setting, before any data is read."""
@@ -162,6 +164,7 @@ def run_score(config: ScoreConfig) -> Report:
         oracle=config.oracle,
         scope=config.scope,
         options={"random": {"seed": config.seed}} if "random" in names else None,
+        progress=config.progress,
     )
     elapsed = time.perf_counter() - started
     title = f"{label} on {dataset.config.name} validation"
@@ -194,6 +197,7 @@ def _score_from_args(args: argparse.Namespace) -> int:
         workdir=args.workdir,
         data_dir=args.data_dir,
         seed=args.seed,
+        progress=not args.no_progress,
     )
     run_score(config)
     return 0
@@ -235,5 +239,8 @@ def add_score_command(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--data-dir", default=None, help="prepared TFDS data dir")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of 'random'")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (e.g. in log files)"
+    )
     parser.set_defaults(func=_score_from_args)
     return parser

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from jaxprune.criteria.base import Batch, Scores, ScoringContext, iter_batches
 from jaxprune.criteria.registry import CRITERIA
@@ -446,6 +447,7 @@ def criteria_report(
     oracle: str = "oracle_abs",
     scope: str = "conv",
     options: Mapping[str, Mapping[str, Any]] | None = None,
+    progress: bool = False,
 ) -> Report:
     """Scores each criterion and the oracle on the same batches, and compares their rankings.
 
@@ -459,6 +461,7 @@ def criteria_report(
       scope: "conv" judges the groups produced by convolutions; "all" adds dense layers.
       options: per criterion name (or the oracle's), keyword options of its constructor,
         e.g. ``{"random": {"seed": 1}, "oracle_abs": {"batch_size": 4}}``.
+      progress: a progress bar over the oracle and the criteria (with a total and an ETA).
 
     Returns:
       The report.
@@ -487,15 +490,21 @@ def criteria_report(
     if oracle in ORACLES:
         # The built-in oracles can skip groups not judged (the dense layers under scope="conv").
         oracle_options.setdefault("groups", tuple(sizes))
+    bar = tqdm(total=1 + len(names), desc="scoring", unit="criterion", disable=not progress)
+    bar.set_postfix_str(oracle)
     start = time.perf_counter()
     oracle_scores = score(oracle, context, variables, held, **oracle_options)
     oracle_seconds = time.perf_counter() - start
+    bar.update()
 
     scores, seconds = {}, {}
     for name in names:
+        bar.set_postfix_str(name)
         start = time.perf_counter()
         scores[name] = score(name, context, variables, held, **options.get(name, {}))
         seconds[name] = time.perf_counter() - start
+        bar.update()
+    bar.close()
     return compare_scores(
         scores,
         oracle_scores,
