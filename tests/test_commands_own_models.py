@@ -72,6 +72,7 @@ def spec(request, tmp_path_factory) -> str:
     return f"{path}:build"
 
 
+@pytest.mark.slow
 def test_graph_lists_the_groups_of_your_model(spec, capsys):
     assert main(["graph", f"--model={spec}"]) == 0
     out = capsys.readouterr().out
@@ -81,6 +82,7 @@ def test_graph_lists_the_groups_of_your_model(spec, capsys):
         assert "conv1" in out and "conv2" in out
 
 
+@pytest.mark.slow
 def test_oneshot_prune_runs_your_model(spec, tmp_path):
     argv = [
         "prune",

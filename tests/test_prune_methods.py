@@ -199,6 +199,7 @@ def test_oneshot_on_your_own_model_resumes_and_refuses_other_settings(tmp_path, 
     assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == files
 
 
+@pytest.mark.slow
 def test_iterative_on_your_own_model(tmp_path, user_model):
     assert main(prune_argv("iterative", user_model, tmp_path)) == 0
     report = check_run(tmp_path, "iterative", user_model)
@@ -220,6 +221,7 @@ def test_paper_methods_on_the_zoo_lenet(tmp_path, method, capsys):
     assert (tmp_path / method / "result.json").is_file()  # the method's own run
 
 
+@pytest.mark.slow
 def test_functional_on_your_own_model(tmp_path, user_model):
     assert main(prune_argv("functional", user_model, tmp_path)) == 0
     check_run(tmp_path, "functional", user_model)
