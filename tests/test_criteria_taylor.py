@@ -207,6 +207,7 @@ def test_taylor_on_weights_uses_the_gradient_of_the_mean_loss_over_all_data(resi
     np.testing.assert_allclose(l2, np.sqrt((rows**2).sum(1)), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_masked_channels_have_zero_taylor_terms_and_score_minus_infinity(residual):
     variables, context = residual
     masks = {"b1_conv1": np.array([1, 1, 0, 1, 1, 1, 0], np.float32)}

@@ -220,6 +220,7 @@ def test_bad_configs_are_refused_with_the_fix():
 # Shrinking
 
 
+@pytest.mark.slow
 def test_shrink_gives_the_masked_outputs_and_keeps_surviving_momentum(lenet):
     model, variables = lenet
     x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 28, 28, 1)), jnp.float32)
@@ -553,6 +554,7 @@ def run_prune_command(argv: list[str]) -> int:
     return args.func(args)
 
 
+@pytest.mark.slow
 def test_prune_command_writes_the_final_zoo_model(tmp_path, capsys):
     argv = [
         "prune",

@@ -176,6 +176,7 @@ def test_the_final_step_redraws_every_dense_layer_glorot_uniform(small_vgg):
         final.reinit_dense(variables, seed=0, layers=["classifier"])
 
 
+@pytest.mark.slow
 def test_a_run_with_the_final_step_fine_tunes_after_redrawing(small_vgg, tiny_data):
     result = run(
         small_vgg,

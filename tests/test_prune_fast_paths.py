@@ -32,11 +32,8 @@ def close(a, b, rtol=1e-5):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=rtol * scale, rtol=0)
 
 
-@pytest.mark.parametrize(
-    "model_cls",
-    [LINEN_MODELS[0], *(pytest.param(m, marks=pytest.mark.slow) for m in LINEN_MODELS[1:4])],
-    ids=lambda c: c.__name__,
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("model_cls", LINEN_MODELS[:4], ids=lambda c: c.__name__)
 def test_evaluate_and_masked_probe_equal_their_plain_forms(model_cls):
     model, variables, x, kwargs = init_linen(model_cls)
     graph = jp.channel_graph(model.apply, variables, x, **kwargs)
