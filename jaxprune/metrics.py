@@ -23,6 +23,28 @@ JSONL = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 
 
+def _summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter, imported without PyTorch.
+
+    tensorboardX imports torch when it is installed, only to recognise torch tensors, which
+    jaxprune never passes. Loaded into a JAX process, PyTorch brings its own threading and
+    allocator state; a later XLA compile in the same process was seen to crash. So torch is
+    hidden while tensorboardX loads, unless the process has imported it already.
+    """
+    import sys
+
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` -> ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """Writes metric records of a run (see the module docstring).
 
@@ -44,8 +66,7 @@ class MetricsWriter:
         self._truncate(resumed_step)
         self._board = None
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
+            SummaryWriter = _summary_writer_class()  # noqa: N806
             purge = None if resumed_step is None else resumed_step + 1
             # The writer's thread writes queued events and flushes the file every second.
             self._board = SummaryWriter(

@@ -2,6 +2,8 @@
 once after a resume."""
 
 import json
+import subprocess
+import sys
 import time
 
 from tb_events import scalars
@@ -38,3 +40,16 @@ def test_a_resumed_run_writes_each_step_once(tmp_path):
     with MetricsWriter(tmp_path) as writer:  # a fresh run starts a fresh log
         writer.write(1, loss=5.0)
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_writing_metrics_does_not_load_pytorch_into_the_process(tmp_path):
+    # tensorboardX imports torch when it can; in a JAX process that state crashed later
+    # compiles. A fresh interpreter, so that no other test's imports count.
+    script = (
+        "import sys, jaxprune.metrics as m\n"
+        f"w = m.MetricsWriter({str(tmp_path)!r}); w.write(1, loss=0.5); w.close()\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
