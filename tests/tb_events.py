@@ -3,7 +3,10 @@
 import struct
 from pathlib import Path
 
-from tensorboardX.proto import event_pb2
+from jaxprune.metrics import _summary_writer_class
+
+_summary_writer_class()  # loads tensorboardX with PyTorch hidden, as the writer does
+from tensorboardX.proto import event_pb2  # noqa: E402
 
 
 def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
