@@ -683,6 +683,28 @@ def _check_maps_point(point: GatePoint, group: str) -> None:
         )
 
 
+def _maps_reader(
+    apply_fn: Callable[..., Any],
+    graph: ChannelGraph,
+    variables: Any,
+    groups: Sequence[str],
+    example: np.ndarray,
+    apply_kwargs: Mapping[str, Any] | None,
+) -> Callable[[Any, jax.Array], dict[str, jax.Array]]:
+    """A jitted (variables, batch) -> {group: its NHWC map at its first gate point}."""
+    kwargs = dict(apply_kwargs) if apply_kwargs is not None else {"train": False}
+    points = gate_points(apply_fn, graph, variables, example, **kwargs)
+    for group in groups:
+        _check_maps_point(points[group][0], group)
+
+    @jax.jit
+    def maps(variables: Any, batch: jax.Array) -> dict[str, jax.Array]:
+        _, captured = gated_call(apply_fn, graph, variables, batch, capture=True, **kwargs)
+        return {g: captured[g][0].astype(jnp.float32) for g in groups}
+
+    return maps
+
+
 def response_maps(
     apply_fn: Callable[..., Any],
     graph: ChannelGraph,
@@ -712,17 +734,8 @@ def response_maps(
     images = np.asarray(images, np.float32)
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"images must be a non-empty (N, H, W, C) array, got {images.shape}.")
-    kwargs = dict(apply_kwargs) if apply_kwargs is not None else {"train": False}
-    points = gate_points(apply_fn, graph, variables, images[:1], **kwargs)
     groups = list(groups)
-    for group in groups:
-        _check_maps_point(points[group][0], group)
-
-    @jax.jit
-    def maps(variables: Any, batch: jax.Array) -> dict[str, jax.Array]:
-        _, captured = gated_call(apply_fn, graph, variables, batch, capture=True, **kwargs)
-        return {g: captured[g][0].astype(jnp.float32) for g in groups}
-
+    maps = _maps_reader(apply_fn, graph, variables, groups, images[:1], apply_kwargs)
     parts = [
         jax.device_get(maps(variables, jnp.asarray(images[k : k + batch_size])))
         for k in range(0, len(images), batch_size)
@@ -856,14 +869,10 @@ def response_similarity(
     images = np.asarray(images, np.float32)
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"images must be a non-empty (N, H, W, C) array, got {images.shape}.")
-    kwargs = dict(apply_kwargs) if apply_kwargs is not None else {"train": False}
-    point = gate_points(apply_fn, graph, variables, images[:1], **kwargs)[group][0]
-    _check_maps_point(point, group)
+    reader = _maps_reader(apply_fn, graph, variables, [group], images[:1], apply_kwargs)
 
-    @jax.jit
     def maps(variables: Any, batch: jax.Array) -> jax.Array:
-        _, captured = gated_call(apply_fn, graph, variables, batch, capture=True, **kwargs)
-        return captured[group][0].astype(jnp.float32)
+        return reader(variables, batch)[group]
 
     count, total, products = 0, None, None
     for k in range(0, len(images), batch_size):
