@@ -10,26 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from user_models import LINEN_MODELS, init_linen
+from user_models import LINEN_MODELS, close, half_keep, init_linen
 
 import jaxprune as jp
 from jaxprune.surgery import _masked_probe, axis_slices, probe_input, validate_keep
-
-
-def half_keep(graph, seed=1):
-    rng = np.random.default_rng(seed)
-    keep = {}
-    for group in graph.groups:
-        blocks = group.size // group.block
-        chosen = np.sort(rng.choice(blocks, max(1, blocks // 2), replace=False))
-        keep[group.name] = (chosen[:, None] * group.block + np.arange(group.block)).reshape(-1)
-    return keep
-
-
-def close(a, b, rtol=1e-5):
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
-        scale = max(1.0, float(jnp.max(jnp.abs(x))))
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=rtol * scale, rtol=0)
 
 
 @pytest.mark.slow

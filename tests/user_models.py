@@ -338,3 +338,20 @@ def random_statistics(stats, seed: int):
         return jnp.asarray(rng.normal(0.0, 0.2, v.shape), v.dtype)
 
     return jax.tree_util.tree_map_with_path(draw, stats)
+
+
+def half_keep(graph, seed=1):
+    """Half of every group's channels (whole blocks), chosen at random."""
+    rng = np.random.default_rng(seed)
+    keep = {}
+    for group in graph.groups:
+        blocks = group.size // group.block
+        chosen = np.sort(rng.choice(blocks, max(1, blocks // 2), replace=False))
+        keep[group.name] = (chosen[:, None] * group.block + np.arange(group.block)).reshape(-1)
+    return keep
+
+
+def close(a, b, rtol=1e-5):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        scale = max(1.0, float(jnp.max(jnp.abs(x))))
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=rtol * scale, rtol=0)
