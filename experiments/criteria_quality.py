@@ -217,14 +217,153 @@ def held_out(config: ScoreConfig) -> dict:
     }
 
 
+def reliability_curve(config: ScoreConfig, images: int = 8192, block: int = 256) -> dict:
+    """The oracle's reliability against the number of images, and every criterion against an
+    oracle on independent images.
+
+    The signed oracle is scored on the first `images` training images (unaugmented) in blocks of
+    `block`. It is a mean over examples, so blocks average into the oracle of any union of them.
+    For n = block, 2 block, ..., images / 2 per half: the Spearman between |oracle| on two
+    disjoint halves of n images, averaged over the images / (2n) disjoint pairs, and its
+    Spearman-Brown value for 2n images. Then every criterion of the main run (its scores on the
+    validation images, from criteria_quality.json) against |oracle| on all `images` training
+    images: data the criterion never read, so the two share no sampling noise.
+
+    Args:
+      config: the main run's settings (model, batch size, scope).
+      images: training images the oracle reads (a multiple of 2 * block).
+      block: images per block.
+
+    Returns:
+      A JSON-ready summary.
+    """
+    import numpy as np
+
+    from jaxprune import data
+    from jaxprune.criteria.rank_correlation import spearman
+    from jaxprune.criteria.reliability import spearman_brown
+
+    main_file = RESULTS / "criteria_quality.json"
+    if not main_file.is_file():
+        raise SystemExit(f"Run the main evaluation first: {main_file} is missing.")
+    stored = json.loads(main_file.read_text())
+    started = time.perf_counter()
+    _, dataset, context, variables, _ = load_scoring_setup(config)
+    sizes = judged_groups(context, config.scope)
+    train = list(data.preprocessed_batches(dataset, "train", config.batch_size, images))
+    per_block = block // config.batch_size
+    blocks = []
+    for first in range(0, len(train), per_block):
+        part = train[first : first + per_block]
+        blocks.append(score("oracle_loss", context, variables, part, groups=tuple(sizes)))
+        print(f"oracle block {len(blocks)}: {time.perf_counter() - started:.0f} s", flush=True)
+
+    def mean_of(indices):
+        return {g: np.mean([blocks[i][g] for i in indices], axis=0) for g in sizes}
+
+    curve = []
+    n_blocks = 1
+    while 2 * n_blocks <= len(blocks):
+        pairs = len(blocks) // (2 * n_blocks)
+        rhos = {g: [] for g in sizes}
+        for p in range(pairs):
+            first = range(2 * p * n_blocks, (2 * p + 1) * n_blocks)
+            second = range((2 * p + 1) * n_blocks, (2 * p + 2) * n_blocks)
+            a, b = mean_of(first), mean_of(second)
+            for g in sizes:
+                rhos[g].append(spearman(np.abs(a[g]), np.abs(b[g])))
+        split = {g: float(np.mean(v)) for g, v in rhos.items()}
+        curve.append(
+            {
+                "images_per_half": n_blocks * block,
+                "pairs": pairs,
+                "split_half": split,
+                "whole": {g: spearman_brown(r) for g, r in split.items()},
+            }
+        )
+        n_blocks *= 2
+    independent = {g: np.abs(v) for g, v in mean_of(range(len(blocks))).items()}
+    criteria_scores = {
+        name: {g: np.asarray(v) for g, v in by_group.items()}
+        for name, by_group in stored["scores"].items()
+        if name not in ("oracle_abs", "oracle_loss")
+    }
+    against_independent = compare_scores(
+        criteria_scores,
+        independent,
+        sizes,
+        oracle=f"oracle_abs on {images} training images",
+        examples=images,
+    )
+    # The main run's oracle (validation images) against the independent one: how far two
+    # oracles from different data agree, the practical ceiling of the main table.
+    main_oracle = {g: np.asarray(v) for g, v in stored["scores"]["oracle_abs"].items()}
+    oracles = compare_scores(
+        {f"oracle_abs on {stored['examples']} validation images": main_oracle},
+        independent,
+        sizes,
+        oracle=f"oracle_abs on {images} training images",
+    )
+    seconds = time.perf_counter() - started
+    print("\nSplit-half reliability of |oracle| per layer, by images per half:")
+    for point in curve:
+        cells = " ".join(f"{point['split_half'][g]:6.3f}" for g in sizes)
+        print(f"{point['images_per_half']:>6} ({point['pairs']:>2} pairs) {cells}")
+    print("\nCriteria (validation images) against the oracle on independent training images:")
+    print(against_independent.table())
+    print("\n" + oracles.table())
+    return {
+        "images": images,
+        "block": block,
+        "groups": dict(sizes),
+        "curve": curve,
+        "against_independent": against_independent.to_dict()["criteria"],
+        "main_oracle_against_independent": oracles.to_dict()["criteria"],
+        "independent_oracle": {g: v.tolist() for g, v in independent.items()},
+        "seconds": seconds,
+    }
+
+
+def plot_reliability(result: dict, path: Path) -> None:
+    """Split-half reliability of the oracle per layer against images per half (PNG and PDF)."""
+    from jaxprune.figures import new_figure, save_figure
+
+    figure = new_figure(6.5, 4.2)
+    axis = figure.add_subplot()
+    counts = [p["images_per_half"] for p in result["curve"]]
+    for group in result["groups"]:
+        axis.plot(counts, [p["split_half"][group] for p in result["curve"]], marker="o",
+                  label=group)  # fmt: skip
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("training images per half")
+    axis.set_ylabel("split-half Spearman of |oracle|")
+    axis.set_ylim(-0.1, 1.0)
+    axis.set_title("VGG-small / Fashion-MNIST: how reproducible the oracle ranking is")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    save_figure(figure, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--held-out", action="store_true", help="split the data: criteria on A, oracle on A and B"
     )
+    parser.add_argument(
+        "--reliability",
+        action="store_true",
+        help="the oracle's reliability vs images, criteria against an independent oracle",
+    )
     args = parser.parse_args()
     enable_compilation_cache()
     config = get_config()
+    if args.reliability:
+        result = reliability_curve(config)
+        path = Path(config.workdir) / "reliability.json"
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        plot_reliability(result, Path(config.workdir) / "reliability.png")
+        print(f"\n{result['seconds']:.1f} s; wrote {path}")
+        return
     if args.held_out:
         result = held_out(config)
         path = Path(config.workdir) / "held_out.json"

@@ -24,6 +24,7 @@ from jaxprune import train
 from jaxprune.metrics import MetricsWriter
 from jaxprune.model import Model
 from jaxprune.run import Checkpoints, RunDir
+from jaxprune.runtime import release_compiled_programs_if_crowded
 
 Batch = Mapping[str, Any]
 
@@ -167,6 +168,7 @@ def fit(
                 if end_of_epoch:
                     history.append({"epoch": epoch + 1, "step": step, "loss": sums / count})
                     sums, count = 0.0, 0
+                    release_compiled_programs_if_crowded()
                 if store is not None and (step % config.checkpoint_every == 0 or step == total):
                     meta = {"history": history, "epoch_loss": [sums, count]}
                     store.save(step, _arrays(state), meta)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -30,3 +31,38 @@ def enable_compilation_cache(cache_dir: str | os.PathLike | None = None) -> Path
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+def memory_map_use() -> tuple[int, int] | None:
+    """This process's memory mappings and the kernel's limit on them (Linux), else None."""
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            count = sum(1 for _ in maps)
+        limit = int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return None
+    return count, limit
+
+
+def release_compiled_programs_if_crowded(fraction: float = 0.5) -> bool:
+    """Drops JAX's compiled programs when the process nears its limit on memory mappings.
+
+    Every XLA CPU executable keeps a few memory mappings for its code until JAX's caches drop
+    it. A long process that compiles thousands of programs (a pruning run compiles new ones at
+    every width; a test session compiles everything) reaches Linux's `vm.max_map_count`
+    (65530 by default), and the next compile then crashes the process with a segmentation
+    fault instead of raising. Long loops call this at step boundaries; a dropped program costs
+    one recompile (or a read from the persistent compilation cache) when it is used again.
+
+    Args:
+      fraction: release once the mappings exceed this share of the limit.
+
+    Returns:
+      Whether the caches were cleared.
+    """
+    use = memory_map_use()
+    if use is None or use[0] < fraction * use[1]:
+        return False
+    jax.clear_caches()
+    gc.collect()
+    return True

@@ -66,6 +66,28 @@ def test_without_crossover_or_mutation_children_are_copies_of_selected_parents()
     np.testing.assert_array_equal(child, np.repeat(population[-1:], config.population, axis=0))
 
 
+def test_random_search_draws_fresh_uniform_genomes_whatever_the_fitness():
+    config = dataclasses.replace(CONFIG, strategy="random", low=0.25, high=0.75)
+    population = initial_population(config, 6, seed=2)
+    fitness = np.random.default_rng(1).random(config.population)
+    child = next_generation(population, fitness, config, seed=2, generation=1)
+    # A function of (seed, generation) only: neither the population nor the fitness matters.
+    reordered = next_generation(population[::-1], -fitness, config, seed=2, generation=1)
+    np.testing.assert_array_equal(child, reordered)
+    assert not np.array_equal(child, next_generation(population, fitness, config, seed=2,
+                                                     generation=2))  # fmt: skip
+    assert child.shape == population.shape
+    assert child.min() >= 0.25 and child.max() <= 0.75
+    # No genome survives: every row is a new draw.
+    assert not {tuple(r) for r in child} & {tuple(r) for r in population}
+    # Uniform: 10,000 genes have the uniform's mean and spread.
+    many = next_generation(
+        np.zeros((12, 1000)), fitness, dataclasses.replace(config, low=0.0, high=1.0), seed=0,
+        generation=0,
+    )  # fmt: skip
+    assert abs(many.mean() - 0.5) < 0.01 and abs(many.std() - np.sqrt(1 / 12)) < 0.01
+
+
 def test_sigma_decays_geometrically():
     assert sigma_at(CONFIG, 0) == CONFIG.mutation_sigma
     assert sigma_at(CONFIG, 3) == pytest.approx(CONFIG.mutation_sigma * CONFIG.sigma_decay**3)
@@ -75,6 +97,7 @@ def test_sigma_decays_geometrically():
     "changes, message",
     [
         ({"population": 1}, "population"),
+        ({"strategy": "annealing"}, "strategy must be one of"),
         ({"selection": "roulette"}, "selection must be one of"),
         ({"crossover": "one_point"}, "crossover must be one of"),
         ({"tournament_size": 13}, "tournament_size"),

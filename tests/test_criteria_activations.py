@@ -188,3 +188,24 @@ def test_masked_channels_score_minus_infinity_and_the_rest_see_the_masked_model(
 def test_bins_must_be_an_integer_of_at_least_two():
     with pytest.raises(ValueError, match="bins"):
         entropy(bins=1)
+
+
+def test_a_conv_followed_by_pooling_is_read_after_the_pooling():
+    """The documented read point: VGG-small's conv2/4/6 feed a max-pool, and their activation
+    statistics are of the pooled maps (the gate sits where the next layer reads)."""
+    from jaxprune.models import build_model
+
+    model = build_model("vgg_small", 10)
+    x = np.zeros((2, 28, 28, 1), np.float32)
+    variables = model.init(jax.random.key(0), x, train=False)
+
+    def apply(v, images):
+        return model.apply(v, images, train=False)
+
+    context = ScoringContext(apply, channel_graph(apply, variables, x))
+    maps = captured(context, variables, x)
+    spatial = {name: maps[name][0].shape[1:3] for name in maps if name.startswith("conv")}
+    assert spatial == {
+        "conv1": (28, 28), "conv2": (14, 14), "conv3": (14, 14),
+        "conv4": (7, 7), "conv5": (7, 7), "conv6": (3, 3),
+    }  # fmt: skip

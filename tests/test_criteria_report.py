@@ -17,13 +17,12 @@ from toy_models import ConvBNDense, DepthwiseSeparable
 from jaxprune import checkpoint
 from jaxprune.commands.score import ScoreConfig, add_score_command, run_score, validation_batches
 from jaxprune.criteria import ScoringContext, normalize_l2, score
+from jaxprune.criteria.rank_correlation import average_ranks, spearman
 from jaxprune.criteria.report import (
     ORACLES,
-    average_ranks,
     compare_scores,
     criteria_report,
     default_criteria,
-    spearman,
     write_report,
 )
 from jaxprune.graph import channel_graph
@@ -115,6 +114,13 @@ def test_scaled_oracle_is_perfect_per_layer_and_after_l2_but_not_raw():
             np.concatenate([oracle_l2[g] for g in sizes]),
         ).statistic
     )
+    # The other reading of "all layers, L2": only the criterion normalised, the oracle raw.
+    assert row.all_layers_l2_criterion == pytest.approx(
+        scipy.stats.spearmanr(
+            np.concatenate([noisy_l2[g] for g in sizes]),
+            np.concatenate([oracle[g] for g in sizes]),
+        ).statistic
+    )
     assert report.groups == ("a", "b", "c") and report.names == ("scaled", "noisy")
 
 
@@ -192,6 +198,17 @@ def test_report_on_a_toy_model_ranks_the_oracle_perfectly():
             "conv0": (6,),
             "conv1": (8,),
         }
+
+    # The oracle was scored in two halves: its reliability is the halves' agreement.
+    reliability = report.oracle_reliability
+    assert reliability.examples == (3, 3) and set(reliability.per_layer) == {"conv0", "conv1"}
+    half_a = score("oracle_abs", context, variables, BATCHES[:1])
+    half_b = score("oracle_abs", context, variables, BATCHES[1:])
+    for group, value in reliability.per_layer.items():
+        assert value == pytest.approx(scipy.stats.spearmanr(half_a[group], half_b[group])[0])
+    assert "split-half" in report.table() and "ceiling" in report.table()
+    one_batch = criteria_report(context, variables, BATCHES[:1], ["l1"])
+    assert one_batch.oracle_reliability is None and "split-half" not in one_batch.table()
 
     everything = criteria_report(context, variables, BATCHES, ["l1"], scope="all")
     assert everything.groups == ("conv0", "conv1", "fc")

@@ -1,9 +1,13 @@
 """Criteria on the activations at the gate points: mean, spread, sparsity, entropy, rank, and
 information about the label.
 
-The activation of channel c is read where its consumers read it (after normalisation, the
-nonlinearity and, for the last conv before a flatten, pooling): ``a[n, *p, c]`` for example n
-and spatial position p (`layout.channel_view`). A group read at several gate points (a residual
+The activation of channel c is read at its group's gate point, where its consumers read it:
+after every per-channel operation between the convolution and the next layer, so after
+normalisation and the nonlinearity, and after pooling whenever a pooling layer comes before the
+consumer. On VGG-small, conv1/3/5 are read at full resolution after BN + ReLU, and conv2/4/6
+after BN + ReLU + 2x2 max-pooling (14x14, 7x7 and 3x3 maps), since the next convolution (or the
+flatten) reads the pooled map. ``a[n, *p, c]`` is the value for example n and spatial position
+p there (`layout.channel_view`). A group read at several gate points (a residual
 stage) gets each score computed per point and averaged over the points.
 
 Every statistic is accumulated over batches in float64; the ones that are sums (mean, std,

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.criteria.report import spearman
+from jaxprune.criteria.rank_correlation import spearman
 from jaxprune.gates import gate_points, gated_call, points_for, program_args
 from jaxprune.graph import ChannelGraph, GatePoint
 from jaxprune.interpret import Interpreter, bind, frames_holding
@@ -928,7 +928,7 @@ def similarity_agreement(similarity: np.ndarray, reference: np.ndarray) -> float
       reference: (n, n) the similarity it should agree with (e.g. `response_similarity`).
 
     Returns:
-      rho in [-1, 1] (`jaxprune.criteria.report.spearman`, ties averaged).
+      rho in [-1, 1] (`jaxprune.criteria.rank_correlation.spearman`, ties averaged).
     """
     s, r = np.asarray(similarity, np.float64), np.asarray(reference, np.float64)
     if s.ndim != 2 or s.shape != r.shape or s.shape[0] != s.shape[1] or s.shape[0] < 3:

@@ -6,7 +6,14 @@ scores with the absolute oracle (`oracle_abs`: ``|C(without c) - C|``), computed
 - per layer: within each channel group, then averaged over the groups ("per layer");
 - over all layers pooled, on the raw scores ("all layers");
 - over all layers pooled after per-layer L2 normalisation of both the criterion and the oracle
-  ("all layers, L2"), the form a global ranking uses.
+  ("all layers, L2"), the form a global ranking uses; the paper does not say whether the oracle
+  was normalised too, so the report also gives the pooled value with only the criterion
+  normalised and the oracle raw ("L2 crit").
+
+Beside every table, the oracle's own split-half reliability per layer (`reliability`): the
+oracle is scored on the two halves of the images and the halves' rankings are correlated. It
+caps what any criterion can reach against this oracle (about ``sqrt`` of the Spearman-Brown
+reliability); a criterion near that ceiling is as good as the measurement can show.
 
 `criteria_report` scores the criteria and the oracle on the same batches and returns a `Report`
 (a printable table, CSV, JSON); `compare_scores` does the same from scores already computed, and
@@ -40,7 +47,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxprune.criteria.base import Batch, Scores, ScoringContext, iter_batches
+from jaxprune.criteria.rank_correlation import spearman
 from jaxprune.criteria.registry import CRITERIA
+from jaxprune.criteria.reliability import SPLITTABLE, SplitHalf, oracle_by_halves
 from jaxprune.criteria.scoring import score
 from jaxprune.criteria.transforms import normalize_l2
 
@@ -54,92 +63,6 @@ SCOPES = ("conv", "all")
 CSV_NAME = "criteria_quality.csv"
 JSON_NAME = "criteria_quality.json"
 PNG_NAME = "criteria_quality.png"
-
-# ---------------------------------------------------------------------------------------------
-# Rank correlation
-# ---------------------------------------------------------------------------------------------
-
-
-def average_ranks(values: Any) -> np.ndarray:
-    """Ranks 1..n of a vector; tied values share the mean of the ranks they span.
-
-    Args:
-      values: a 1-D array of numbers (-inf allowed, NaN not).
-
-    Returns:
-      float64 ranks, e.g. ``[10, 20, 20, 5] -> [2, 3.5, 3.5, 1]``.
-
-    Raises:
-      ValueError: not 1-D, or NaN entries.
-    """
-    values = np.asarray(values, np.float64)
-    if values.ndim != 1:
-        raise ValueError(f"average_ranks needs a 1-D vector, got shape {values.shape}.")
-    if np.isnan(values).any():
-        raise ValueError("Cannot rank NaN scores; remove them or fix the criterion.")
-    n = values.size
-    order = np.argsort(values, kind="stable")
-    ordered = values[order]
-    # A run of equal values starts wherever the sorted value changes.
-    starts_run = np.concatenate([[True], ordered[1:] != ordered[:-1]]) if n else np.zeros(0, bool)
-    run_of = np.cumsum(starts_run) - 1
-    starts = np.flatnonzero(starts_run)
-    ends = np.append(starts[1:], n)
-    # Positions starts..ends-1 hold ranks starts+1..ends; their mean is (starts + ends + 1) / 2.
-    run_rank = (starts + ends + 1) / 2.0
-    ranks = np.empty(n, np.float64)
-    ranks[order] = run_rank[run_of]
-    return ranks
-
-
-def paired_scores(name: str, a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Two score vectors as float64, checked for what a rank correlation needs.
-
-    Args:
-      name: the correlation, as error messages name it.
-      a: a 1-D vector of scores.
-      b: a 1-D vector of the same length.
-
-    Returns:
-      ``(a, b)`` as float64 arrays.
-
-    Raises:
-      ValueError: different shapes, not 1-D, fewer than two entries, or NaN entries.
-    """
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(
-            f"{name} needs two 1-D vectors of the same length, got {a.shape} and {b.shape}."
-        )
-    if a.size < 2:
-        raise ValueError(f"{name} needs at least two entries, got {a.size}.")
-    if np.isnan(a).any() or np.isnan(b).any():
-        raise ValueError("Cannot rank NaN scores; remove them or fix the criterion.")
-    return a, b
-
-
-def spearman(a: Any, b: Any) -> float:
-    """Spearman's rank correlation: the Pearson correlation of the average ranks.
-
-    Args:
-      a: a 1-D vector of scores.
-      b: a 1-D vector of the same length.
-
-    Returns:
-      rho in [-1, 1]; NaN when either vector is constant (no ranking to compare), as
-      `scipy.stats.spearmanr` does.
-
-    Raises:
-      ValueError: different shapes, fewer than two entries, or NaN entries.
-    """
-    a, b = paired_scores("spearman", a, b)
-    ra = average_ranks(a) - (a.size + 1) / 2.0
-    rb = average_ranks(b) - (b.size + 1) / 2.0
-    denominator = math.sqrt(float(np.dot(ra, ra)) * float(np.dot(rb, rb)))
-    if denominator == 0.0:
-        return math.nan
-    return float(np.clip(np.dot(ra, rb) / denominator, -1.0, 1.0))
-
 
 # ---------------------------------------------------------------------------------------------
 # The report
@@ -156,6 +79,8 @@ class CriterionQuality:
       mean_per_layer: the mean of the defined per-layer values.
       all_layers: rho over the pooled raw scores of its groups.
       all_layers_l2: rho over the pooled scores after per-layer L2 normalisation of both.
+      all_layers_l2_criterion: rho over the pooled scores after per-layer L2 normalisation of
+        the criterion only (the oracle's raw scores).
       seconds: wall time of scoring (compilation included), when it was measured.
     """
 
@@ -164,6 +89,7 @@ class CriterionQuality:
     mean_per_layer: float
     all_layers: float
     all_layers_l2: float
+    all_layers_l2_criterion: float = math.nan
     seconds: float | None = None
 
     @property
@@ -183,6 +109,8 @@ class Report:
       scores: per criterion (and the oracle), the scores of the judged groups.
       examples: how many examples were scored (None when unknown).
       oracle_seconds: wall time of the oracle, when measured.
+      oracle_reliability: the oracle's split-half reliability per layer, when it was scored in
+        halves (`criteria_report` with at least two batches).
     """
 
     oracle: str
@@ -191,6 +119,7 @@ class Report:
     scores: Mapping[str, Scores]
     examples: int | None = None
     oracle_seconds: float | None = None
+    oracle_reliability: SplitHalf | None = None
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -215,14 +144,14 @@ class Report:
         head = f"{'criterion':<{width}}"
         for group in self.groups:
             head += f"{group:>{cell[group]}}"
-        head += f"{'mean':>7}{'all':>7}{'all L2':>7}{'layers':>7}{'s':>6}"
+        head += f"{'mean':>7}{'all':>7}{'all L2':>7}{'L2 crit':>8}{'layers':>7}{'s':>6}"
         lines = [head, "-" * len(head)]
         for row in self.rows:
             line = f"{row.name:<{width}}"
             for group in self.groups:
                 line += f"{_cell(row.per_layer.get(group), group in row.per_layer):>{cell[group]}}"
             line += f"{_cell(row.mean_per_layer):>7}{_cell(row.all_layers):>7}"
-            line += f"{_cell(row.all_layers_l2):>7}"
+            line += f"{_cell(row.all_layers_l2):>7}{_cell(row.all_layers_l2_criterion):>8}"
             line += f"{f'{len(row.groups)}/{len(self.groups)}':>7}"
             line += f"{'' if row.seconds is None else f'{row.seconds:.1f}':>6}"
             lines.append(line)
@@ -231,7 +160,8 @@ class Report:
         notes = [
             f"Spearman rank correlation with {self.oracle}{seen}; channels per group: {sizes}.",
             "mean: mean of the per-layer values; all: all layers pooled, raw scores; all L2: all "
-            "layers pooled after per-layer L2 normalisation of both.",
+            "layers pooled after per-layer L2 normalisation of both; L2 crit: pooled after "
+            "normalising the criterion only (the oracle raw).",
             "layers: groups the criterion scores (a '-' cell: it does not score that group, and "
             "its pooled values cover only the groups it scores); nan: constant scores in a group.",
         ]
@@ -241,7 +171,34 @@ class Report:
                 f"{self.oracle_seconds:.1f} s."
             )
         legend = [""] + [line for note in notes for line in textwrap.wrap(note, 96)]
-        return "\n".join(lines + legend)
+        return "\n".join(lines + legend + self._reliability_lines(head))
+
+    def _reliability_lines(self, head: str) -> list[str]:
+        """The oracle's split-half reliability, whole-sample reliability and ceiling per layer,
+        aligned under the table's layer columns."""
+        if self.oracle_reliability is None:
+            return []
+        width = head.index(self.groups[0]) if self.groups else 9
+        reliability = self.oracle_reliability
+        lines = [""]
+        for label, values in (
+            ("split-half", reliability.per_layer),
+            ("whole", reliability.whole),
+            ("ceiling", reliability.ceiling),
+        ):
+            line = f"{label:<{width}}"
+            for group in self.groups:
+                line += f"{_cell(values.get(group)):>{max(7, len(group) + 1)}}"
+            lines.append(line)
+        a, b = reliability.examples
+        note = (
+            f"Reliability of {self.oracle} itself: split-half = Spearman between the oracle on "
+            f"two halves of the data ({a} and {b} examples); whole = its Spearman-Brown "
+            f"reliability on all {a + b}; ceiling = sqrt(whole), about the highest rho a "
+            "perfect criterion reaches against this oracle. Use more images while the ceiling "
+            "is low."
+        )
+        return lines + [""] + textwrap.wrap(note, 96)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description: the correlations, the group sizes and every score."""
@@ -249,6 +206,9 @@ class Report:
             "oracle": self.oracle,
             "examples": self.examples,
             "oracle_seconds": self.oracle_seconds,
+            "oracle_reliability": (
+                None if self.oracle_reliability is None else self.oracle_reliability.to_dict()
+            ),
             "groups": dict(self.sizes),
             "criteria": [
                 {
@@ -258,6 +218,7 @@ class Report:
                     "mean_per_layer": _json_float(row.mean_per_layer),
                     "all_layers": _json_float(row.all_layers),
                     "all_layers_l2": _json_float(row.all_layers_l2),
+                    "all_layers_l2_criterion": _json_float(row.all_layers_l2_criterion),
                     "seconds": row.seconds,
                 }
                 for row in self.rows
@@ -279,6 +240,7 @@ class Report:
                 "mean_per_layer",
                 "all_layers",
                 "all_layers_l2",
+                "all_layers_l2_criterion",
                 "groups_scored",
                 "seconds",
             ]
@@ -291,6 +253,7 @@ class Report:
                     _csv_float(row.mean_per_layer),
                     _csv_float(row.all_layers),
                     _csv_float(row.all_layers_l2),
+                    _csv_float(row.all_layers_l2_criterion),
                     len(row.groups),
                     "" if row.seconds is None else f"{row.seconds:.2f}",
                 ]
@@ -348,6 +311,7 @@ def compare_scores(
     examples: int | None = None,
     seconds: Mapping[str, float] | None = None,
     oracle_seconds: float | None = None,
+    oracle_reliability: SplitHalf | None = None,
 ) -> Report:
     """Judges scores already computed against the oracle's (pure; no model involved).
 
@@ -359,6 +323,7 @@ def compare_scores(
       examples: how many examples were scored, for the table.
       seconds: per criterion, the time it took to score.
       oracle_seconds: the time the oracle took.
+      oracle_reliability: the oracle's split-half reliability, when measured.
 
     Returns:
       The report, rows in the order of `scores`.
@@ -390,6 +355,7 @@ def compare_scores(
         scores=kept_scores,
         examples=examples,
         oracle_seconds=oracle_seconds,
+        oracle_reliability=oracle_reliability,
     )
 
 
@@ -403,7 +369,7 @@ def _quality(name: str, mine: Scores, reference: Scores, seconds: float | None) 
     per_layer = {g: _rho(mine[g], reference[g]) for g in groups}
     defined = [v for v in per_layer.values() if not math.isnan(v)]
     if not groups:
-        return CriterionQuality(name, {}, math.nan, math.nan, math.nan, seconds)
+        return CriterionQuality(name, {}, math.nan, math.nan, math.nan, seconds=seconds)
     mine_l2 = normalize_l2(mine)
     reference_l2 = normalize_l2({g: reference[g] for g in groups})
     return CriterionQuality(
@@ -412,6 +378,7 @@ def _quality(name: str, mine: Scores, reference: Scores, seconds: float | None) 
         mean_per_layer=float(np.mean(defined)) if defined else math.nan,
         all_layers=_rho(_pooled(mine, groups), _pooled(reference, groups)),
         all_layers_l2=_rho(_pooled(mine_l2, groups), _pooled(reference_l2, groups)),
+        all_layers_l2_criterion=_rho(_pooled(mine_l2, groups), _pooled(reference, groups)),
         seconds=seconds,
     )
 
@@ -493,7 +460,15 @@ def criteria_report(
     bar = tqdm(total=1 + len(names), desc="scoring", unit="criterion", disable=not progress)
     bar.set_postfix_str(oracle)
     start = time.perf_counter()
-    oracle_scores = score(oracle, context, variables, held, **oracle_options)
+    reliability = None
+    if oracle in SPLITTABLE and len(held) >= 2:
+        # The same cost as one pass, and the report can say how far the oracle itself is
+        # reproducible.
+        oracle_scores, reliability = oracle_by_halves(
+            oracle, context, variables, held, **oracle_options
+        )
+    else:
+        oracle_scores = score(oracle, context, variables, held, **oracle_options)
     oracle_seconds = time.perf_counter() - start
     bar.update()
 
@@ -513,6 +488,7 @@ def criteria_report(
         examples=examples,
         seconds=seconds,
         oracle_seconds=oracle_seconds,
+        oracle_reliability=reliability,
     )
 
 
@@ -557,12 +533,17 @@ def report_figure(report: Report, *, title: str = "") -> Figure:
 
     rows = [row for row in report.rows if row.groups]
     left_out = [row.name for row in report.rows if not row.groups]
-    columns = [*report.groups, "mean", "all", "all L2"]
+    columns = [*report.groups, "mean", "all", "all L2", "L2 crit"]
     grid = np.full((len(rows), len(columns)), np.nan)
     for i, row in enumerate(rows):
         for j, group in enumerate(report.groups):
             grid[i, j] = row.per_layer.get(group, np.nan)
-        grid[i, len(report.groups) :] = (row.mean_per_layer, row.all_layers, row.all_layers_l2)
+        grid[i, len(report.groups) :] = (
+            row.mean_per_layer,
+            row.all_layers,
+            row.all_layers_l2,
+            row.all_layers_l2_criterion,
+        )
     height = 1.9 + 0.3 * max(1, len(rows)) + (0.3 if left_out else 0.0)
     figure = new_figure(2.4 + 0.62 * len(columns), height)
     ax = figure.add_subplot()

@@ -81,6 +81,7 @@ from jaxprune.methods.outcome import finetuned_summary, first_examples
 from jaxprune.methods.selection import Selection, keep_from_scores, select_groups
 from jaxprune.model import Model
 from jaxprune.run import RunDir, config_identity, fingerprint
+from jaxprune.runtime import release_compiled_programs_if_crowded
 from jaxprune.surgery import prune
 
 # The pool of He et al. 2021 (their figure of criteria similarities lists these 12).
@@ -552,6 +553,7 @@ def search_factors(
                     },
                 )
             bar.update(1)
+            release_compiled_programs_if_crowded()
             mean = np.mean(accuracy if metric == "accuracy" else loss)
             bar.set_postfix(best=f"{best[metric]:.4f}", mean=f"{mean:.4f}", refresh=False)
     return np.asarray(best["genome"], np.float64), best, history

@@ -16,6 +16,7 @@ import dataclasses
 
 import numpy as np
 
+STRATEGIES = ("genetic", "random")
 SELECTIONS = ("tournament", "truncation")
 CROSSOVERS = ("uniform", "blend")
 # Separates this module's random stream from other users of the same seed.
@@ -26,6 +27,10 @@ _STREAM = 0xB1E7D
 class EvolutionConfig:
     """Population, operators and their rates."""
 
+    # "genetic" (selection, crossover, mutation) or "random": every generation a fresh uniform
+    # draw, with the same number of evaluations. Random search is the control that tells
+    # whether the genetic operators find better factors than sampling alone.
+    strategy: str = "genetic"
     # Genomes per generation.
     population: int = 32
     # Generations evaluated (the first is the initial population).
@@ -70,6 +75,8 @@ def check_evolution_config(config: EvolutionConfig) -> None:
         raise ValueError(f"population must be >= 2, got {config.population}.")
     if config.generations < 1:
         raise ValueError(f"generations must be >= 1, got {config.generations}.")
+    if config.strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {config.strategy!r}.")
     if config.selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {config.selection!r}.")
     if config.crossover not in CROSSOVERS:
@@ -199,7 +206,8 @@ def next_generation(
       generation: this generation's number (0 for the initial population).
 
     Returns:
-      The next population, same shape: the elite first (best first), then the children.
+      The next population, same shape: the elite first (best first), then the children; with
+      the "random" strategy, fresh uniform genomes that depend on (seed, generation) only.
     """
     check_evolution_config(config)
     population = np.asarray(population, np.float64)
@@ -209,6 +217,8 @@ def next_generation(
             f"{population.shape[0]} and {np.shape(fitness)[0]}."
         )
     rng = generation_rng(seed, generation)
+    if config.strategy == "random":
+        return rng.uniform(config.low, config.high, size=population.shape)
     order = best_first(fitness)
     position = np.empty_like(order)
     position[order] = np.arange(order.size)

@@ -69,6 +69,7 @@ from jaxprune.methods.iterative_ranking import (
 from jaxprune.methods.selection import SCOPES, select_groups
 from jaxprune.model import Model
 from jaxprune.run import RunDir, config_identity, fingerprint
+from jaxprune.runtime import release_compiled_programs_if_crowded
 
 __all__ = [
     "MEASURES",
@@ -659,6 +660,7 @@ def iterative_prune(
                     )
                     bar.set_postfix(_describe(position.history[-1], config), refresh=False)
                     bar.update(1)
+                    release_compiled_programs_if_crowded()
                     if position.stop_reason is not None or (
                         position.steps % config.checkpoint_every == 0
                     ):

@@ -77,6 +77,7 @@ from jaxprune.methods.progressive_retrain import Network
 from jaxprune.methods.selection import select_groups
 from jaxprune.model import Model
 from jaxprune.run import Checkpoints, RunDir, config_identity, fingerprint
+from jaxprune.runtime import release_compiled_programs_if_crowded
 from jaxprune.surgery import compose_keep, prune, pruned_program
 
 __all__ = [
@@ -379,6 +380,7 @@ def progressive_prune(
             while state.layers_done < len(setup.layers):
                 network, state = _simplify_layer(setup, network, state)
                 _save(store, network, state)
+                release_compiled_programs_if_crowded()
                 if state.history[-1]["validation"] is not None:
                     accuracy = state.history[-1]["validation"]["accuracy"]
                     bar.set_postfix(acc=f"{100 * accuracy:.2f}%")

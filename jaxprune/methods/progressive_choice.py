@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from jaxprune import criteria
-from jaxprune.criteria.report import spearman
+from jaxprune.criteria.rank_correlation import spearman
 from jaxprune.graph import ChannelGraph
 from jaxprune.methods import selection_file, standin
 from jaxprune.methods.progressive_retrain import Network
