@@ -258,8 +258,7 @@ def verdicts(stored: dict) -> list[tuple[str, str, str]]:
                 f"The searched blend beats every single criterion {when} (test accuracy)",
                 "blend minus best single per seed: "
                 + ", ".join(f"{m:+.2f} ({b})" for m, b in margins),
-                f"{'holds' if wins == len(margins) else 'does not hold'} "
-                f"({wins}/{len(margins)} seeds)",
+                _verdict(wins, len(margins)),
             )
         )
     for column, when in (("fitness_accuracy", "on the fitness images"),
@@ -274,14 +273,19 @@ def verdicts(stored: dict) -> list[tuple[str, str, str]]:
             (
                 f"(control) The genetic search beats random search with 192 evaluations {when}",
                 "EA minus random per seed: " + ", ".join(f"{m:+.2f}" for m in margins),
-                f"{'holds' if wins == len(margins) else 'does not hold'} "
-                f"({wins}/{len(margins)} seeds)",
+                _verdict(wins, len(margins)),
             )
         )
     return rows
 
 
-def write_table(stored: dict) -> None:
+def _verdict(wins: int, seeds: int) -> str:
+    word = "holds" if wins == seeds else "mixed" if wins else "does not hold"
+    return f"{word} ({wins}/{seeds} seeds)"
+
+
+def results_markdown(stored: dict) -> str:
+    """The text of results.md: the table with its spread over seeds, then the verdicts."""
     seeds = list(stored["seeds"].values())
     names = list(seeds[0]["runs"])
     order = sorted(names, key=lambda n: -spread(stored, n, "test")[0])
@@ -301,8 +305,7 @@ def write_table(stored: dict) -> None:
         lines.append(f"| {name} | " + " | ".join(_cell(stored, name, c) for c in COLUMNS) + " |")
     lines += ["", "| claim | our measurement | verdict |", "|---|---|---|"]
     lines += [f"| {c} | {m} | {v} |" for c, m, v in verdicts(stored)]
-    (RESULTS / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 def plot_similarity(clusters: dict) -> None:
@@ -430,7 +433,9 @@ def main() -> None:
         parser.error("--finetune-examples must be >= 0 (0: the whole training split)")
     enable_compilation_cache()
     stored = run(Path(args.workdir), seeds, args.finetune_examples)
-    write_table(stored)
+    markdown = results_markdown(stored)
+    (RESULTS / "results.md").write_text(markdown)
+    print(markdown)
     plot_similarity(next(iter(stored["seeds"].values()))["searches"]["blend (EA)"]["clusters"])
     plot_fitness(stored)
     plot_comparison(stored)

@@ -64,10 +64,12 @@ RESULTS = Path(__file__).resolve().parent / "results" / "progressive"
 BASE = (
     Path(__file__).resolve().parent.parent / "jaxprune/pretrained/vgg_small_fashion_mnist.msgpack"
 )
-FORMAT = "progressive-vgg-small/2"
+FORMAT = "progressive-vgg-small/3"
 
 
-def progressive_config(criterion: str, variant: str, ratio: float, score_examples: int):
+def progressive_config(
+    criterion: str, variant: str, ratio: float, score_examples: int, seed: int = 0
+):
     """The settings every run uses (see the module docstring for what was cut).
 
     Args:
@@ -75,6 +77,7 @@ def progressive_config(criterion: str, variant: str, ratio: float, score_example
       variant: one of `VARIANTS`.
       ratio: p, the fraction of each layer's kernels removed (floored).
       score_examples: validation images the criterion reads.
+      seed: the retraining's data order (and which training images it reads).
 
     Returns:
       The `ProgressiveConfig`.
@@ -98,13 +101,24 @@ def progressive_config(criterion: str, variant: str, ratio: float, score_example
         retrain_epochs=1,
         retrain_examples=512,
         eval_examples=1000,
+        seed=seed,
     )
 
 
+# Recovery variants whose result does not depend on the seed (no retraining, and the criteria
+# read fixed validation images): run once, under the first seed.
+SEED_FREE = ("none",)
+
+
 def run(
-    criteria: list[str], variants: list[str], ratio: float, score_examples: int, workdir: Path
+    criteria: list[str],
+    variants: list[str],
+    ratio: float,
+    score_examples: int,
+    seeds: list[int],
+    workdir: Path,
 ) -> dict:
-    """Runs every (criterion, variant) pair not stored yet; returns everything stored."""
+    """Runs every (criterion, variant, seed) not stored yet; returns everything stored."""
     import dataclasses
 
     import jax.numpy as jnp
@@ -131,29 +145,36 @@ def run(
         stored = {"format": FORMAT, "settings": settings, "runs": {}}
     if "base" not in stored:
         stored["base"] = {"test": test_metrics(model, variables)}
-    for criterion in criteria:
-        for variant in variants:
-            key = f"{criterion}/{variant}"
-            config = progressive_config(criterion, variant, ratio, score_examples)
-            began = time.perf_counter()
-            result = progressive_prune(
-                model,
-                variables,
-                prune_data,
-                config,
-                workdir=str(workdir / f"p{ratio:g}" / key.replace("/", "_")),
-            )
-            stored["runs"][key] = {
-                "config": dataclasses.asdict(config),
-                "keep": {k: v.tolist() for k, v in result.keep.items()},
-                "summary": result.summary,
-                "history": list(result.history),
-                "test": test_metrics(result.model, result.variables),
-                "wall_s": time.perf_counter() - began,
-            }
-            stored_file.write_text(json.dumps(stored, indent=1, default=checkpoint.json_default))
-            accuracy = stored["runs"][key]["test"]["accuracy"]
-            print(f"{key}: test accuracy {100 * accuracy:.2f}%", flush=True)
+    for seed in seeds:
+        for criterion in criteria:
+            for variant in variants:
+                if variant in SEED_FREE and seed != seeds[0]:
+                    continue
+                key = f"{criterion}/{variant}/{seed}"
+                if key in stored["runs"]:
+                    continue
+                config = progressive_config(criterion, variant, ratio, score_examples, seed)
+                began = time.perf_counter()
+                result = progressive_prune(
+                    model,
+                    variables,
+                    prune_data,
+                    config,
+                    workdir=str(workdir / f"p{ratio:g}" / key.replace("/", "_")),
+                )
+                stored["runs"][key] = {
+                    "config": dataclasses.asdict(config),
+                    "keep": {k: v.tolist() for k, v in result.keep.items()},
+                    "summary": result.summary,
+                    "history": list(result.history),
+                    "test": test_metrics(result.model, result.variables),
+                    "wall_s": time.perf_counter() - began,
+                }
+                stored_file.write_text(
+                    json.dumps(stored, indent=1, default=checkpoint.json_default)
+                )
+                accuracy = stored["runs"][key]["test"]["accuracy"]
+                print(f"{key}: test accuracy {100 * accuracy:.2f}%", flush=True)
     return stored
 
 
@@ -162,30 +183,125 @@ def _reliability(history: list[dict]) -> str:
     return " / ".join(f"{v:.2f}" for v in values) if values else "-"
 
 
+def _grouped(stored: dict) -> dict[tuple[str, str], dict[int, dict]]:
+    """The runs by (criterion, variant), then by seed."""
+    grouped: dict[tuple[str, str], dict[int, dict]] = {}
+    for key, entry in stored["runs"].items():
+        criterion, variant, seed = key.split("/")
+        grouped.setdefault((criterion, variant), {})[int(seed)] = entry
+    return grouped
+
+
+def _test(runs: dict[int, dict], seed: int) -> float:
+    """Test accuracy (%) of a run at `seed`; a seed-free variant has one run for every seed."""
+    entry = runs.get(seed, next(iter(runs.values())))
+    return 100 * entry["test"]["accuracy"]
+
+
+def _mean_sd(values: list[float]) -> str:
+    import numpy as np
+
+    deviation = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return f"{np.mean(values):.2f} ± {deviation:.2f}"
+
+
+def claims(stored: dict) -> list[tuple[str, str, str]]:
+    """(claim, measurement, verdict) rows, each decided seed by seed on test accuracy."""
+    grouped = _grouped(stored)
+    seeds = sorted({int(k.split("/")[2]) for k in stored["runs"]})
+    rows = []
+
+    def compare(claim: str, better: tuple[str, str], worse: tuple[str, str]) -> None:
+        if better not in grouped or worse not in grouped:
+            return
+        margins = [_test(grouped[better], s) - _test(grouped[worse], s) for s in seeds]
+        wins = sum(m > 0 for m in margins)
+        verdict = "holds" if wins == len(margins) else "mixed" if wins else "does not hold"
+        rows.append(
+            (
+                claim,
+                f"{'/'.join(better)} minus {'/'.join(worse)}: {_mean_sd(margins)} points "
+                f"({', '.join(f'{m:+.2f}' for m in margins)})",
+                f"{verdict} ({wins}/{len(margins)} seeds)",
+            )
+        )
+
+    for other in ("l1", "apoz", "taylor"):
+        compare(
+            f"The objective criterion beats {other} (progressive retraining)",
+            ("oracle_loss", "progressive"),
+            (other, "progressive"),
+        )
+    criteria = sorted({c for c, _ in grouped})
+    for criterion in criteria:
+        compare(
+            f"Progressive beats complete retraining ({criterion})",
+            (criterion, "progressive"),
+            (criterion, "complete"),
+        )
+        compare(
+            f"(control) Progressive retraining beats no retraining ({criterion})",
+            (criterion, "progressive"),
+            (criterion, "none"),
+        )
+        compare(
+            f"(control) Progressive retraining beats BatchNorm recalibration alone ({criterion})",
+            (criterion, "progressive"),
+            (criterion, "bn_only"),
+        )
+    base = 100 * stored["base"]["test"]["accuracy"]
+    for criterion in criteria:
+        if (criterion, "progressive") not in grouped:
+            continue
+        drops = [_test(grouped[(criterion, "progressive")], s) - base for s in seeds]
+        kept = sum(d >= -0.5 for d in drops)
+        rows.append(
+            (
+                f"Simplification keeps the accuracy: within 0.5 points of the base ({criterion}, "
+                "progressive)",
+                f"change from {base:.2f}: {_mean_sd(drops)} points",
+                f"{'holds' if kept == len(drops) else 'mixed' if kept else 'does not hold'} "
+                f"({kept}/{len(drops)} seeds)",
+            )
+        )
+    return rows
+
+
 def write_table(stored: dict) -> str:
-    """The markdown table of results.md."""
-    runs = stored["runs"]
+    """The markdown of results.md: results with their spread, then the claims."""
+    import numpy as np
+
     base = stored["base"]["test"]
     settings = stored["settings"]
+    seeds = sorted({int(k.split("/")[2]) for k in stored["runs"]})
     lines = [
         f"Base VGG-small: test accuracy {100 * base['accuracy']:.2f}%, kappa "
         f"{base['kappa']:.4f}. p = {100 * settings['ratio']:g}% per layer (floored); the "
-        f"criterion reads {settings['score_examples']} validation images.",
+        f"criterion reads {settings['score_examples']} validation images. Test accuracy is the "
+        f"mean ± standard deviation over seeds {seeds} (the retraining's data order and images); "
+        f"'{', '.join(SEED_FREE)}' does not depend on the seed and ran once.",
         "",
-        "| criterion | recovery | test acc. | kappa | val. acc. after layers 1..6 | split-half "
-        "Spearman per layer | MACs left | params left |",
-        "|---|---|---:|---:|---|---|---:|---:|",
+        "| criterion | recovery | test acc. | kappa | seeds | val. acc. after layers 1..6 "
+        "(mean) | split-half Spearman per layer (first seed) | MACs left | params left |",
+        "|---|---|---:|---:|---:|---|---|---:|---:|",
     ]
-    for key, entry in runs.items():
-        criterion, variant = key.split("/")
-        after = " / ".join(f"{100 * r['validation']['accuracy']:.1f}" for r in entry["history"])
-        remaining = entry["summary"]["remaining"]
-        lines.append(
-            f"| {criterion} | {variant} | {100 * entry['test']['accuracy']:.2f} | "
-            f"{entry['test']['kappa']:.4f} | {after} | {_reliability(entry['history'])} | "
-            f"{100 * remaining['macs']:.1f}% | {100 * remaining['params']:.1f}% |"
+    for (criterion, variant), runs in _grouped(stored).items():
+        entries = [runs[s] for s in sorted(runs)]
+        accuracy = [100 * e["test"]["accuracy"] for e in entries]
+        kappa = np.mean([e["test"]["kappa"] for e in entries])
+        after = np.mean(
+            [[r["validation"]["accuracy"] for r in e["history"]] for e in entries], axis=0
         )
-    any_run = next(iter(runs.values()))
+        remaining = entries[0]["summary"]["remaining"]
+        lines.append(
+            f"| {criterion} | {variant} | {_mean_sd(accuracy)} | {kappa:.4f} | {len(entries)} | "
+            f"{' / '.join(f'{100 * v:.1f}' for v in after)} | "
+            f"{_reliability(entries[0]['history'])} | {100 * remaining['macs']:.1f}% | "
+            f"{100 * remaining['params']:.1f}% |"
+        )
+    lines += ["", "| claim | our measurement | verdict |", "|---|---|---|"]
+    lines += [f"| {c} | {m} | {v} |" for c, m, v in claims(stored)]
+    any_run = next(iter(stored["runs"].values()))
     lines += [
         "",
         "Removed per layer (the same in every run):",
@@ -208,14 +324,17 @@ def plot(stored: dict, path: Path) -> None:
     styles = {"progressive": "-", "complete": "--", "none": ":", "bn_only": "-."}
     figure = new_figure(7.0, 4.5)
     axis = figure.add_subplot()
-    for key, entry in stored["runs"].items():
-        accuracy = [100 * r["validation"]["accuracy"] for r in entry["history"]]
-        style = styles[key.split("/")[1]]
-        axis.plot(range(1, len(accuracy) + 1), accuracy, style, marker="o", label=key)
+    import numpy as np
+
+    for (criterion, variant), runs in _grouped(stored).items():
+        curves = [[100 * r["validation"]["accuracy"] for r in e["history"]] for e in runs.values()]
+        accuracy = np.mean(curves, axis=0)
+        axis.plot(range(1, len(accuracy) + 1), accuracy, styles[variant], marker="o",
+                  label=f"{criterion}/{variant}")  # fmt: skip
     axis.axhline(100 * stored["base"]["test"]["accuracy"], color="grey", lw=0.8, label="base")
     ratio = 100 * stored["settings"]["ratio"]
     axis.set_xlabel(f"layers simplified ({ratio:g}% of kernels each, floored)")
-    axis.set_ylabel("validation accuracy (%), 1000 images")
+    axis.set_ylabel("validation accuracy (%), 1000 images, mean over seeds")
     axis.set_title("VGG-small / Fashion-MNIST: Osaku et al. layer-by-layer simplification")
     axis.legend(fontsize=6, ncol=2)
     save_figure(figure, path)
@@ -228,14 +347,24 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--ratio", type=float, default=0.05)
     parser.add_argument("--score-examples", type=int, default=2048)
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--workdir", default="workdirs/progressive_vgg_small")
     args = parser.parse_args()
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     stored = run(
-        args.criteria.split(","), variants, args.ratio, args.score_examples, Path(args.workdir)
+        args.criteria.split(","),
+        variants,
+        args.ratio,
+        args.score_examples,
+        seeds,
+        Path(args.workdir),
     )
     out = RESULTS / f"p{args.ratio:g}"
     (out / "results.md").write_text(write_table(stored))

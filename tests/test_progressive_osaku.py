@@ -211,6 +211,14 @@ def test_split_half_reliability_against_scipy(small_vgg, tiny_data):
     # An odd image is left out, and the halves do not overlap.
     first, second = choice.split_halves([{"image": np.arange(7)}])
     assert [b["image"].tolist() for b in first + second] == [[0, 1, 2], [3, 4, 5]]
+    # Scoring with the reliability costs no third pass for the objective criterion: the
+    # halves average into the scores on all the images; another criterion is scored whole.
+    for name in ("oracle_loss", "taylor"):
+        whole, record = choice.score_layer_with_reliability(network, "conv5", batches, name)
+        np.testing.assert_allclose(
+            whole, choice.score_layer(network, "conv5", batches, name), rtol=1e-5, atol=1e-9
+        )
+        assert record["examples_per_half"] == 32
 
 
 def test_the_objective_criterion_reads_the_images_it_is_given(small_vgg, tiny_data):

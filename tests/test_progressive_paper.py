@@ -113,20 +113,33 @@ def test_the_vgg_small_experiment_builds_its_runs_and_reports_them(tmp_path):
     )
     model = Model.linen(module, x, variables=variables)
     result = progressive_prune(model, variables, batches, config, progress=False)
-    test = {"accuracy": 0.5, "kappa": 0.4}
+
+    def entry(accuracy):
+        test = {"accuracy": accuracy, "kappa": accuracy - 0.1}
+        return {"summary": result.summary, "history": list(result.history), "test": test}
+
     stored = {
         "settings": {"ratio": 0.25, "score_examples": 16},
-        "base": {"test": test},
+        "base": {"test": {"accuracy": 0.62, "kappa": 0.5}},
+        # "none" runs once; progressive at two seeds.
         "runs": {
-            "oracle_loss/none": {
-                "summary": result.summary,
-                "history": list(result.history),
-                "test": test,
-            }
+            "oracle_loss/none/0": entry(0.5),
+            "oracle_loss/progressive/0": entry(0.6),
+            "oracle_loss/progressive/1": entry(0.7),
         },
     }
     table = small.write_table(stored)
-    assert "| oracle_loss | none | 50.00 |" in table and "| conv2 | 4 | 1 |" in table
+    assert "| oracle_loss | none | 50.00 ± 0.00 | 0.4000 | 1 |" in table
+    assert "| oracle_loss | progressive | 65.00 ± 7.07 | 0.5500 | 2 |" in table
+    assert "| conv2 | 4 | 1 |" in table
+    # Each claim is decided seed by seed, against the seed-free control's single run.
+    assert (
+        "| (control) Progressive retraining beats no retraining (oracle_loss) | "
+        "oracle_loss/progressive minus oracle_loss/none: 15.00 ± 7.07 points (+10.00, +20.00) | "
+        "holds (2/2 seeds) |"
+    ) in table
+    assert "within 0.5 points of the base (oracle_loss, progressive) | change from 62.00: " \
+        "3.00 ± 7.07 points | mixed (1/2 seeds) |" in table  # fmt: skip
     small.plot(stored, tmp_path / "accuracy.png")
     assert (tmp_path / "accuracy.png").is_file() and (tmp_path / "accuracy.pdf").is_file()
 

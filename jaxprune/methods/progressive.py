@@ -542,19 +542,15 @@ def _choose(
         removed = np.sort(np.asarray(removed, np.int64))
         choice.check_whole_blocks(removed, network.graph[group].block, group)
         return removed, None, chosen_by, None
-    scores = choice.score_layer(
-        network,
-        group,
-        setup.score_batches,
-        config.criterion,
-        config.criterion_options,
-        seed=config.seed + index,  # a seeded criterion ("random") draws anew for every layer
-    )
+    # A seeded criterion ("random") draws anew for every layer.
+    scoring = (network, group, setup.score_batches, config.criterion, config.criterion_options)
     reliability = None
     if config.reliability and criteria.get_criterion(config.criterion).uses_batches:
-        reliability = choice.split_half_reliability(
-            network, group, setup.score_batches, config.criterion, config.criterion_options
+        scores, reliability = choice.score_layer_with_reliability(
+            *scoring, seed=config.seed + index
         )
+    else:
+        scores = choice.score_layer(*scoring, seed=config.seed + index)
     removed = choice.lowest(scores, count, network.graph[group].block)
     return removed, scores, f"criterion:{config.criterion}", reliability
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from jaxprune import criteria
 from jaxprune.criteria.rank_correlation import spearman
+from jaxprune.criteria.reliability import spearman_brown
 from jaxprune.graph import ChannelGraph
 from jaxprune.methods import selection_file, standin
 from jaxprune.methods.progressive_retrain import Network
@@ -35,6 +36,8 @@ from jaxprune.model import Model
 
 Batch = Mapping[str, Any]
 ROUNDINGS = ("floor", "nearest")
+# Criteria whose scores are means over images: the halves' scores average into the whole's.
+_MEANS_OVER_IMAGES = ("oracle_loss",)
 
 
 def removal_count(
@@ -222,15 +225,59 @@ def split_half_reliability(
     Raises:
       ValueError: fewer than two images, or fewer than two kernels.
     """
+    return _halves(network, group, batches, criterion, options)[1]
+
+
+def _halves(
+    network: Network,
+    group: str,
+    batches: Sequence[Batch],
+    criterion: str,
+    options: Mapping[str, Any] | None,
+    seed: int = 0,
+) -> tuple[tuple[np.ndarray, np.ndarray, int], dict[str, float]]:
+    """The criterion on each half, and the reliability of its ranking."""
     first, second = split_halves(batches)
     per_half = sum(len(b["image"]) for b in first)
     if per_half < 1:
         raise ValueError("split_half_reliability needs at least two images.")
-    a = score_layer(network, group, first, criterion, options)
-    b = score_layer(network, group, second, criterion, options)
+    a = score_layer(network, group, first, criterion, options, seed=seed)
+    b = score_layer(network, group, second, criterion, options, seed=seed)
     r = spearman(a, b)
-    brown = 2 * r / (1 + r) if math.isfinite(r) and r != -1 else math.nan
-    return {"spearman": float(r), "spearman_brown": float(brown), "examples_per_half": per_half}
+    reliability = {
+        "spearman": float(r),
+        "spearman_brown": float(spearman_brown(r)),
+        "examples_per_half": per_half,
+    }
+    return (a, b, per_half), reliability
+
+
+def score_layer_with_reliability(
+    network: Network,
+    group: str,
+    batches: Sequence[Batch],
+    criterion: str = "oracle_loss",
+    options: Mapping[str, Any] | None = None,
+    *,
+    seed: int = 0,
+) -> tuple[np.ndarray, dict[str, float]]:
+    """`score_layer` and `split_half_reliability` together.
+
+    The objective criterion is a mean over images, so on an even number of images its scores
+    on all of them are the mean of the halves' scores: the reliability then costs nothing
+    extra. Any other criterion is scored on all the images as well (three passes).
+
+    Args:
+      network, group, batches, criterion, options, seed: as `score_layer`.
+
+    Returns:
+      (the scores on all the images, the reliability record).
+    """
+    (a, b, per_half), reliability = _halves(network, group, batches, criterion, options, seed)
+    total = sum(len(np.asarray(batch["image"])) for batch in batches)
+    if criterion in _MEANS_OVER_IMAGES and total == 2 * per_half:
+        return (a + b) / 2.0, reliability
+    return score_layer(network, group, batches, criterion, options, seed=seed), reliability
 
 
 # ---------------------------------------------------------------------------------------------

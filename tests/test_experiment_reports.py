@@ -1,0 +1,68 @@
+"""The experiments' result pages: spreads over seeds and verdicts decided seed by seed."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def experiment(name):
+    path = REPO_ROOT / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def blending_runs(ea, random, l1, apoz, equal):
+    """One seed's runs; each argument is (test before, test after fine-tuning)."""
+
+    def run(before, after):
+        return {
+            "fitness_accuracy": before + 0.01,
+            "held_out_validation": before,
+            "test": before,
+            "test_finetuned": after,
+            "flops_left": 0.258,
+        }
+
+    return {
+        "runs": {
+            "blend (EA)": run(*ea),
+            "blend (random search)": run(*random),
+            "l1": run(*l1),
+            "apoz": run(*apoz),
+            "blend (equal factors)": run(*equal),
+        },
+        "searches": {},
+        "wall_s": 60.0,
+    }
+
+
+def test_the_blending_page_gives_spreads_and_per_seed_verdicts():
+    blending = experiment("blending_vgg_small")
+    stored = {
+        "settings": {"finetune_examples": 0},
+        "base_test_accuracy": 0.9231,
+        "seeds": {
+            "0": blending_runs((0.50, 0.90), (0.45, 0.905), (0.10, 0.89), (0.40, 0.88), (0.3, 0.8)),
+            "1": blending_runs((0.52, 0.91), (0.40, 0.90), (0.10, 0.92), (0.40, 0.87), (0.3, 0.8)),
+        },
+    }
+    page = blending.results_markdown(stored)
+    assert "mean ± standard deviation over 2 seeds (0, 1)" in page
+    assert "one epoch over 55000 training images" in page
+    # blend (EA): test before 50 and 52 -> 51.00 ± 1.41; fine-tuned 90 and 91 -> 90.50 ± 0.71.
+    assert "| blend (EA) | 52.00 ± 1.41 | 51.00 ± 1.41 | 51.00 ± 1.41 | 90.50 ± 0.71 |" in page
+    # The single criteria read fixed images: no spread before fine-tuning.
+    assert "| apoz | 41.00 ± 0.00 | 40.00 ± 0.00 | 40.00 ± 0.00 | 87.50 ± 0.71 |" in page
+    # Before fine-tuning the blend beats the best single (apoz, 40) in both seeds...
+    assert "blend minus best single per seed: +10.00 (apoz), +12.00 (apoz) | holds (2/2" in page
+    # ...after it, l1 wins seed 1 (92 > 91).
+    assert "+1.00 (l1), -1.00 (l1) | mixed (1/2 seeds)" in page
+    # The random-search control: EA minus random after fine-tuning is -0.5 and +1.0.
+    assert "EA minus random per seed: -0.50, +1.00 | mixed (1/2 seeds)" in page
+    mean, deviation, count = blending.spread(stored, "l1", "test_finetuned")
+    assert (mean, count) == (pytest.approx(90.5), 2) and deviation == pytest.approx(2.1213, 1e-3)
