@@ -25,6 +25,7 @@ from jaxprune.metrics import MetricsWriter
 from jaxprune.model import Model
 from jaxprune.run import Checkpoints, RunDir
 from jaxprune.runtime import release_compiled_programs_if_crowded
+from jaxprune.sharding import default_mesh, place_batch, replicate
 
 Batch = Mapping[str, Any]
 
@@ -123,6 +124,8 @@ def fit(
     state = train.create_train_state(
         model, tx, jax.random.key(config.seed), model.example_input, variables=variables
     )
+    # Every local device: each batch is split along the data axis (`jaxprune.sharding`).
+    mesh = default_mesh()
     history: list[dict[str, Any]] = []
     step = 0
     sums, count = 0.0, 0  # the loss of the epoch so far
@@ -134,6 +137,8 @@ def fit(
             state, meta = restored
             history, (sums, count) = list(meta["history"]), meta["epoch_loss"]
             step = int(state.step)
+    if mesh is not None:
+        state = replicate(state, mesh)
     bar = tqdm(total=total, initial=step, desc=label, unit="step", disable=not progress)
     last_saved = step if step else None
     with bar:
@@ -142,7 +147,7 @@ def fit(
             for index, batch in enumerate(data.train(epoch)):
                 if index < start:
                     continue
-                state, measured = train.train_step(state, dict(batch), loss_fn)
+                state, measured = train.train_step(state, dict(place_batch(batch, mesh)), loss_fn)
                 loss, norm = float(measured["loss"]), float(measured["grad_norm"])
                 step += 1
                 if not (math.isfinite(loss) and math.isfinite(norm)):

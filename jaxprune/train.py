@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from jaxprune.model import Model
+from jaxprune.sharding import make_mesh, shard_batch
 
 PyTree = Any
 Batch = Mapping[str, Any]
@@ -443,50 +443,6 @@ def cohen_kappa(confusion: jax.Array | np.ndarray) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 # Data parallelism
 # ---------------------------------------------------------------------------------------------
-
-
-def make_mesh(devices: Iterable[jax.Device] | None = None) -> Mesh:
-    """Returns a 1-D mesh with axis ``"data"`` over `devices` (default: every local device)."""
-    devices = list(devices) if devices is not None else jax.local_devices()
-    if not devices:
-        raise ValueError("make_mesh needs at least one device.")
-    return Mesh(np.asarray(devices), ("data",))
-
-
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-    """Raises ValueError when `batch_size` does not split evenly over the mesh's devices."""
-    if batch_size % mesh.size:
-        lower = batch_size - batch_size % mesh.size
-        choices = f"{lower} or {lower + mesh.size}" if lower else str(mesh.size)
-        raise ValueError(
-            f"batch size {batch_size} is not divisible by the {mesh.size} devices of the mesh; "
-            f"use a multiple of {mesh.size} (e.g. {choices})."
-        )
-
-
-def shard_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
-    """Places a host batch on the mesh, split along its leading (batch) axis.
-
-    Args:
-      batch: a dict of arrays with the same leading dimension.
-      mesh: a mesh from `make_mesh`.
-
-    Returns:
-      The batch as global arrays sharded with ``NamedSharding(mesh, P("data"))``.
-
-    Raises:
-      ValueError: the batch size is not divisible by the number of devices.
-    """
-    sizes = {np.shape(value)[0] for value in batch.values()}
-    if len(sizes) != 1:
-        raise ValueError(f"batch arrays disagree on the batch size: {sorted(sizes)}.")
-    check_batch_size(sizes.pop(), mesh)
-    return jax.device_put(dict(batch), NamedSharding(mesh, P("data")))
-
-
-def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
-    """Places every array of `tree` on every device of the mesh."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
 # ---------------------------------------------------------------------------------------------

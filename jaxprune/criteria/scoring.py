@@ -7,9 +7,11 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxprune.criteria.base import Batch, Criterion, Scores, ScoringContext, iter_batches, to_numpy
 from jaxprune.criteria.registry import get_criterion
+from jaxprune.sharding import default_mesh, place_batch, replicate
 from jaxprune.surgery import PruneError, check_tree
 
 
@@ -43,6 +45,7 @@ def score(
     batches: Iterable[Batch] | Batch | None = None,
     *,
     masks: Mapping[str, Any] | None = None,
+    mesh: Mesh | None = None,
     **options: Any,
 ) -> Scores:
     """Scores every channel of every group: higher = more relevant.
@@ -55,6 +58,10 @@ def score(
         "label": int32}``; ignored by weight criteria and "random".
       masks: per group, the current masks (1 kept, 0 removed). The surviving model is scored
         and removed channels get -inf.
+      mesh: the devices the batches are split over (`jaxprune.sharding`); default: every
+        local device. Each batch whose size divides evenly is split along the data axis; the
+        statistics are reduced over it by XLA, so the scores equal one device's to float
+        rounding.
       **options: options of a criterion given by name (e.g. ``variant=``, ``bins=``).
 
     Returns:
@@ -86,9 +93,11 @@ def score(
     checked = check_masks(context, masks)
     state = criterion.init(context, variables, checked)
     if criterion.uses_batches:
+        mesh = default_mesh() if mesh is None else mesh
+        placed = variables if mesh is None or mesh.size == 1 else replicate(variables, mesh)
         seen = 0
         for batch in iter_batches(batches):
-            state = criterion.update(state, context, variables, batch, checked)
+            state = criterion.update(state, context, placed, place_batch(batch, mesh), checked)
             seen += 1
         if seen == 0:
             raise ValueError(

@@ -1,0 +1,59 @@
+"""Data passes over several devices equal one device: the criteria, the oracle, fine-tuning."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxprune.sharding import default_mesh, make_mesh, place_batch
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def run_passes(devices: int, out_path: Path) -> tuple[dict, dict]:
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+    )
+    subprocess.run(
+        [sys.executable, str(TESTS_DIR / "sharded_passes.py"), str(out_path)],
+        check=True,
+        env=env,
+        cwd=TESTS_DIR.parent,
+        timeout=600,
+    )
+    with np.load(out_path) as saved:
+        arrays = {name: saved[name] for name in saved.files}
+    return json.loads(str(arrays.pop("summary"))), arrays
+
+
+@pytest.mark.slow
+def test_every_criterion_and_fine_tuning_on_four_devices_match_one(tmp_path):
+    one, single = run_passes(1, tmp_path / "one.npz")
+    four, sharded = run_passes(4, tmp_path / "four.npz")
+    assert (one["devices"], four["devices"]) == (1, 4)
+    # Batches of 8 are split 2 per device; the batch of 6 runs whole on every device.
+    assert four["rows_per_device"] == [[2], [2], [6]] and one["rows_per_device"] == [[8], [8], [6]]
+    assert sorted(single) == sorted(sharded)
+    scored = {key.split("/")[1] for key in single if key.startswith("score/")}
+    # Every criterion that reads data was run (the weight criteria too, trivially).
+    assert {"taylor", "oracle_loss", "oracle_abs", "activation_std", "apoz", "hrank"} <= scored
+    for key, value in single.items():
+        np.testing.assert_allclose(sharded[key], value, rtol=2e-5, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(four["losses"], one["losses"], rtol=1e-5)
+
+
+def test_one_device_leaves_batches_where_they_are():
+    batch = {"image": np.zeros((3, 2)), "label": np.zeros(3)}
+    assert place_batch(batch, None) is batch
+    assert place_batch(batch, make_mesh(jax.local_devices()[:1])) is batch
+    if jax.local_device_count() == 1:
+        assert default_mesh() is None
+    with pytest.raises(ValueError, match="disagree on the batch size"):
+        place_batch({"image": np.zeros((3, 2)), "label": np.zeros(2)}, make_mesh())
