@@ -34,17 +34,14 @@ from jaxprune import ops
 from jaxprune.fit import DivergenceError
 from jaxprune.models import build_model, widths_from_params
 from jaxprune.run import Checkpoints, RunDir, config_identity
+from jaxprune.sharding import check_batch_size, make_mesh, replicate, shard_batch
 from jaxprune.train import (
     OptimizerConfig,
     TrainState,
-    check_batch_size,
     create_train_state,
     evaluate,
-    make_mesh,
     make_optimizer,
     make_schedule,
-    replicate,
-    shard_batch,
     train_step,
 )
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import train
+from jaxprune import sharding, train
 from jaxprune.runtime import enable_compilation_cache
 
 STEPS = 4
@@ -40,15 +40,15 @@ def main(out_path: str) -> None:
     rng = np.random.default_rng(0)
     images = rng.normal(size=(STEPS * BATCH, 6, 6, 2)).astype(np.float32)
     labels = rng.integers(0, 3, size=STEPS * BATCH).astype(np.int32)
-    mesh = train.make_mesh()
+    mesh = sharding.make_mesh()
     config = train.OptimizerConfig(learning_rate=0.1, momentum=0.9, weight_decay=1e-3)
     tx = train.make_optimizer(config, steps_per_epoch=STEPS, epochs=1)
     state = train.create_train_state(TinyNet(), tx, jax.random.key(1), jnp.zeros((1, 6, 6, 2)))
-    state = train.replicate(state, mesh)
+    state = sharding.replicate(state, mesh)
     losses = []
     for step in range(STEPS):
         part = slice(step * BATCH, (step + 1) * BATCH)
-        batch = train.shard_batch({"image": images[part], "label": labels[part]}, mesh)
+        batch = sharding.shard_batch({"image": images[part], "label": labels[part]}, mesh)
         assert len(batch["image"].sharding.device_set) == mesh.size
         state, metrics = train.train_step(state, batch)
         losses.append(float(metrics["loss"]))
@@ -56,7 +56,7 @@ def main(out_path: str) -> None:
     batches[-1] = {key: value[:5] for key, value in batches[-1].items()}
     evaluation = train.evaluate(state.model, state.variables(), batches, mesh=mesh)
     try:
-        train.shard_batch({"image": images[:6], "label": labels[:6]}, mesh)
+        sharding.shard_batch({"image": images[:6], "label": labels[:6]}, mesh)
         error = ""
     except ValueError as caught:
         error = str(caught)

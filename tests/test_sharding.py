@@ -57,3 +57,55 @@ def test_one_device_leaves_batches_where_they_are():
         assert default_mesh() is None
     with pytest.raises(ValueError, match="disagree on the batch size"):
         place_batch({"image": np.zeros((3, 2)), "label": np.zeros(2)}, make_mesh())
+
+
+def prune_on_devices(devices: int, method: str, model_file: Path, workdir: Path) -> dict:
+    """`jaxprune prune` of a tiny run in a fresh process with `devices` simulated devices."""
+    from test_prune_methods import prune_argv
+
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+    )
+    argv = prune_argv(method, f"{model_file}:make_cnn", workdir)
+    subprocess.run(
+        [sys.executable, "-m", "jaxprune.cli", *argv],
+        check=True,
+        env=env,
+        cwd=TESTS_DIR.parent,
+        timeout=600,
+        capture_output=True,
+    )
+    return json.loads((workdir / "result.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "method", ["oneshot", "iterative", "progressive", "blending", "functional"]
+)
+def test_every_method_on_four_devices_matches_one(tmp_path, method):
+    from test_prune_methods import USER_MODEL
+
+    from jaxprune.commands.prune import load_pruned
+
+    model_file = tmp_path / "small_cnn.py"
+    model_file.write_text(USER_MODEL)
+    one = prune_on_devices(1, method, model_file, tmp_path / "one")
+    four = prune_on_devices(4, method, model_file, tmp_path / "four")
+    assert len(one["devices"]) == 1 and len(four["devices"]) == 4
+    assert four["keep"] == one["keep"]
+    for model in ("base", "pruned"):
+        for split in ("validation", "test"):
+            a, b = one["metrics"][model][split], four["metrics"][model][split]
+            assert a["count"] == b["count"]
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5)
+            assert abs(b["accuracy"] - a["accuracy"]) <= 1 / a["count"]
+    _, single, _ = load_pruned(tmp_path / "one" / "pruned.msgpack")
+    _, sharded, _ = load_pruned(tmp_path / "four" / "pruned.msgpack")
+    leaves_one = jax.tree_util.tree_leaves_with_path(single)
+    leaves_four = dict(jax.tree_util.tree_leaves_with_path(sharded))
+    for path, value in leaves_one:
+        np.testing.assert_allclose(
+            leaves_four[path], value, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path)
+        )

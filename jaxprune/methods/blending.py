@@ -59,11 +59,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxprune import criteria, train
+from jaxprune import criteria
 from jaxprune.fit import FitConfig, fit
 from jaxprune.graph import ChannelGraph, channel_graph
 from jaxprune.methods import evolution
@@ -82,6 +81,7 @@ from jaxprune.methods.selection import Selection, keep_from_scores, select_group
 from jaxprune.model import Model
 from jaxprune.run import RunDir, config_identity, fingerprint
 from jaxprune.runtime import release_compiled_programs_if_crowded
+from jaxprune.sharding import default_mesh
 from jaxprune.surgery import prune
 
 # The pool of He et al. 2021 (their figure of criteria similarities lists these 12).
@@ -634,7 +634,7 @@ def blending_prune(
             groups=tuple(groups), candidates=tuple(clusters[g].representatives for g in groups)
         )
         chunk_fn = make_chunk_fn(model.apply_fn, graph, apply_kwargs=model.eval_kwargs)
-        mesh = train.make_mesh() if jax.device_count() > 1 else None
+        mesh = default_mesh()
 
         def evaluate(masks: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
             found = population_fitness(

@@ -23,6 +23,7 @@ from jaxprune import criteria, train
 from jaxprune.fit import DivergenceError
 from jaxprune.methods.contract import Batch, PruneData
 from jaxprune.methods.iterative_network import Network, plain_variables
+from jaxprune.sharding import default_mesh, place_batch, replicate
 
 _COMPILE_EVENTS = (
     "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -48,6 +49,8 @@ class TrainStream:
         self.epoch = epoch
         self.index = index
         self._batches: Iterator[Batch] | None = None
+        # Batches are split over every local device (`jaxprune.sharding`).
+        self.mesh = default_mesh()
 
     @property
     def position(self) -> tuple[int, int]:
@@ -71,7 +74,9 @@ class TrainStream:
             batch = next(self._batches, None)
             if batch is not None:
                 self.index += 1
-                return {name: jnp.asarray(value) for name, value in batch.items()}
+                if self.mesh is None:
+                    return {name: jnp.asarray(value) for name, value in batch.items()}
+                return dict(place_batch(batch, self.mesh))
             if self.index == 0:
                 raise ValueError(
                     f"Epoch {self.epoch} of the training data yields no batch; check the data "
@@ -185,6 +190,8 @@ def finetune_and_score(
       DivergenceError: a non-finite loss, gradient or parameter (the update and the loss
         named).
     """
+    if stream.mesh is not None:
+        state = replicate(state, stream.mesh)  # no copy when it already is
     score_from = updates - (score_updates or updates)
     times = {"train_s": 0.0, "score_s": 0.0}
     scores_state = None

@@ -50,6 +50,7 @@ from jaxprune.fit import FitConfig, fit
 from jaxprune.gates import gated_call
 from jaxprune.graph import ChannelGraph, channel_graph
 from jaxprune.model import Model
+from jaxprune.sharding import default_mesh, place_batch, replicate
 
 PyTree = Any
 Batch = Mapping[str, Any]
@@ -524,12 +525,14 @@ def recalibrate(
             if name in variables
         }
 
-    variables = dict(network.variables)
+    mesh = default_mesh()  # batches split over every local device
+    variables = dict(network.variables if mesh is None else replicate(network.variables, mesh))
     base = jax.random.key(seed)
     batches = 0
     for epoch in range(epochs):
         for batch in itertools.islice(data.train(epoch), data.steps_per_epoch):
             key = jax.random.fold_in(base, batches)
-            variables.update(step(variables, batch["image"], key))
+            image = place_batch({"image": batch["image"]}, mesh)["image"]
+            variables.update(step(variables, image, key))
             batches += 1
     return variables, {"batches": batches}
