@@ -152,6 +152,20 @@ def check_run(workdir: Path, method: str, spec: str) -> dict:
             assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["count"] == 128
     assert report["devices"]
 
+    # The method's live metrics (in its folder of the workdir): one record per step, in order,
+    # ending with the run's result.
+    logs = workdir / method
+    records = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)) and records[-1]["kind"] == "result"
+    after = report["summary"]["validation"]["after"]
+    assert records[-1]["accuracy"] == pytest.approx(after["accuracy"])
+    assert records[-1]["flops_left"] == pytest.approx(cost["remaining"]["flops"])
+    kinds = {r["kind"] for r in records}
+    expected = {"iterative": "prune", "progressive": "layer", "blending": "search"}
+    assert expected.get(method, "result") in kinds
+    assert list((logs / "tensorboard").glob("events.out.tfevents.*"))
+
     model, variables, meta = prune_command.load_pruned(workdir / "pruned.msgpack")
     assert meta["keep"] == report["keep"] and meta["method"] == method
     dataset = data.load(data.DataConfig(**report["job"]["data"]))

@@ -76,8 +76,10 @@ from jaxprune.methods.blending_clusters import (
 from jaxprune.methods.blending_fitness import make_chunk_fn, population_fitness
 from jaxprune.methods.contract import PruneResult, as_prune_data
 from jaxprune.methods.evolution import EvolutionConfig
+from jaxprune.methods.live import checkpointed_steps, open_metrics, write_result
 from jaxprune.methods.outcome import finetuned_summary, first_examples
 from jaxprune.methods.selection import Selection, keep_from_scores, select_groups
+from jaxprune.metrics import MetricsWriter
 from jaxprune.model import Model
 from jaxprune.run import RunDir, config_identity, fingerprint
 from jaxprune.runtime import release_compiled_programs_if_crowded
@@ -467,6 +469,7 @@ def search_factors(
     fingerprint: str,
     run: RunDir | None = None,
     progress: bool = False,
+    metrics: MetricsWriter | None = None,
 ) -> tuple[np.ndarray, dict[str, Any], list[dict[str, Any]]]:
     """Runs (or resumes) the genetic algorithm over the calibration factors.
 
@@ -479,6 +482,8 @@ def search_factors(
       fingerprint: identifies this search in its checkpoints.
       run: the run directory each generation is saved in (None: no checkpoints).
       progress: show a progress bar with the best fitness so far and the generation's mean.
+      metrics: a live metrics writer: one "search" record per generation, at step
+        generation + 1.
 
     Returns:
       (best genome, its fitness record, history).
@@ -552,6 +557,14 @@ def search_factors(
                         "rng": {"seed": config.seed, "next_generation": generation},
                     },
                 )
+            if metrics is not None:
+                record = history[-1]
+                metrics.write(
+                    generation,
+                    "search",
+                    **{k: record[k] for k in ("best_accuracy", "best_loss", "mean_accuracy",
+                                              "mean_loss", "best_so_far", "sigma")},
+                )  # fmt: skip
             bar.update(1)
             release_compiled_programs_if_crowded()
             mean = np.mean(accuracy if metric == "accuracy" else loss)
@@ -642,17 +655,22 @@ def blending_prune(
             )
             return found.accuracy, found.loss, found.evaluated
 
+        search = _search_fingerprint(
+            config, layout, candidates, (inputs["variables"], inputs["fitness_data"])
+        )
+        saved = load_search(run, search) if run is not None and run.resumed else None
+        generations_done = saved["generation"] if saved is not None else 0
+        metrics = open_metrics(run, generations_done + checkpointed_steps(run, "finetune"))
         genome, best, history = search_factors(
             evaluate,
             graph,
             candidates,
             layout,
             config,
-            fingerprint=_search_fingerprint(
-                config, layout, candidates, (inputs["variables"], inputs["fitness_data"])
-            ),
+            fingerprint=search,
             run=run,
             progress=progress,
+            metrics=metrics,
         )
         keep = keep_from_scores(graph, blend(candidates, layout, genome), selection)
         pruned = prune(variables, graph, keep)
@@ -667,6 +685,8 @@ def blending_prune(
                 run=run,
                 name="finetune",
                 progress=progress,
+                metrics=metrics,
+                step_offset=len(history),
             )
         summary = finetuned_summary(model, variables, small, pruned.variables, final, data, tuning)
         summary["method"] = {
@@ -677,6 +697,7 @@ def blending_prune(
             "best": best,
             "generations": len(history),
         }
+        write_result(metrics, len(history) + (tuning[-1]["step"] if tuning else 0) + 1, summary)
         if run is not None:
             run.write_json("result.json", summary)
     return PruneResult("blending", small, final, keep, graph, tuple(history), summary)

@@ -67,6 +67,7 @@ from jaxprune.fit import FitConfig, fit
 from jaxprune.graph import ChannelGraph, channel_graph
 from jaxprune.methods import clustering
 from jaxprune.methods.contract import PruneData, PruneResult, as_prune_data
+from jaxprune.methods.live import checkpointed_steps, open_metrics, write_result
 from jaxprune.methods.outcome import finetuned_summary, first_examples
 from jaxprune.methods.selection import select_groups
 from jaxprune.model import Model
@@ -654,10 +655,11 @@ def functional_prune(
         pruned = prune(variables, graph, keep)
         small = model.with_apply_fn(pruned.apply_fn)
         final, tuning = pruned.variables, []
+        metrics = open_metrics(run, checkpointed_steps(run, "finetune"))
         if config.finetune is not None:
             final, tuning = fit(
                 small, pruned.variables, data, config.finetune, run=run, name="finetune",
-                progress=progress,
+                progress=progress, metrics=metrics,
             )  # fmt: skip
         summary = finetuned_summary(model, variables, small, pruned.variables, final, data, tuning)
         history = tuple(layer.record(group) for group, layer in layers.items())
@@ -670,6 +672,7 @@ def functional_prune(
                 for r in history
             },
         }
+        write_result(metrics, (tuning[-1]["step"] if tuning else 0) + 1, summary)
         if run is not None:
             run.write_json("result.json", summary)
     return PruneResult("functional", small, final, keep, graph, history, summary)

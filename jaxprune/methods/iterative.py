@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -66,6 +67,7 @@ from jaxprune.methods.iterative_ranking import (
     rank_scores,
     remove_channels,
 )
+from jaxprune.methods.live import open_metrics, write_result
 from jaxprune.methods.selection import SCOPES, select_groups
 from jaxprune.model import Model
 from jaxprune.run import RunDir, config_identity, fingerprint
@@ -525,6 +527,37 @@ def _final_finetune(
     return state, progress, totals
 
 
+def _step_values(record: Mapping[str, Any]) -> dict[str, float]:
+    """One pruning step's live metrics: what is left of each measure, channels removed, and
+    the validation loss and accuracy when the step evaluated."""
+    values = {f"{m}_left": float(v) for m, v in record["remaining"].items()}
+    values["removed"] = len(record["removed"])
+    values["updates"] = int(record["updates"])
+    if record["validation"] is not None:
+        values.update({k: record["validation"][k] for k in ("loss", "accuracy")})
+    return values
+
+
+def _estimated_steps(config: IterativeConfig, history: Sequence[Mapping[str, Any]]) -> int | None:
+    """How many pruning steps the run will take, for the progress bar's total and ETA.
+
+    Pruning stops at the first target reached; each target's step count is extrapolated from
+    the share of its measure removed so far (exact for a channel target, k channels a step),
+    and `max_steps` caps them. None before the first step when only a target is known.
+    """
+    estimates = [config.max_steps] if config.max_steps else []
+    if history:
+        last = history[-1]
+        for measure in MEASURES:
+            target = getattr(config, f"target_{measure}")
+            removed = 1.0 - last["remaining"][measure]
+            if target is not None and removed > 0:
+                estimates.append(math.ceil(last["step"] * (1.0 - target) / removed - 1e-9))
+    if not estimates:
+        return None
+    return max(min(estimates), len(history))
+
+
 def _describe(record: Mapping[str, Any], config: IterativeConfig) -> dict[str, str]:
     targets = {m: getattr(config, f"target_{m}") for m in MEASURES}
     shown = {"flops": f"{100 * record['remaining']['flops']:.1f}%"}
@@ -644,9 +677,10 @@ def iterative_prune(
             state, network, position = restored or _fresh(setup, variables)
             last_saved = int(state.step) if restored is not None else None
             stream = TrainStream(data, *position.stream)
+            metrics = open_metrics(run, position.steps)
             clock.take()
             bar = tqdm(
-                total=config.max_steps,
+                total=_estimated_steps(config, position.history),
                 initial=position.steps,
                 unit="step",
                 desc=f"pruning ({config.criterion})",
@@ -658,7 +692,11 @@ def iterative_prune(
                     state, network, position = _pruning_step(
                         setup, state, network, stream, position, clock, last_saved
                     )
-                    bar.set_postfix(_describe(position.history[-1], config), refresh=False)
+                    record = position.history[-1]
+                    if metrics is not None:
+                        metrics.write(record["step"], "prune", **_step_values(record))
+                    bar.total = _estimated_steps(config, position.history)
+                    bar.set_postfix(_describe(record, config), refresh=False)
                     bar.update(1)
                     release_compiled_programs_if_crowded()
                     if position.stop_reason is not None or (
@@ -673,6 +711,7 @@ def iterative_prune(
         pruned_variables = jax.device_get(plain_variables(state))
         validation = _evaluate(setup, pruned_model, pruned_variables)
         summary = _summary(setup, state, network, position, validation, finetune_time)
+        write_result(metrics, position.steps + 1, summary)
         if run is not None:
             run.write_json("result.json", summary)
     return PruneResult(

@@ -22,6 +22,7 @@ from jaxprune import cost, criteria, train
 from jaxprune.fit import FitConfig, fit
 from jaxprune.graph import ChannelGraph, channel_graph
 from jaxprune.methods.contract import PruneData, PruneResult, as_prune_data
+from jaxprune.methods.live import checkpointed_steps, open_metrics, write_result
 from jaxprune.methods.selection import check_selection, keep_from_scores, select_groups
 from jaxprune.model import Model
 from jaxprune.run import RunDir, config_identity, fingerprint
@@ -109,12 +110,20 @@ def oneshot_prune(
         pruned = prune(variables, graph, keep)
         small = model.with_apply_fn(pruned.apply_fn)
         result_variables, history = pruned.variables, []
+        metrics = open_metrics(run, checkpointed_steps(run, "fit"))
         if config.finetune is not None:
             result_variables, history = fit(
-                small, pruned.variables, data, config.finetune, run=run, progress=progress
+                small,
+                pruned.variables,
+                data,
+                config.finetune,
+                run=run,
+                progress=progress,
+                metrics=metrics,
             )
         summary = summarize(model, variables, small, result_variables, data)
         summary["method"] = {"criterion": config.criterion, "groups": len(keep)}
+        write_result(metrics, (history[-1]["step"] if history else 0) + 1, summary)
         if run is not None:
             run.write_json("result.json", summary)
     return PruneResult("oneshot", small, result_variables, keep, graph, tuple(history), summary)

@@ -72,6 +72,7 @@ from jaxprune.methods import progressive_final as final
 from jaxprune.methods import progressive_retrain as retraining
 from jaxprune.methods import selection_file
 from jaxprune.methods.contract import PruneResult, as_prune_data
+from jaxprune.methods.live import open_metrics, write_result
 from jaxprune.methods.progressive_choice import Chooser, LayerView
 from jaxprune.methods.progressive_retrain import Network
 from jaxprune.methods.selection import select_groups
@@ -369,6 +370,7 @@ def progressive_prune(
         store = run.checkpoints(_LAYERS) if run is not None else None
         restored = _restore(setup, store) if store is not None else None
         network, state = restored or (setup.base, _State(0, {}, (), None))
+        metrics = open_metrics(run, state.layers_done)
         with tqdm(
             total=len(setup.layers),
             initial=state.layers_done,
@@ -380,6 +382,11 @@ def progressive_prune(
             while state.layers_done < len(setup.layers):
                 network, state = _simplify_layer(setup, network, state)
                 _save(store, network, state)
+                record = state.history[-1]
+                if metrics is not None:
+                    metrics.write(state.layers_done, "layer", **_layer_values(record))
+                # The ETA counts the work, not the time a person took to choose the kernels.
+                exclude_from_eta(bar, record["time"].get("wait_s", 0.0))
                 release_compiled_programs_if_crowded()
                 if state.history[-1]["validation"] is not None:
                     accuracy = state.history[-1]["validation"]["accuracy"]
@@ -390,6 +397,7 @@ def progressive_prune(
             state = dataclasses.replace(state, finetune=finetune)
             _save(store, network, state)
         summary = _summary(setup, network, state)
+        write_result(metrics, len(setup.layers) + 1, summary)
         if run is not None:
             run.write_json("result.json", summary)
     keep = {name: np.asarray(kept, np.int64) for name, kept in state.keep.items()}
@@ -640,6 +648,8 @@ def _simplify_layer(setup: _Setup, network: Network, state: _State) -> tuple[Net
         "validation": _evaluate(setup, student),
         "time": {
             "choose_s": chosen - began,
+            # A person choosing on the kernel page (the subjective criterion) is waited for.
+            "wait_s": chosen - began if config.criterion == "subjective" else 0.0,
             "retrain_s": retrained - chosen,
             "eval_s": time.perf_counter() - retrained,
         },
@@ -651,6 +661,30 @@ def _simplify_layer(setup: _Setup, network: Network, state: _State) -> tuple[Net
         finetune=None,
     )
     return student, state
+
+
+def _layer_values(record: Mapping[str, Any]) -> dict[str, float]:
+    """One simplified layer's live metrics: kernels kept, the model's MACs and parameters,
+    the validation loss and accuracy, and the retraining's last epoch loss."""
+    values = {
+        "kernels_after": record["kernels_after"],
+        "removed": len(record["removed"]),
+        "macs": record["macs"],
+        "params": record["params"],
+    }
+    if record["validation"] is not None:
+        values.update({k: record["validation"][k] for k in ("loss", "accuracy")})
+    losses = (record.get("loss") or {}).get("epoch_loss") or []
+    if losses:
+        values["retrain_loss"] = float(losses[-1])
+    return values
+
+
+def exclude_from_eta(bar: tqdm, seconds: float) -> None:
+    """Takes `seconds` (time spent waiting) out of a progress bar's elapsed time and rate."""
+    if seconds > 0 and not bar.disable:
+        bar.start_t += seconds
+        bar.last_print_t += seconds
 
 
 def _final_step(
