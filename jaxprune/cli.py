@@ -81,6 +81,41 @@ def cmd_graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_weights(args: argparse.Namespace) -> int:
+    """Converts a pretrained VGG-16 weights file into a zoo model file (no download)."""
+    from jaxprune import checkpoint
+    from jaxprune.models import widths_from_params
+    from jaxprune.models.imported import vgg16_from_keras, vgg16_from_safetensors
+
+    source = Path(args.file)
+    if not source.is_file():
+        raise FileNotFoundError(f"{source} does not exist; give the weights file you have.")
+    suffix = source.suffix.lower()
+    if suffix == ".safetensors":
+        module, variables = vgg16_from_safetensors(source)
+        kind = "PyTorch layout (torchvision or timm vgg16), safetensors"
+    elif suffix in (".h5", ".hdf5"):
+        module, variables = vgg16_from_keras(source)
+        kind = "Keras VGG16 weights, HDF5"
+    else:
+        raise ValueError(
+            f"{source.name}: give a .safetensors file (torchvision/timm vgg16) or a Keras .h5 "
+            "weights file; other formats are not read."
+        )
+    input_shape = tuple(int(d) for d in args.input_shape.split(","))
+    path = checkpoint.save_model_file(
+        args.out,
+        model_name="vgg16",
+        num_classes=module.num_classes,
+        widths=widths_from_params(variables["params"]),
+        variables=variables,
+        meta={"imported_from": str(source), "format": kind, "input_shape": list(input_shape)},
+        input_shape=input_shape,
+    )
+    print(f"wrote {path}: vgg16, {module.num_classes} classes, from {source.name} ({kind})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from jaxprune import demo
 
@@ -140,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune_command.add_command(sub)
     add_score_command(sub)
+    weights = sub.add_parser(
+        "import-weights",
+        help="a pretrained VGG-16 (torchvision/timm .safetensors or Keras .h5) as a model file",
+        formatter_class=DefaultsHelpFormatter,
+    )
+    weights.add_argument("file", help="the weights file you have (nothing is downloaded)")
+    weights.add_argument("--out", required=True, help="the model file to write (.msgpack)")
+    weights.add_argument("--input-shape", default="224,224,3", help="H,W,C of one image")
+    weights.set_defaults(func=cmd_import_weights)
     importlib.import_module("jaxprune.commands.inspect").add_command(sub)
 
     graph = sub.add_parser(
