@@ -17,8 +17,11 @@
 5. The best factors prune the model (`jaxprune.prune`: the pruned program, no rebuild), and
    `config.finetune` fine-tunes it (`jaxprune.fit.fit`, resumable).
 
-The method is reconstructed from the paper's abstract and description; every choice the paper
-leaves open is ours, and each is a knob (`BlendingConfig`, `ClusterConfig`, `EvolutionConfig`):
+The method is reconstructed from the paper's abstract (its full text was not available to us):
+every algorithmic specific below is our choice, and each is a knob (`BlendingConfig`,
+`ClusterConfig`, `EvolutionConfig`). `EvolutionConfig(strategy="random")` replaces the genetic
+operators by uniform sampling with the same number of evaluations, the control that shows
+whether the search itself helps:
 
 * Normalisation before blending: ranks scaled to [0, 1] per layer (scale-free; the criteria's
   ranges differ by orders of magnitude). "l2" and "max" are the alternatives.

@@ -19,9 +19,10 @@ such cluster removes repetition at little cost, even without retraining. Per con
    on the first `score_examples` validation images), or the member closest to the cluster
    centroid; the rest are removed (`jaxprune.prune`: the pruned program, no rebuild).
 
-The method is reconstructed from the paper's abstract and description; the descriptor, the
-similarity, the clustering, the handling of unresponsive filters, the representative and the
-ratio-driven cut are choices of jaxprune, each a field of `FunctionalConfig`. No retraining by
+The method is reconstructed from the paper's abstract (its full text was not available to us);
+the descriptor, the similarity, the clustering, the handling of unresponsive filters, the
+representative and the ratio-driven cut are choices of jaxprune, each a field of
+`FunctionalConfig`. No retraining by
 default (the paper's claim is that little is needed); `FunctionalConfig.finetune` fine-tunes
 afterwards (`jaxprune.fit.fit`).
 
@@ -106,7 +107,8 @@ class ClusteringConfig:
 class FunctionalConfig:
     """Functionality-oriented pruning: images, clusters, representatives, optional fine-tuning."""
 
-    # Criterion that picks each cluster's representative (registry name; "taylor" as the paper).
+    # Criterion that picks each cluster's representative (registry name; "taylor" is our choice:
+    # the abstract does not name one).
     criterion: str = "taylor"
     # "criterion": keep the cluster's most relevant filter; "centroid": keep the filter closest
     # (in cosine similarity) to the mean of the cluster's descriptors.
