@@ -592,6 +592,8 @@ def save_model_file(
             widths=actual_widths,
             input_shape=[int(d) for d in input_shape],
         )
+    if jax.process_index() != 0:
+        return path  # one writer in a multi-process run: the first process
     payload = serialization.msgpack_serialize(
         {"header": json.dumps(header), "variables": host_variables}
     )

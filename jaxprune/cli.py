@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jaxprune.commands.config import DefaultsHelpFormatter, apply_overrides, load_config
-from jaxprune.runtime import enable_compilation_cache
+from jaxprune.runtime import enable_compilation_cache, initialize_distributed
 
 # Re-exported: configs and overrides as the command line reads them.
 __all__ = ["apply_overrides", "build_parser", "load_config", "main"]
@@ -136,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not use JAX's persistent compilation cache (~/.cache/jaxprune/xla)",
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a run of several processes (hosts): run the same command in every process "
+        "(jax.distributed; see the README's Devices section)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser(
@@ -224,6 +230,8 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command; errors are one ``error:`` line on stderr (exit 1) unless ``--debug``."""
     args = build_parser().parse_args(argv)
+    if args.distributed:
+        initialize_distributed()
     if not args.no_compilation_cache:
         enable_compilation_cache()
     try:

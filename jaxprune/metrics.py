@@ -52,6 +52,8 @@ class MetricsWriter:
       workdir: the run's folder.
       resumed_step: the step the run resumed from (None: a fresh run, earlier logs removed).
       tensorboard: also write TensorBoard event files.
+      enabled: write at all (False: records are returned, nothing is written; the processes
+        other than the first of a multi-process run).
     """
 
     def __init__(
@@ -60,11 +62,15 @@ class MetricsWriter:
         *,
         resumed_step: int | None = None,
         tensorboard: bool = True,
+        enabled: bool = True,
     ) -> None:
         self.workdir = Path(workdir)
         self.path = self.workdir / JSONL
-        self._truncate(resumed_step)
+        self.enabled = enabled
         self._board = None
+        if not enabled:
+            return
+        self._truncate(resumed_step)
         if tensorboard:
             SummaryWriter = _summary_writer_class()  # noqa: N806
             purge = None if resumed_step is None else resumed_step + 1
@@ -98,6 +104,8 @@ class MetricsWriter:
           The record written (with ``step`` and ``kind``).
         """
         record = {"step": int(step), "kind": kind, **values}
+        if not self.enabled:
+            return record
         with self.path.open("a") as f:
             f.write(json.dumps(record, default=json_default) + "\n")
         if self._board is not None:

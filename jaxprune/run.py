@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxprune import checkpoint as ckpt
 from jaxprune.checkpoint import CheckpointError, json_default
@@ -153,13 +154,19 @@ class RunDir:
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        lock = _acquire(path)
+        # Several processes share one workdir: the first locks it and writes the run's files;
+        # the others follow its view of whether the run resumes.
+        main = jax.process_index() == 0
+        lock = _acquire(path) if main else None
         run = None
         try:
             flat = flatten(_normalise(dict(identity)))
-            stored = read_json(path / RUN_FILE)
+            stored = read_json(path / RUN_FILE) if main else None
+            if jax.process_count() > 1:
+                stored = _from_main_process(stored)
             if stored is None:
-                write_json_atomic(path / RUN_FILE, {"kind": kind, "identity": flat})
+                if main:
+                    write_json_atomic(path / RUN_FILE, {"kind": kind, "identity": flat})
                 resumed = False
             else:
                 _check_identity(path, stored, kind, flat)
@@ -174,7 +181,8 @@ class RunDir:
         finally:
             if run is not None:
                 run.close()
-            _release(lock)
+            if lock is not None:
+                _release(lock)
 
     @classmethod
     @contextlib.contextmanager
@@ -200,7 +208,10 @@ class RunDir:
     # -- files
 
     def write_json(self, name: str, value: Any) -> Path:
-        """Writes ``<workdir>/<name>`` atomically."""
+        """Writes ``<workdir>/<name>`` atomically (by the first process of a multi-process
+        run; the others compute the same value)."""
+        if jax.process_index() != 0:
+            return self.path / name
         return write_json_atomic(self.path / name, value)
 
     def read_json(self, name: str) -> Any:
@@ -223,7 +234,9 @@ class RunDir:
     def metrics(self, resumed_step: int | None = None) -> MetricsWriter:
         """The run's live metrics (``metrics.jsonl`` and TensorBoard), with what came after
         `resumed_step` dropped (None: a fresh start); close it when done."""
-        writer = MetricsWriter(self.path, resumed_step=resumed_step)
+        writer = MetricsWriter(
+            self.path, resumed_step=resumed_step, enabled=jax.process_index() == 0
+        )
         self._writers.append(writer)
         return writer
 
@@ -357,6 +370,18 @@ def _subtree(flat: Mapping[str, Any], prefix: str) -> Any:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 70 else text[:67] + "..."
+
+
+def _from_main_process(stored: Any) -> Any:
+    """The first process's reading of a JSON document, given to every process."""
+    from jax.experimental import multihost_utils
+
+    text = json.dumps(stored).encode()
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(len(text))))
+    buffer = np.zeros(size, np.uint8)
+    buffer[: len(text)] = np.frombuffer(text, np.uint8)[:size]
+    shared = multihost_utils.broadcast_one_to_all(buffer)
+    return json.loads(np.asarray(shared, np.uint8).tobytes().decode())
 
 
 def _acquire(path: Path) -> Any:

@@ -66,3 +66,42 @@ def release_compiled_programs_if_crowded(fraction: float = 0.5) -> bool:
     jax.clear_caches()
     gc.collect()
     return True
+
+
+def initialize_distributed() -> tuple[int, int]:
+    """Joins a run of several processes (hosts) through JAX's own runtime.
+
+    Call it first, before any computation, in every process. With `JAX_COORDINATOR_ADDRESS`,
+    `JAXPRUNE_NUM_PROCESSES` and `JAXPRUNE_PROCESS_ID` set (e.g. several processes on one
+    machine), those are used; otherwise `jax.distributed.initialize` detects the cluster
+    (SLURM, Cloud TPU pods, Open MPI, Kubernetes). On CPUs the collectives go through gloo.
+    Afterwards `jaxprune.sharding` meshes span every process's devices.
+
+    Returns:
+      (this process's index, the number of processes).
+    """
+    if not jax.distributed.is_initialized():
+        # Collectives between CPU devices of different processes (no effect on accelerators).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        count = os.environ.get("JAXPRUNE_NUM_PROCESSES")
+        index = os.environ.get("JAXPRUNE_PROCESS_ID")
+        if count is not None and index is not None:
+            jax.distributed.initialize(num_processes=int(count), process_id=int(index))
+        else:
+            jax.distributed.initialize()
+    return jax.process_index(), jax.process_count()
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the run's files and prints (process 0 of a multi-process
+    run; the only process otherwise)."""
+    return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+    """Waits until every process of a multi-process run has reached this point (no-op with one
+    process); e.g. before the others read a file the first process wrote."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

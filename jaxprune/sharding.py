@@ -5,6 +5,12 @@ places each batch on the mesh split along its leading axis and the variables on 
 the jitted steps then run as one SPMD program, and XLA inserts the reductions over the data
 axis (gradient means, statistic sums), so the results equal one device's to float rounding.
 With one device nothing moves.
+
+Several processes (hosts) work the same way through JAX's own runtime: after
+`jaxprune.runtime.initialize_distributed` (``jax.distributed.initialize``) the mesh spans every
+process's devices, every process runs the same program on the same host batches, and each puts
+only its own devices' rows on them (``jax.device_put`` of a host array onto a global sharding).
+`to_host` brings a result back to every process, gathering rows held by other processes.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ PyTree = Any
 
 
 def make_mesh(devices: Iterable[jax.Device] | None = None) -> Mesh:
-    """Returns a 1-D mesh with axis ``"data"`` over `devices` (default: every local device)."""
-    devices = list(devices) if devices is not None else jax.local_devices()
+    """Returns a 1-D mesh with axis ``"data"`` over `devices` (default: every device of every
+    process)."""
+    devices = list(devices) if devices is not None else jax.devices()
     if not devices:
         raise ValueError("make_mesh needs at least one device.")
     return Mesh(np.asarray(devices), ("data",))
@@ -65,8 +72,23 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
 
 
 def default_mesh() -> Mesh | None:
-    """A mesh of every local device when there are several; None (stay put) with one."""
-    return make_mesh() if jax.local_device_count() > 1 else None
+    """A mesh of every device (of every process) when there are several; None (stay put)
+    with one."""
+    return make_mesh() if jax.device_count() > 1 else None
+
+
+def to_host(tree: PyTree) -> PyTree:
+    """Every array of `tree` as a NumPy array on this host, whole: rows held by other
+    processes' devices are gathered (`jax.experimental.multihost_utils.process_allgather`)."""
+
+    def fetch(leaf: Any) -> Any:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+        return np.asarray(leaf)
+
+    return jax.tree_util.tree_map(fetch, tree)
 
 
 def place_batch(batch: Mapping[str, Any], mesh: Mesh | None) -> Mapping[str, Any]:

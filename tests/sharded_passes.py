@@ -3,6 +3,9 @@ tests/test_sharding.py.
 
 Usage: XLA_FLAGS=--xla_force_host_platform_device_count=N python tests/sharded_passes.py OUT.npz
 
+Several processes: set JAX_COORDINATOR_ADDRESS, JAXPRUNE_NUM_PROCESSES and JAXPRUNE_PROCESS_ID
+in each (`jaxprune.runtime.initialize_distributed`); every process writes OUT.npz.<index>.
+
 On a small CNN (conv-BN-ReLU, dropout, dense) and fixed synthetic batches of 8, 8 and 6 images
 (6 does not split over 4 devices: that batch runs whole on every device), saves every data
 criterion's scores and the oracle's, and the variables after a short fine-tuning (`fit`) with
@@ -12,6 +15,7 @@ dropout and BatchNorm in training mode, with the devices used.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import flax.linen as nn
@@ -23,9 +27,13 @@ from jaxprune.criteria import CRITERIA, ScoringContext, score
 from jaxprune.criteria.report import ORACLES
 from jaxprune.fit import FitConfig, fit
 from jaxprune.graph import channel_graph
+from jaxprune.methods.blending import BlendingConfig
+from jaxprune.methods.evolution import EvolutionConfig
+from jaxprune.methods.oneshot import OneShotConfig
+from jaxprune.methods.registry import METHODS
 from jaxprune.model import Model
-from jaxprune.runtime import enable_compilation_cache
-from jaxprune.sharding import default_mesh, place_batch
+from jaxprune.runtime import enable_compilation_cache, initialize_distributed
+from jaxprune.sharding import default_mesh, place_batch, to_host
 
 SIZES = (8, 8, 6)
 
@@ -56,6 +64,9 @@ class Batches:
 
 
 def main(out_path: str) -> None:
+    if "JAXPRUNE_NUM_PROCESSES" in os.environ:
+        index, _ = initialize_distributed()
+        out_path = f"{out_path}.{index}.npz"
     enable_compilation_cache()
     rng = np.random.default_rng(0)
     batches = [
@@ -78,7 +89,7 @@ def main(out_path: str) -> None:
             saved[f"score/{name}/{group}"] = np.asarray(values)
     tuned, history = fit(model, variables, Batches(batches), FitConfig(epochs=2), progress=False)
     for path, leaf in jax.tree_util.tree_leaves_with_path(tuned):
-        saved["fit/" + jax.tree_util.keystr(path)] = np.asarray(leaf)
+        saved["fit/" + jax.tree_util.keystr(path)] = to_host(leaf)
     # Rows each device holds of each batch: split (8 over 4 devices: 2 each) or whole.
     mesh = default_mesh()
     rows = [
@@ -87,8 +98,28 @@ def main(out_path: str) -> None:
         )
         for b in batches
     ]
+    # Two methods end to end (no workdir): the kept channels and the final variables.
+    methods = {
+        "oneshot": OneShotConfig(criterion="taylor", ratio=0.5, finetune=FitConfig(epochs=1)),
+        "blending": BlendingConfig(
+            criterion="l1,fpgm,apoz,activation_mean",
+            ratio=0.25,
+            score_examples=16,
+            fitness_examples=16,
+            batch_size=8,
+            evolution=EvolutionConfig(population=4, generations=2),
+            finetune=FitConfig(epochs=1),
+        ),
+    }
+    for name, config in methods.items():
+        result = METHODS[name].prune(model, variables, Batches(batches), config, progress=False)
+        for group, kept in result.keep.items():
+            saved[f"{name}/keep/{group}"] = np.asarray(kept)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(result.variables):
+            saved[f"{name}/variables/" + jax.tree_util.keystr(path)] = to_host(leaf)
     summary = {
         "devices": jax.device_count(),
+        "processes": jax.process_count(),
         "rows_per_device": rows,
         "criteria": [n for n in CRITERIA if n not in ORACLES] + list(ORACLES),
         "losses": [record["loss"] for record in history],

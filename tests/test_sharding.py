@@ -109,3 +109,90 @@ def test_every_method_on_four_devices_matches_one(tmp_path, method):
         np.testing.assert_allclose(
             leaves_four[path], value, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path)
         )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def run_processes(argv: list[str], processes: int, devices: int, timeout: int = 600) -> None:
+    """`argv` in `processes` local processes of `devices` simulated CPU devices each, joined
+    through JAX's distributed runtime (gloo collectives)."""
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        JAX_COORDINATOR_ADDRESS=f"localhost:{free_port()}",
+        JAXPRUNE_NUM_PROCESSES=str(processes),
+    )
+    running = [
+        subprocess.Popen(
+            argv,
+            env=dict(env, JAXPRUNE_PROCESS_ID=str(index)),
+            cwd=TESTS_DIR.parent,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        for index in range(processes)
+    ]
+    outputs = [process.communicate(timeout=timeout)[0].decode() for process in running]
+    for index, process in enumerate(running):
+        assert process.returncode == 0, f"process {index}:\n{outputs[index][-3000:]}"
+
+
+@pytest.mark.slow
+def test_two_processes_of_two_devices_match_one_device(tmp_path):
+    """Scores of every criterion, a fine-tuning, and the kept channels and final variables of
+    one-shot and blending pruning: each of 2 processes (2 devices each) gets the 1-device run's
+    numbers."""
+    _, single = run_passes(1, tmp_path / "one.npz")
+    run_processes([sys.executable, str(TESTS_DIR / "sharded_passes.py"), str(tmp_path / "two")],
+                  processes=2, devices=2)  # fmt: skip
+    for index in range(2):
+        with np.load(tmp_path / f"two.{index}.npz") as saved:
+            arrays = {name: saved[name] for name in saved.files}
+        summary = json.loads(str(arrays.pop("summary")))
+        assert (summary["processes"], summary["devices"]) == (2, 4)
+        assert summary["rows_per_device"] == [[2], [2], [6]]
+        assert sorted(arrays) == sorted(single)
+        assert any(key.startswith("blending/keep/") for key in arrays)
+        for key, value in single.items():
+            np.testing.assert_allclose(arrays[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.slow
+def test_the_prune_command_in_two_processes_matches_one(tmp_path):
+    """`jaxprune --distributed prune` in 2 processes sharing a workdir: one writer, the same
+    report and model file as one process, and the same command again reports the finished
+    run."""
+    from test_prune_methods import USER_MODEL, prune_argv
+
+    from jaxprune.commands.prune import load_pruned
+
+    model_file = tmp_path / "small_cnn.py"
+    model_file.write_text(USER_MODEL)
+    one = prune_on_devices(1, "oneshot", model_file, tmp_path / "one")
+    argv = [sys.executable, "-m", "jaxprune.cli", "--distributed",
+            *prune_argv("oneshot", f"{model_file}:make_cnn", tmp_path / "two")]  # fmt: skip
+    run_processes(argv, processes=2, devices=2)
+    two = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert len(two["devices"]) == 4 and two["keep"] == one["keep"]
+    for model in ("base", "pruned"):
+        for split in ("validation", "test"):
+            a, b = one["metrics"][model][split], two["metrics"][model][split]
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+            assert b["accuracy"] == a["accuracy"]
+    _, single, _ = load_pruned(tmp_path / "one" / "pruned.msgpack")
+    _, double, _ = load_pruned(tmp_path / "two" / "pruned.msgpack")
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(single),
+                            jax.tree_util.tree_leaves(double), strict=True):  # fmt: skip
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    records = (tmp_path / "two" / "oneshot" / "metrics.jsonl").read_text().splitlines()
+    assert len({json.loads(line)["step"] for line in records}) == len(records)  # one writer
+    # Resumed in two processes: the finished run is reported, nothing recomputed.
+    run_processes(argv, processes=2, devices=2)
+    assert json.loads((tmp_path / "two" / "result.json").read_text()) == two

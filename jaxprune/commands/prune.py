@@ -225,7 +225,10 @@ def run_job(
       jaxprune.run.RunLockedError: another process has the workdir.
     """
     from jaxprune.run import RunDir
+    from jaxprune.runtime import is_main_process
 
+    # In a multi-process run only the first process prints and shows progress.
+    quiet, progress = quiet or not is_main_process(), progress and is_main_process()
     started = time.perf_counter()
     check_job(job, wait_for_selection=wait_for_selection)
     loaded = load_job_model(job)
@@ -275,6 +278,7 @@ def _run(
     import jax
 
     from jaxprune.methods.contract import DatasetData
+    from jaxprune.runtime import sync_processes
 
     spec = METHODS[job.method]
     config = job.method_config()
@@ -297,6 +301,7 @@ def _run(
     )
     method_s = time.perf_counter() - began
     path = save_pruned(run.path / PRUNED_FILE, job, loaded, result, dataset)
+    sync_processes("jaxprune-pruned-file")  # the first process wrote it; all read it back
     # The pruned model is measured as read back from its file: the file and its numbers agree.
     pruned_model, pruned_variables, _ = load_pruned(path, base=(loaded.model, loaded.variables))
     batch_size = job.data.batch_size
@@ -324,6 +329,7 @@ def _run(
         "seconds": {"method": method_s, "total": time.perf_counter() - started},
         "jax": jax.__version__,
         "devices": [str(device) for device in jax.devices()],
+        "processes": jax.process_count(),
     }
     run.write_json(RESULT_FILE, report)
     return _plain(report)

@@ -176,6 +176,7 @@ def run_score(config: ScoreConfig) -> Report:
         "seconds": elapsed,
         "jax": jax.__version__,
         "devices": [str(d) for d in jax.devices()],
+        "processes": jax.process_count(),
     }
     paths = write_report(report, config.workdir, title=title, extra=extra)
     print(f"{title}\n")

@@ -35,6 +35,7 @@ from jaxprune.criteria.base import (
 )
 from jaxprune.criteria.layout import channel_view, spatial_axes
 from jaxprune.gates import gate_points, gated_call
+from jaxprune.sharding import to_host
 
 
 def _views(context: ScoringContext, variables: Any, image: jax.Array, masks: Masks | None):
@@ -99,7 +100,7 @@ def _batch_summary(
 
 def _merge_moments(a: dict[str, np.ndarray] | None, b: dict[str, np.ndarray]) -> dict:
     """Chan et al.'s parallel update of (count, mean, sum of squared deviations)."""
-    b = {k: np.asarray(v, np.float64) for k, v in b.items()}
+    b = {k: np.asarray(v, np.float64) for k, v in to_host(b).items()}
     if a is None:
         return b
     count = a["count"] + b["count"]
@@ -112,13 +113,14 @@ def _merge_moments(a: dict[str, np.ndarray] | None, b: dict[str, np.ndarray]) ->
 
 
 def _add(a: dict[str, np.ndarray] | None, b: dict[str, Any]) -> dict:
-    b = {k: np.asarray(v, np.float64) for k, v in b.items()}
+    b = {k: np.asarray(v, np.float64) for k, v in to_host(b).items()}
     return b if a is None else {k: a[k] + b[k] for k in b}
 
 
 def _append(a: dict[str, list] | None, b: dict[str, Any]) -> dict:
     a = a or {k: [] for k in b}
-    return {k: a[k] + [np.asarray(v, np.float64)] for k, v in b.items()}
+    # Per-example values: rows held by other processes' devices are gathered.
+    return {k: a[k] + [np.asarray(v, np.float64)] for k, v in to_host(b).items()}
 
 
 def _summary_criterion(
@@ -150,7 +152,7 @@ def _summary_criterion(
             ]
             for n in summary
         }
-        labels = state["labels"] + [np.asarray(label)] if needs_labels else []
+        labels = state["labels"] + [to_host(label)] if needs_labels else []
         return {"points": points, "labels": labels}
 
     def finalize(

@@ -27,6 +27,7 @@ import optax
 
 from jaxprune.gates import gated_call
 from jaxprune.graph import ChannelGraph
+from jaxprune.sharding import to_host
 
 Batch = Mapping[str, Any]
 Masks = Mapping[str, jax.Array]
@@ -150,7 +151,9 @@ def add_stats(state: Mapping[str, Any] | None, stats: Mapping[str, Any]) -> dict
 
 def to_numpy(scores: Mapping[str, Any]) -> Scores:
     """Scores as float64 NumPy vectors."""
-    return {name: np.asarray(s, np.float64).reshape(-1) for name, s in scores.items()}
+    return {
+        name: np.asarray(s, np.float64).reshape(-1) for name, s in to_host(dict(scores)).items()
+    }
 
 
 def iter_batches(batches: Iterable[Batch] | Batch | None) -> Iterable[Batch]:

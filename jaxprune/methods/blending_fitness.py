@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from jaxprune.criteria.base import batch_arrays, model_output, softmax_cross_entropy
 from jaxprune.gates import gated_call, map_over_masks
 from jaxprune.graph import ChannelGraph
+from jaxprune.sharding import to_host
 
 # (variables, masks chunk {group: (C, size)}, images, labels) -> (correct (C,), loss sum (C,)).
 ChunkFn = Callable[[Any, Mapping[str, jax.Array], jax.Array, jax.Array], tuple[Any, Any]]
@@ -200,7 +201,7 @@ def population_fitness(
             images, labels = jax.device_put((images, labels), NamedSharding(mesh, P()))
         # Per batch and chunk on device; summed on the host in a fixed order (reproducible).
         for k, chunk in enumerate(chunks):
-            hits, losses = chunk_fn(variables, chunk, images, labels)
+            hits, losses = to_host(chunk_fn(variables, chunk, images, labels))
             part = slice(k * chunk_size, (k + 1) * chunk_size)
             correct[part] += np.asarray(hits, np.float64)
             loss[part] += np.asarray(losses, np.float64)
