@@ -324,6 +324,63 @@ def reliability_curve(config: ScoreConfig, images: int = 8192, block: int = 256)
     }
 
 
+def replicates(config: ScoreConfig, count: int = 3, images: int = 2048, offset: int = 8192) -> dict:
+    """Every criterion on `count` disjoint sets of `images` training images (after the first
+    `offset`, which the independent oracle of `reliability_curve` read), each against that
+    oracle: the spread of the criteria's agreement over image samples.
+
+    Returns:
+      A JSON-ready summary: per criterion, per replicate, the per-layer values, their mean, and
+      the pooled values (raw, L2 on both, L2 on the criterion only), with means and standard
+      deviations over the replicates.
+    """
+    import numpy as np
+
+    from jaxprune import data
+
+    stored = json.loads((RESULTS / "reliability.json").read_text())
+    independent = {g: np.asarray(v) for g, v in stored["independent_oracle"].items()}
+    _, dataset, context, variables, _ = load_scoring_setup(config)
+    sizes = judged_groups(context, config.scope)
+    names = default_criteria()
+    train = list(
+        data.preprocessed_batches(dataset, "train", config.batch_size, offset + count * images)
+    )[offset // config.batch_size :]
+    per_set = images // config.batch_size
+    runs = []
+    for index in range(count):
+        batches = train[index * per_set : (index + 1) * per_set]
+        scores = {
+            name: score(
+                name, context, variables, batches, **({"seed": index} if name == "random" else {})
+            )
+            for name in names
+        }
+        report = compare_scores(scores, independent, sizes, oracle="oracle_abs, 8192 images")
+        runs.append({row.name: {"per_layer": row.per_layer, "mean": row.mean_per_layer,
+                                "all": row.all_layers, "all_l2": row.all_layers_l2,
+                                "all_l2_criterion": row.all_layers_l2_criterion}
+                     for row in report.rows})  # fmt: skip
+        print(f"replicate {index + 1}/{count} done", flush=True)
+    summary = {}
+    for name in names:
+        summary[name] = {}
+        for key in ("mean", "all", "all_l2", "all_l2_criterion"):
+            values = [run[name][key] for run in runs]
+            summary[name][key] = {
+                "mean": float(np.mean(values)),
+                "sd": float(np.std(values, ddof=1)),
+            }
+    print(f"{'criterion':<22}{'per layer':>16}{'all L2':>16}{'L2 crit':>16}")
+    for name in names:
+        cells = "".join(
+            f"{summary[name][k]['mean']:>9.3f} ± {summary[name][k]['sd']:.3f}"
+            for k in ("mean", "all_l2", "all_l2_criterion")
+        )
+        print(f"{name:<22}{cells}")
+    return {"images_per_replicate": images, "offset": offset, "runs": runs, "summary": summary}
+
+
 def plot_reliability(result: dict, path: Path) -> None:
     """Split-half reliability of the oracle per layer against images per half (PNG and PDF)."""
     from jaxprune.figures import new_figure, save_figure
@@ -354,9 +411,21 @@ def main() -> None:
         action="store_true",
         help="the oracle's reliability vs images, criteria against an independent oracle",
     )
+    parser.add_argument(
+        "--replicates",
+        type=int,
+        default=0,
+        help="criteria on N disjoint sets of 2048 training images against the independent oracle",
+    )
     args = parser.parse_args()
     enable_compilation_cache()
     config = get_config()
+    if args.replicates:
+        result = replicates(config, args.replicates)
+        path = Path(config.workdir) / "replicates.json"
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {path}")
+        return
     if args.reliability:
         result = reliability_curve(config)
         path = Path(config.workdir) / "reliability.json"
