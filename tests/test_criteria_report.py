@@ -330,6 +330,17 @@ def test_score_command_writes_the_report_for_a_model_file(tmp_path, capsys):
     rows = list(csv.DictReader(io.StringIO((workdir / "criteria_quality.csv").read_text())))
     assert len(rows) == 3 and all(-1 <= float(r["conv2"]) <= 1 for r in rows)
     assert (workdir / "criteria_quality.png").stat().st_size > 0
+    # The live metrics: one record per criterion, the report's own numbers.
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [(r["step"], r["criterion"]) for r in records] == [
+        (1, "l1"),
+        (2, "taylor"),
+        (3, "random"),
+    ]
+    for record, row in zip(records, stored["criteria"], strict=True):
+        assert record["mean_per_layer"] == pytest.approx(row["mean_per_layer"])
+        assert record["per_layer"] == pytest.approx(row["per_layer"])
 
     with pytest.raises(ValueError, match="oracles"):
         run_score(ScoreConfig(model="lenet5", variables=str(model_file), criteria=("oracle_abs",)))

@@ -21,11 +21,13 @@ from jaxprune.criteria.registry import CRITERIA
 from jaxprune.criteria.report import (
     ORACLES,
     SCOPES,
+    CriterionQuality,
     Report,
     criteria_report,
     default_criteria,
     write_report,
 )
+from jaxprune.metrics import MetricsWriter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,16 +158,27 @@ def run_score(config: ScoreConfig) -> Report:
     names = tuple(config.criteria) or default_criteria()
     started = time.perf_counter()
     label, dataset, context, variables, batches = load_scoring_setup(config)
-    report = criteria_report(
-        context,
-        variables,
-        batches,
-        names,
-        oracle=config.oracle,
-        scope=config.scope,
-        options={"random": {"seed": config.seed}} if "random" in names else None,
-        progress=config.progress,
-    )
+    # Live metrics: one record per criterion as soon as it is judged (step = its position).
+    with MetricsWriter(config.workdir, enabled=jax.process_index() == 0) as metrics:
+
+        def log(row: CriterionQuality) -> None:
+            values = {"mean_per_layer": row.mean_per_layer, "all_layers": row.all_layers,
+                      "all_layers_l2": row.all_layers_l2,
+                      "all_layers_l2_criterion": row.all_layers_l2_criterion,
+                      "per_layer": dict(row.per_layer), "seconds": row.seconds}  # fmt: skip
+            metrics.write(names.index(row.name) + 1, "criterion", criterion=row.name, **values)
+
+        report = criteria_report(
+            context,
+            variables,
+            batches,
+            names,
+            oracle=config.oracle,
+            scope=config.scope,
+            options={"random": {"seed": config.seed}} if "random" in names else None,
+            progress=config.progress,
+            on_scored=log,
+        )
     elapsed = time.perf_counter() - started
     title = f"{label} on {dataset.config.name} validation"
     extra = {

@@ -39,7 +39,7 @@ import json
 import math
 import textwrap
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -415,6 +415,7 @@ def criteria_report(
     scope: str = "conv",
     options: Mapping[str, Mapping[str, Any]] | None = None,
     progress: bool = False,
+    on_scored: Callable[[CriterionQuality], None] | None = None,
 ) -> Report:
     """Scores each criterion and the oracle on the same batches, and compares their rankings.
 
@@ -429,6 +430,8 @@ def criteria_report(
       options: per criterion name (or the oracle's), keyword options of its constructor,
         e.g. ``{"random": {"seed": 1}, "oracle_abs": {"batch_size": 4}}``.
       progress: a progress bar over the oracle and the criteria (with a total and an ETA).
+      on_scored: called with each criterion's judgement as soon as it is scored (e.g. to log
+        it while the others are still running).
 
     Returns:
       The report.
@@ -478,6 +481,9 @@ def criteria_report(
         start = time.perf_counter()
         scores[name] = score(name, context, variables, held, **options.get(name, {}))
         seconds[name] = time.perf_counter() - start
+        if on_scored is not None:
+            mine = _checked(name, scores[name], sizes)
+            on_scored(_quality(name, mine, _checked(oracle, oracle_scores, sizes), seconds[name]))
         bar.update()
     bar.close()
     return compare_scores(
