@@ -38,7 +38,9 @@ from pathlib import Path
 from jaxprune.runtime import enable_compilation_cache
 
 # The layout of results.json: runs of another layout are not mixed with this one's.
-FORMAT = 2
+FORMAT = 3
+# Validation accuracy is compared at these FLOPs left (MFLOPs per image, interpolated).
+MFLOPS = (45, 40, 35, 30, 25)
 CRITERIA = ("taylor", "min_weight", "activation_mean", "apoz", "random", "oracle_abs")
 RESULTS = Path(__file__).resolve().parent / "results" / "iterative"
 BASE = (
@@ -46,8 +48,8 @@ BASE = (
 )
 
 
-def iterative_config(criterion: str):
-    """The settings every criterion runs with."""
+def iterative_config(criterion: str, seed: int = 0):
+    """The settings every criterion runs with; `seed` sets the training batches' order."""
     from jaxprune.methods.iterative import IterativeConfig
     from jaxprune.train import OptimizerConfig
 
@@ -62,15 +64,14 @@ def iterative_config(criterion: str):
             name="sgd", learning_rate=1e-3, momentum=0.9, weight_decay=1e-4, schedule="constant"
         ),
         eval_examples=2000,
+        seed=seed,
     )
 
 
-def run(criteria: list[str], workdir: Path) -> None:
+def run(criteria: list[str], seeds: list[int], workdir: Path) -> None:
     import jax.numpy as jnp
 
-    import jaxprune as jp
-    from jaxprune import checkpoint, data, train
-    from jaxprune.methods.iterative import iterative_prune
+    from jaxprune import checkpoint, data
     from jaxprune.model import Model
 
     module, variables, _ = checkpoint.load_model_file(BASE)
@@ -82,45 +83,124 @@ def run(criteria: list[str], workdir: Path) -> None:
     if stored.get("format") != FORMAT:
         # Runs of the method's earlier result layout are not mixed with new ones.
         stored = {"format": FORMAT, "runs": {}}
-    for criterion in criteria:
-        config = iterative_config(criterion)
-        began = time.perf_counter()
-        result = iterative_prune(model, variables, dataset, config, workdir=workdir / criterion)
-        # The method never reads the test split; the experiment evaluates it at the end.
-        test = train.evaluate(
-            result.model, result.variables, data.preprocessed_batches(dataset, "test", 500)
-        )
-        stored["runs"][criterion] = {
-            "config": config.to_dict(),
-            "wall_s_of_this_call": time.perf_counter() - began,
-            "widths": jp.widths_from_params(result.variables["params"]),
-            "summary": result.summary,
-            "test": test,
-            "history": [
-                {k: v for k, v in record.items() if k != "removed"} for record in result.history
-            ],
-        }
-        summary_file.write_text(json.dumps(stored, indent=1))
-        after = result.summary["cost"]["after"]
-        print(f"{criterion}: test accuracy {100 * test['accuracy']:.2f}% at {after}")
+    for seed in seeds:
+        for criterion in criteria:
+            if f"{criterion}/{seed}" not in stored["runs"]:
+                _run_one(stored, summary_file, model, variables, dataset, criterion, seed, workdir)
     write_csv(stored)
     plot(stored)
+    (RESULTS / "results.md").write_text(results_markdown(stored))
+
+
+def _run_one(stored, summary_file, model, variables, dataset, criterion, seed, workdir) -> None:
+    """One criterion at one seed, stored in results.json as soon as it ends."""
+    import jaxprune as jp
+    from jaxprune import data, train
+    from jaxprune.methods.iterative import iterative_prune
+
+    config = iterative_config(criterion, seed)
+    began = time.perf_counter()
+    result = iterative_prune(
+        model, variables, dataset, config, workdir=workdir / f"{criterion}_seed{seed}"
+    )
+    # The method never reads the test split; the experiment evaluates it at the end.
+    test = train.evaluate(
+        result.model, result.variables, data.preprocessed_batches(dataset, "test", 500)
+    )
+    stored["runs"][f"{criterion}/{seed}"] = {
+        "config": config.to_dict(),
+        "wall_s_of_this_call": time.perf_counter() - began,
+        "widths": jp.widths_from_params(result.variables["params"]),
+        "summary": result.summary,
+        "test": test,
+        "history": [
+            {k: v for k, v in record.items() if k != "removed"} for record in result.history
+        ],
+    }
+    summary_file.write_text(json.dumps(stored, indent=1))
+    after = result.summary["cost"]["after"]
+    print(f"{criterion}/{seed}: test accuracy {100 * test['accuracy']:.2f}% at {after}")
+
+
+def at_mflops(run_record: dict, mflops: float) -> float | None:
+    """Validation accuracy (%) interpolated at `mflops` left, or None outside the run."""
+    import numpy as np
+
+    history = [r for r in run_record["history"] if r["validation"]]
+    x = [r["flops"] / 1e6 for r in history]
+    y = [100 * r["validation"]["accuracy"] for r in history]
+    if not x or not min(x) <= mflops <= max(x):
+        return None
+    return float(np.interp(mflops, x[::-1], y[::-1]))  # FLOPs fall step by step
+
+
+def _mean_sd(values: list[float]) -> str:
+    import numpy as np
+
+    deviation = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return f"{np.mean(values):.2f} ± {deviation:.2f}"
+
+
+def results_markdown(stored: dict) -> str:
+    """The table (mean ± sd over seeds) and the claims decided seed by seed."""
+    runs = stored["runs"]
+    criteria = list(dict.fromkeys(key.split("/")[0] for key in runs))
+    seeds = sorted({int(key.split("/")[1]) for key in runs})
+    lines = [
+        f"Mean ± standard deviation over seeds {seeds} (the training batches' order). Validation "
+        "accuracy (%, 2000 images) interpolated at equal MFLOPs left; test accuracy (%, 10000 "
+        "images) at the end, with the MFLOPs left there.",
+        "",
+        "| criterion | " + " | ".join(f"{m} M" for m in MFLOPS) + " | final MFLOPs | test acc. |",
+        "|---|" + "---:|" * (len(MFLOPS) + 2),
+    ]
+    for criterion in criteria:
+        records = [runs[f"{criterion}/{seed}"] for seed in seeds if f"{criterion}/{seed}" in runs]
+        cells = []
+        for mflops in MFLOPS:
+            values = [v for v in (at_mflops(r, mflops) for r in records) if v is not None]
+            cells.append(_mean_sd(values) if len(values) == len(records) else "-")
+        final = [r["summary"]["cost"]["after"]["flops"] / 1e6 for r in records]
+        test = [100 * r["test"]["accuracy"] for r in records]
+        lines.append(
+            f"| {criterion} | " + " | ".join(cells) + f" | {_mean_sd(final)} | {_mean_sd(test)} |"
+        )
+    if "taylor" in criteria:
+        lines += ["", "| claim | our measurement | verdict |", "|---|---|---|"]
+        for other in (c for c in criteria if c != "taylor"):
+            margins = []
+            for seed in seeds:
+                a, b = runs.get(f"taylor/{seed}"), runs.get(f"{other}/{seed}")
+                if a and b:
+                    values = [(at_mflops(a, m), at_mflops(b, m)) for m in MFLOPS]
+                    pairs = [(x, y) for x, y in values if x is not None and y is not None]
+                    margins.append(sum(x - y for x, y in pairs) / len(pairs))
+            wins = sum(m > 0 for m in margins)
+            verdict = "holds" if wins == len(margins) else "mixed" if wins else "does not hold"
+            lines.append(
+                f"| Taylor keeps more accuracy than {other} at equal FLOPs | mean validation "
+                f"margin over {', '.join(f'{m} M' for m in MFLOPS)}: {_mean_sd(margins)} points "
+                f"({', '.join(f'{m:+.2f}' for m in margins)}) | {verdict} "
+                f"({wins}/{len(margins)} seeds) |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def write_csv(stored: dict) -> None:
     with (RESULTS / "results.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
-            ["criterion", "step", "updates", "mflops", "flops_left", "channels_left",
+            ["criterion", "seed", "step", "updates", "mflops", "flops_left", "channels_left",
              "val_accuracy", "val_loss"]
         )  # fmt: skip
-        for criterion, run_record in stored["runs"].items():
+        for key, run_record in stored["runs"].items():
+            criterion, seed = key.split("/")
             base = run_record["summary"]["cost"]["before"]
-            writer.writerow([criterion, 0, 0, base["flops"] / 1e6, 1.0, 1.0, "", ""])
+            writer.writerow([criterion, seed, 0, 0, base["flops"] / 1e6, 1.0, 1.0, "", ""])
             for r in run_record["history"]:
                 v = r["validation"] or {}
                 writer.writerow(
-                    [criterion, r["step"], r["updates"], r["flops"] / 1e6,
+                    [criterion, seed, r["step"], r["updates"], r["flops"] / 1e6,
                      r["remaining"]["flops"], r["remaining"]["channels"],
                      v.get("accuracy", ""), v.get("loss", "")]
                 )  # fmt: skip
@@ -140,13 +220,18 @@ def plot(stored: dict) -> None:
         axis.axhline(
             100 * base["validation"]["accuracy"], color="gray", linestyle="--", linewidth=1
         )
-    for criterion, run_record in stored["runs"].items():
+    colours = {}
+    for key, run_record in stored["runs"].items():
+        criterion = key.split("/")[0]
         history = [r for r in run_record["history"] if r["validation"]]
         mflops = [r["flops"] / 1e6 for r in history]
         accuracy = [100 * r["validation"]["accuracy"] for r in history]
         steps = [r["step"] for r in history]
-        (line,) = by_flops.plot(mflops, accuracy, marker=".", label=criterion)
-        by_step.plot(steps, accuracy, marker=".", color=line.get_color(), label=criterion)
+        label = None if criterion in colours else criterion  # one legend entry per criterion
+        (line,) = by_flops.plot(mflops, accuracy, marker=".", label=label,
+                                color=colours.get(criterion), alpha=0.7)  # fmt: skip
+        colours[criterion] = line.get_color()
+        by_step.plot(steps, accuracy, marker=".", color=line.get_color(), label=label, alpha=0.7)
         test = run_record["test"]
         if test:
             final = run_record["summary"]["cost"]["after"]["flops"] / 1e6
@@ -170,17 +255,20 @@ def plot(stored: dict) -> None:
         axis.grid(alpha=0.3)
         axis.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "accuracy_vs_flops.png", dpi=110)
+    fig.savefig(RESULTS / "accuracy_vs_flops.png", dpi=200)
+    fig.savefig(RESULTS / "accuracy_vs_flops.pdf")
     plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--criteria", default=",".join(CRITERIA))
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--workdir", default="workdirs/iterative_vgg_small")
     args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
     enable_compilation_cache()
-    run([c for c in args.criteria.split(",") if c], Path(args.workdir))
+    run([c for c in args.criteria.split(",") if c], seeds, Path(args.workdir))
 
 
 if __name__ == "__main__":

@@ -66,3 +66,33 @@ def test_the_blending_page_gives_spreads_and_per_seed_verdicts():
     assert "EA minus random per seed: -0.50, +1.00 | mixed (1/2 seeds)" in page
     mean, deviation, count = blending.spread(stored, "l1", "test_finetuned")
     assert (mean, count) == (pytest.approx(90.5), 2) and deviation == pytest.approx(2.1213, 1e-3)
+
+
+def iterative_run(accuracies, final_test):
+    """A run whose validation accuracy is `accuracies[i]` at 50 - 5 i MFLOPs."""
+    history = [
+        {"flops": (50 - 5 * i) * 1e6, "validation": {"accuracy": a / 100}}
+        for i, a in enumerate(accuracies)
+    ]
+    cost = {"before": {"flops": 60e6}, "after": {"flops": history[-1]["flops"]}}
+    return {"history": history, "summary": {"cost": cost}, "test": {"accuracy": final_test}}
+
+
+def test_the_iterative_page_compares_at_equal_flops_seed_by_seed():
+    iterative = experiment("iterative_vgg_small")
+    stored = {
+        "runs": {
+            "taylor/0": iterative_run([91, 90, 89, 88, 87, 86], 0.85),
+            "random/0": iterative_run([90, 88, 86, 84, 82, 80], 0.75),
+            "taylor/1": iterative_run([91, 90, 89, 88, 87, 86], 0.86),
+            "random/1": iterative_run([92, 91, 90, 89, 88, 87], 0.80),
+        }
+    }
+    # Interpolated between steps: 42.5 MFLOPs lies between 45 (90) and 40 (89) for taylor.
+    assert iterative.at_mflops(stored["runs"]["taylor/0"], 42.5) == pytest.approx(89.5)
+    assert iterative.at_mflops(stored["runs"]["taylor/0"], 20) is None  # never reached
+    page = iterative.results_markdown(stored)
+    assert "| taylor | 90.00 ± 0.00 | 89.00 ± 0.00 | 88.00 ± 0.00 | 87.00 ± 0.00 | 86.00" in page
+    # Seed 0: taylor is 2..6 points above random at 45..25 M (mean 4); seed 1: 1 point below.
+    assert "(+4.00, -1.00) | mixed (1/2 seeds) |" in page
+    assert "| 25.00 ± 0.00 | 85.50 ± 0.71 |" in page  # final MFLOPs and test accuracy
