@@ -28,7 +28,7 @@ import flax.linen as nn
 
 from jaxprune.models.lenet import LeNet5
 from jaxprune.models.resnet import BasicBlock, BlockLayout, ResNet, ResNetStage, resnet20, resnet56
-from jaxprune.models.vgg import VGG, vgg16, vgg16_bn, vgg_small
+from jaxprune.models.vgg import VGG, vgg16, vgg16_bn, vgg_small, vgg_small_plain
 from jaxprune.models.widths import FrozenWidths, freeze_widths, resolve_widths, widths_from_params
 
 ModelConstructor = Callable[..., nn.Module]
@@ -38,6 +38,7 @@ MODELS: Mapping[str, ModelConstructor] = types.MappingProxyType(
     {
         "lenet5": LeNet5,
         "vgg_small": vgg_small,
+        "vgg_small_plain": vgg_small_plain,
         "vgg16_bn": vgg16_bn,
         "vgg16": vgg16,
         "resnet20": resnet20,
@@ -62,7 +63,8 @@ def build_model(
     """Builds a zoo model by name.
 
     Args:
-      name: one of `MODELS`: lenet5, vgg_small, vgg16_bn, vgg16, resnet20, resnet56.
+      name: one of `MODELS`: lenet5, vgg_small, vgg_small_plain, vgg16_bn, vgg16, resnet20,
+        resnet56.
       num_classes: outputs of the logits layer.
       widths: optional (partial) width spec, e.g. ``widths_from_params(pruned_params)``;
         missing layers keep their default width.
@@ -145,5 +147,6 @@ __all__ = [
     "vgg16",
     "vgg16_bn",
     "vgg_small",
+    "vgg_small_plain",
     "widths_from_params",
 ]

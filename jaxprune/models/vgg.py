@@ -1,6 +1,7 @@
 """VGG networks: stages of 3x3 convs closed by 2x2 max pooling, then dense layers.
 
-Three configurations are provided: `vgg_small` (32-32-64-64-128-128, for 28x28 images),
+Four configurations are provided: `vgg_small` (32-32-64-64-128-128, for 28x28 images),
+`vgg_small_plain` (the same without BatchNorm),
 `vgg16_bn` (the CIFAR VGG-16 with BatchNorm and one 512-wide dense layer) and `vgg16` (the
 original ImageNet VGG-16 of Simonyan & Zisserman: biases, no BatchNorm, two 4096-wide dense
 layers with dropout).
@@ -161,6 +162,36 @@ def vgg_small(
         stages=VGG_SMALL_STAGES,
         hidden=(512,),
         batch_norm=True,
+        dropout_rate=0.5,
+        pool_padding="VALID",
+        widths=widths,
+        conv_impl=conv_impl,
+    )
+
+
+def vgg_small_plain(
+    num_classes: int, widths: Mapping[str, int] | None = None, *, conv_impl: str = "auto"
+) -> VGG:
+    """VGG-small without BatchNorm: 32-32-M-64-64-M-128-128-M, each conv (with bias) + ReLU,
+    dense 512, dropout 0.5.
+
+    The layout of VGG-small with the normalisation of the original VGG-16 (none), for methods
+    whose paper network has no BatchNorm (Osaku et al.'s progressive retraining): there,
+    retraining can only recover accuracy through the weights.
+
+    Args:
+      num_classes: outputs of the logits layer.
+      widths: optional (partial) width spec.
+      conv_impl: the convolution implementation (`jaxprune.ops.conv_impl`).
+
+    Returns:
+      The unbound module.
+    """
+    return VGG(
+        num_classes=num_classes,
+        stages=VGG_SMALL_STAGES,
+        hidden=(512,),
+        batch_norm=False,
         dropout_rate=0.5,
         pool_padding="VALID",
         widths=widths,
