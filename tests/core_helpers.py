@@ -41,3 +41,27 @@ def rebuild(model, pruned_variables):
     """The same module class built from the pruned parameters' width spec."""
     widths = widths_from_params(pruned_variables["params"])
     return model.clone(widths=tuple(sorted(widths.items())))
+
+
+def load_experiment(name: str):
+    """An experiment script of experiments/ as a module (they are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def simulated_devices_env(devices: int, **extra: str) -> dict[str, str]:
+    """The environment of a CPU process with `devices` simulated XLA devices."""
+    import os
+
+    return dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        **extra,
+    )

@@ -1,19 +1,7 @@
 """The experiments' result pages: spreads over seeds and verdicts decided seed by seed."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def experiment(name):
-    path = REPO_ROOT / "experiments" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from core_helpers import load_experiment as experiment
 
 
 def blending_runs(ea, random, l1, apoz, equal):

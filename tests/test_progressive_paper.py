@@ -4,13 +4,13 @@ updates on mock data, and the VGG-small one's settings, table and figure work.""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
 import tensorflow_datasets as tfds
+from core_helpers import load_experiment
 
 from jaxprune import checkpoint
 from jaxprune.methods.progressive import PAPER_LEARNING_RATES, progressive_prune
@@ -20,12 +20,7 @@ from jaxprune.models import build_model, widths_from_params
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def experiment(name):
-    path = REPO_ROOT / "experiments" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+experiment = load_experiment
 
 
 def narrow_vgg16_file(path: Path) -> Path:

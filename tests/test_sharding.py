@@ -1,7 +1,6 @@
 """Data passes over several devices equal one device: the criteria, the oracle, fine-tuning."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +8,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from core_helpers import simulated_devices_env
 
 from jaxprune.sharding import default_mesh, make_mesh, place_batch
 
@@ -16,11 +16,7 @@ TESTS_DIR = Path(__file__).resolve().parent
 
 
 def run_passes(devices: int, out_path: Path) -> tuple[dict, dict]:
-    env = dict(
-        os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        JAX_PLATFORMS="cpu",
-    )
+    env = simulated_devices_env(devices)
     subprocess.run(
         [sys.executable, str(TESTS_DIR / "sharded_passes.py"), str(out_path)],
         check=True,
@@ -63,11 +59,7 @@ def prune_on_devices(devices: int, method: str, model_file: Path, workdir: Path)
     """`jaxprune prune` of a tiny run in a fresh process with `devices` simulated devices."""
     from test_prune_methods import prune_argv
 
-    env = dict(
-        os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        JAX_PLATFORMS="cpu",
-    )
+    env = simulated_devices_env(devices)
     argv = prune_argv(method, f"{model_file}:make_cnn", workdir)
     subprocess.run(
         [sys.executable, "-m", "jaxprune.cli", *argv],
@@ -122,10 +114,8 @@ def free_port() -> int:
 def run_processes(argv: list[str], processes: int, devices: int, timeout: int = 600) -> None:
     """`argv` in `processes` local processes of `devices` simulated CPU devices each, joined
     through JAX's distributed runtime (gloo collectives)."""
-    env = dict(
-        os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        JAX_PLATFORMS="cpu",
+    env = simulated_devices_env(
+        devices,
         JAX_COORDINATOR_ADDRESS=f"localhost:{free_port()}",
         JAXPRUNE_NUM_PROCESSES=str(processes),
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from core_helpers import simulated_devices_env
 
 from jaxprune import data, train, train_job
 from jaxprune.run import Checkpoints
@@ -391,11 +391,7 @@ def test_empty_epoch_is_refused():
 
 
 def run_sharded_steps(devices: int, out_path: Path) -> dict:
-    env = dict(
-        os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        JAX_PLATFORMS="cpu",
-    )
+    env = simulated_devices_env(devices)
     subprocess.run(
         [sys.executable, str(TESTS_DIR / "sharded_steps.py"), str(out_path)],
         check=True,

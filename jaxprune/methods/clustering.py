@@ -38,6 +38,8 @@ from scipy import stats
 from scipy.cluster import hierarchy
 from scipy.spatial.distance import squareform
 
+from jaxprune.criteria.rank_correlation import paired_scores
+
 LINKAGES = ("average", "complete", "single")
 RANK_SIMILARITIES = ("spearman", "kendall")
 _REDUCE = {"average": np.mean, "complete": np.min, "single": np.max}
@@ -251,15 +253,7 @@ def rank_correlation(a: Any, b: Any, kind: str = "spearman") -> float:
     """
     if kind not in RANK_SIMILARITIES:
         raise ValueError(f"similarity must be one of {RANK_SIMILARITIES}, got {kind!r}.")
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(
-            f"{kind} needs two 1-D vectors of the same length, got {a.shape} and {b.shape}."
-        )
-    if a.size < 2:
-        raise ValueError(f"{kind} needs at least two entries, got {a.size}.")
-    if np.isnan(a).any() or np.isnan(b).any():
-        raise ValueError("Cannot rank NaN scores; remove them or fix the criterion.")
+    a, b = paired_scores(kind, a, b)
     if np.all(a == a[0]) or np.all(b == b[0]):
         return math.nan  # scipy would warn and return NaN
     if kind == "spearman":

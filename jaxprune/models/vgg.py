@@ -172,31 +172,13 @@ def vgg_small(
 def vgg_small_plain(
     num_classes: int, widths: Mapping[str, int] | None = None, *, conv_impl: str = "auto"
 ) -> VGG:
-    """VGG-small without BatchNorm: 32-32-M-64-64-M-128-128-M, each conv (with bias) + ReLU,
-    dense 512, dropout 0.5.
+    """`vgg_small` without BatchNorm: each conv has a bias and is followed by ReLU only.
 
-    The layout of VGG-small with the normalisation of the original VGG-16 (none), for methods
-    whose paper network has no BatchNorm (Osaku et al.'s progressive retraining): there,
-    retraining can only recover accuracy through the weights.
-
-    Args:
-      num_classes: outputs of the logits layer.
-      widths: optional (partial) width spec.
-      conv_impl: the convolution implementation (`jaxprune.ops.conv_impl`).
-
-    Returns:
-      The unbound module.
+    For methods whose paper network has no BatchNorm (Osaku et al.'s progressive retraining):
+    there, retraining can recover accuracy only through the weights. Arguments and return as
+    `vgg_small`.
     """
-    return VGG(
-        num_classes=num_classes,
-        stages=VGG_SMALL_STAGES,
-        hidden=(512,),
-        batch_norm=False,
-        dropout_rate=0.5,
-        pool_padding="VALID",
-        widths=widths,
-        conv_impl=conv_impl,
-    )
+    return vgg_small(num_classes, widths, conv_impl=conv_impl).clone(batch_norm=False)
 
 
 def vgg16_bn(
