@@ -117,8 +117,13 @@ def run(
     score_examples: int,
     seeds: list[int],
     workdir: Path,
+    base: Path = BASE,
+    out: Path | None = None,
 ) -> dict:
-    """Runs every (criterion, variant, seed) not stored yet; returns everything stored."""
+    """Runs every (criterion, variant, seed) not stored yet; returns everything stored.
+
+    `base` is the model file pruned; results go to `out` (default results/progressive/p<ratio>).
+    """
     import dataclasses
 
     import jax.numpy as jnp
@@ -128,7 +133,7 @@ def run(
     from jaxprune.methods.progressive import progressive_prune
     from jaxprune.model import Model
 
-    module, variables, _ = checkpoint.load_model_file(BASE)
+    module, variables, _ = checkpoint.load_model_file(base)
     dataset = data.load(data.DataConfig(name="fashion_mnist"))
     model = Model.linen(module, jnp.zeros((1, *dataset.image_shape)), variables=variables)
     prune_data = DatasetData(dataset, batch_size=128)
@@ -136,10 +141,10 @@ def run(
     def test_metrics(model, variables):
         return train.evaluate(model, variables, data.preprocessed_batches(dataset, "test", 256))
 
-    out = RESULTS / f"p{ratio:g}"
+    out = out or RESULTS / f"p{ratio:g}"
     out.mkdir(parents=True, exist_ok=True)
     stored_file = out / "results.json"
-    settings = {"ratio": ratio, "score_examples": score_examples}
+    settings = {"ratio": ratio, "score_examples": score_examples, "base": Path(base).name}
     stored = json.loads(stored_file.read_text()) if stored_file.is_file() else {}
     if stored.get("format") != FORMAT or stored.get("settings") != settings:
         stored = {"format": FORMAT, "settings": settings, "runs": {}}
@@ -275,7 +280,8 @@ def write_table(stored: dict) -> str:
     settings = stored["settings"]
     seeds = sorted({int(k.split("/")[2]) for k in stored["runs"]})
     lines = [
-        f"Base VGG-small: test accuracy {100 * base['accuracy']:.2f}%, kappa "
+        f"Base {settings.get('base', 'VGG-small')}: test accuracy "
+        f"{100 * base['accuracy']:.2f}%, kappa "
         f"{base['kappa']:.4f}. p = {100 * settings['ratio']:g}% per layer (floored); the "
         f"criterion reads {settings['score_examples']} validation images. Test accuracy is the "
         f"mean ± standard deviation over seeds {seeds} (the retraining's data order and images); "
@@ -349,6 +355,15 @@ def main() -> None:
     parser.add_argument("--score-examples", type=int, default=2048)
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--workdir", default="workdirs/progressive_vgg_small")
+    parser.add_argument(
+        "--base",
+        default=str(BASE),
+        help="the model file to prune (e.g. the BatchNorm-free VGG-small of "
+        "experiments/base_vgg_small_plain.py)",
+    )
+    parser.add_argument(
+        "--tag", default="", help="results/progressive/<tag>/p<ratio> instead of .../p<ratio>"
+    )
     args = parser.parse_args()
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
@@ -358,15 +373,17 @@ def main() -> None:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    out = RESULTS / args.tag / f"p{args.ratio:g}"
     stored = run(
         args.criteria.split(","),
         variants,
         args.ratio,
         args.score_examples,
         seeds,
-        Path(args.workdir),
+        Path(args.workdir) / args.tag,
+        Path(args.base),
+        out,
     )
-    out = RESULTS / f"p{args.ratio:g}"
     (out / "results.md").write_text(write_table(stored))
     plot(stored, out / "accuracy_per_layer.png")
     print(write_table(stored))
