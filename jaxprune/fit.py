@@ -124,7 +124,7 @@ def fit(
     state = train.create_train_state(
         model, tx, jax.random.key(config.seed), model.example_input, variables=variables
     )
-    # Every local device: each batch is split along the data axis (`jaxprune.sharding`).
+    # Every device of every process: each batch is split along the data axis (`sharding`).
     mesh = default_mesh()
     history: list[dict[str, Any]] = []
     step = 0

@@ -157,13 +157,28 @@ class RunDir:
         # Several processes share one workdir: the first locks it and writes the run's files;
         # the others follow its view of whether the run resumes.
         main = jax.process_index() == 0
-        lock = _acquire(path) if main else None
+        lock, stored, failure = None, None, None
+        if main:
+            try:
+                lock = _acquire(path)
+                stored = read_json(path / RUN_FILE)
+            except CheckpointError as error:  # locked or damaged: every process stops
+                failure = error
+        if jax.process_count() > 1:
+            shared = _from_main_process(
+                {"failure": [type(failure).__name__, str(failure)]} if failure else {"run": stored}
+            )
+            if "failure" in shared and failure is None:
+                kind_name, message = shared["failure"]
+                failure = _ERRORS.get(kind_name, CheckpointError)(message)
+            stored = shared.get("run")
+        if failure is not None:
+            if lock is not None:
+                _release(lock)
+            raise failure
         run = None
         try:
             flat = flatten(_normalise(dict(identity)))
-            stored = read_json(path / RUN_FILE) if main else None
-            if jax.process_count() > 1:
-                stored = _from_main_process(stored)
             if stored is None:
                 if main:
                     write_json_atomic(path / RUN_FILE, {"kind": kind, "identity": flat})
@@ -370,6 +385,13 @@ def _subtree(flat: Mapping[str, Any], prefix: str) -> Any:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 70 else text[:67] + "..."
+
+
+_ERRORS = {
+    "RunLockedError": RunLockedError,
+    "RunMismatchError": RunMismatchError,
+    "CheckpointError": CheckpointError,
+}
 
 
 def _from_main_process(stored: Any) -> Any:

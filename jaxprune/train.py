@@ -5,7 +5,7 @@ The pieces follow the Flax examples: `create_train_state` builds a `TrainState` 
 every example of a split once. The loops around them are `jaxprune.fit.fit` (fine-tuning, the
 methods' training) and `jaxprune.train_job.train_and_evaluate` (training a zoo model).
 
-Data parallelism uses `jax.sharding`: a 1-D mesh over every local device (axis ``"data"``), the
+Data parallelism uses `jax.sharding`: a 1-D mesh over every device (axis ``"data"``), the
 batch split along its leading axis, the state replicated. The jitted steps are written for one
 global batch; XLA inserts the gradient all-reduce, so the same code runs on 1 or N devices.
 
@@ -481,7 +481,7 @@ def evaluate(
       model: how the model is called (its evaluation call).
       variables: its variables (a train state's are ``state.variables()``).
       batches: host batches ``{"image", "label"}``.
-      mesh: devices to shard over; default: every local device.
+      mesh: devices to shard over; default: every device (of every process).
       preprocess: optional jitted function applied to each sharded batch before the model
         (e.g. normalisation of uint8 images); it must keep ``"label"`` and ``"weight"``.
 

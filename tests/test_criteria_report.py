@@ -206,9 +206,9 @@ def test_report_on_a_toy_model_ranks_the_oracle_perfectly():
     half_b = score("oracle_abs", context, variables, BATCHES[1:])
     for group, value in reliability.per_layer.items():
         assert value == pytest.approx(scipy.stats.spearmanr(half_a[group], half_b[group])[0])
-    assert "split-half" in report.table() and "ceiling" in report.table()
+    assert "\nhalves" in report.table() and "\nceiling" in report.table()
     one_batch = criteria_report(context, variables, BATCHES[:1], ["l1"])
-    assert one_batch.oracle_reliability is None and "split-half" not in one_batch.table()
+    assert one_batch.oracle_reliability is None and "\nhalves" not in one_batch.table()
 
     everything = criteria_report(context, variables, BATCHES, ["l1"], scope="all")
     assert everything.groups == ("conv0", "conv1", "fc")

@@ -129,7 +129,12 @@ def test_a_timm_vgg16_with_convolutional_pre_logits_gives_the_same_logits(
     np.testing.assert_allclose(run(module, variables), reference, rtol=1e-4, atol=1e-4)
 
 
-def test_a_keras_vgg16_gives_the_same_logits(tmp_path, torch_layers, reference):
+@pytest.mark.parametrize(
+    "kernel_name, bias_name", [("{}/kernel:0", "{}/bias:0"), ("{}_W_1:0", "{}_b_1:0")]
+)
+def test_a_keras_vgg16_gives_the_same_logits(
+    tmp_path, torch_layers, reference, kernel_name, bias_name
+):
     """Keras layers are channels-last: kernels (3, 3, in, out), dense (in, out) with the
     flatten in (h, w, c) order; written in the Keras 2 HDF5 weights layout."""
     convs, dense = torch_layers
@@ -141,9 +146,10 @@ def test_a_keras_vgg16_gives_the_same_logits(tmp_path, torch_layers, reference):
         file.attrs["layer_names"] = [n.encode() for n in (*names, "fc1", "fc2", "predictions")]
         for name, (kernel, bias) in zip(names, convs, strict=True):
             group = file.create_group(name)
-            group.attrs["weight_names"] = [f"{name}/kernel:0".encode(), f"{name}/bias:0".encode()]
-            group[f"{name}/kernel:0"] = np.transpose(kernel, (2, 3, 1, 0)).astype(np.float32)
-            group[f"{name}/bias:0"] = bias.astype(np.float32)
+            k, b = kernel_name.format(name), bias_name.format(name)
+            group.attrs["weight_names"] = [k.encode(), b.encode()]
+            group[k] = np.transpose(kernel, (2, 3, 1, 0)).astype(np.float32)
+            group[b] = bias.astype(np.float32)
         for index, (name, (weight, bias)) in enumerate(
             zip(("fc1", "fc2", "predictions"), dense, strict=True)
         ):
@@ -153,9 +159,10 @@ def test_a_keras_vgg16_gives_the_same_logits(tmp_path, torch_layers, reference):
                     weight.reshape(-1, 8, 7, 7).transpose(2, 3, 1, 0).reshape(-1, weight.shape[0])
                 )
             group = file.create_group(name)
-            group.attrs["weight_names"] = [f"{name}/kernel:0".encode(), f"{name}/bias:0".encode()]
-            group[f"{name}/kernel:0"] = kernel.astype(np.float32)
-            group[f"{name}/bias:0"] = bias.astype(np.float32)
+            k, b = kernel_name.format(name), bias_name.format(name)
+            group.attrs["weight_names"] = [k.encode(), b.encode()]
+            group[k] = kernel.astype(np.float32)
+            group[b] = bias.astype(np.float32)
     module, variables = vgg16_from_keras(path)
     np.testing.assert_allclose(run(module, variables), reference, rtol=1e-4, atol=1e-4)
 
@@ -175,6 +182,10 @@ def test_other_files_are_refused_by_name(tmp_path, torch_layers):
     safetensors_numpy.save_file(short, str(tmp_path / "short.safetensors"))
     with pytest.raises(WeightsFormatError, match="12 convolutions"):
         vgg16_from_safetensors(tmp_path / "short.safetensors")
+    cifar = dict(tensors, **{"classifier.0.weight": np.zeros((16, 8), np.float32)})
+    safetensors_numpy.save_file(cifar, str(tmp_path / "cifar.safetensors"))
+    with pytest.raises(WeightsFormatError, match="first dense layer reads 392 inputs"):
+        vgg16_from_safetensors(tmp_path / "cifar.safetensors")
     wrong = dict(tensors, **{"classifier.3.weight": np.zeros((12, 15), np.float32)})
     safetensors_numpy.save_file(wrong, str(tmp_path / "wrong.safetensors"))
     with pytest.raises(WeightsFormatError, match="fc2 reads 15 inputs"):

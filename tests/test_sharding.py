@@ -186,3 +186,35 @@ def test_the_prune_command_in_two_processes_matches_one(tmp_path):
     # Resumed in two processes: the finished run is reported, nothing recomputed.
     run_processes(argv, processes=2, devices=2)
     assert json.loads((tmp_path / "two" / "result.json").read_text()) == two
+
+
+@pytest.mark.slow
+def test_a_locked_workdir_stops_every_process_with_the_same_error(tmp_path):
+    """Only the first process locks the workdir; when it cannot, the others must not wait for
+    it: every process stops with the lock's message."""
+    import fcntl
+
+    from test_prune_methods import USER_MODEL, prune_argv
+
+    from jaxprune.run import LOCK_FILE
+
+    model_file = tmp_path / "small_cnn.py"
+    model_file.write_text(USER_MODEL)
+    workdir = tmp_path / "busy"
+    workdir.mkdir()
+    argv = [sys.executable, "-m", "jaxprune.cli", "--distributed",
+            *prune_argv("oneshot", f"{model_file}:make_cnn", workdir)]  # fmt: skip
+    env = simulated_devices_env(
+        1, JAX_COORDINATOR_ADDRESS=f"localhost:{free_port()}", JAXPRUNE_NUM_PROCESSES="2"
+    )
+    with (workdir / LOCK_FILE).open("a+") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # another run holds it
+        running = [
+            subprocess.Popen(argv, env=dict(env, JAXPRUNE_PROCESS_ID=str(i)),
+                             cwd=TESTS_DIR.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for i in range(2)
+        ]  # fmt: skip
+        errors = [process.communicate(timeout=300)[1].decode() for process in running]
+    for process, error in zip(running, errors, strict=True):
+        assert process.returncode == 1, error[-2000:]
+        assert "is in use by another jaxprune process" in error

@@ -28,6 +28,7 @@ from jaxprune.criteria.report import (
     write_report,
 )
 from jaxprune.metrics import MetricsWriter
+from jaxprune.runtime import is_main_process
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +160,8 @@ def run_score(config: ScoreConfig) -> Report:
     started = time.perf_counter()
     label, dataset, context, variables, batches = load_scoring_setup(config)
     # Live metrics: one record per criterion as soon as it is judged (step = its position).
-    with MetricsWriter(config.workdir, enabled=jax.process_index() == 0) as metrics:
+    main = is_main_process()  # one process writes and prints in a multi-process run
+    with MetricsWriter(config.workdir, enabled=main) as metrics:
 
         def log(row: CriterionQuality) -> None:
             values = {"mean_per_layer": row.mean_per_layer, "all_layers": row.all_layers,
@@ -176,7 +178,7 @@ def run_score(config: ScoreConfig) -> Report:
             oracle=config.oracle,
             scope=config.scope,
             options={"random": {"seed": config.seed}} if "random" in names else None,
-            progress=config.progress,
+            progress=config.progress and main,
             on_scored=log,
         )
     elapsed = time.perf_counter() - started
@@ -191,10 +193,11 @@ def run_score(config: ScoreConfig) -> Report:
         "devices": [str(d) for d in jax.devices()],
         "processes": jax.process_count(),
     }
-    paths = write_report(report, config.workdir, title=title, extra=extra)
-    print(f"{title}\n")
-    print(report.table())
-    print(f"\ntotal {elapsed:.1f} s; wrote {', '.join(str(p) for p in paths.values())}")
+    if main:
+        paths = write_report(report, config.workdir, title=title, extra=extra)
+        print(f"{title}\n")
+        print(report.table())
+        print(f"\ntotal {elapsed:.1f} s; wrote {', '.join(str(p) for p in paths.values())}")
     return report
 
 

@@ -44,12 +44,12 @@ def spearman_brown(r: float, factor: float = 2.0) -> float:
       factor: how many parts the whole has (2 for split halves).
 
     Returns:
-      The predicted reliability of the whole.
+      The predicted reliability of the whole; NaN for a negative `r` (the formula is meant
+      for parts that agree; below 0 it leaves [-1, 1]).
     """
-    if math.isnan(r):
-        return math.nan
-    denominator = 1.0 + (factor - 1.0) * r
-    return math.nan if denominator <= 0 else factor * r / denominator
+    if math.isnan(r) or r < 0:
+        return math.nan  # halves that disagree: no reliability to extrapolate
+    return factor * r / (1.0 + (factor - 1.0) * r)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +120,26 @@ def split_half(half_a: Scores, half_b: Scores, examples: Sequence[int]) -> Split
     return SplitHalf(per_layer, (count_a, count_b))
 
 
+def _equal_halves(batches: Sequence[Batch]) -> tuple[list[Batch], list[Batch]]:
+    """The images of `batches` in two halves of equal size (an odd one more in the second),
+    each in batches of the first batch's size."""
+    arrays = [{k: np.asarray(batch[k]) for k in ("image", "label")} for batch in batches]
+    total = sum(len(b["label"]) for b in arrays)
+    if total < 2:
+        raise ValueError("Scoring by halves needs at least two images.")
+    size = len(arrays[0]["label"])
+    flat = {k: np.concatenate([b[k] for b in arrays]) for k in ("image", "label")}
+    middle = total // 2
+
+    def batched(start: int, stop: int) -> list[Batch]:
+        return [
+            {k: v[i : min(i + size, stop)] for k, v in flat.items()}
+            for i in range(start, stop, size)
+        ]
+
+    return batched(0, middle), batched(middle, total)
+
+
 def oracle_by_halves(
     oracle: str,
     context: ScoringContext,
@@ -129,8 +149,9 @@ def oracle_by_halves(
 ) -> tuple[Scores, SplitHalf]:
     """The oracle on all `batches`, scored as two halves, and its split-half reliability.
 
-    The first half is the first ``len(batches) // 2`` batches. Scoring the halves costs the same
-    as scoring all the batches once; the combined scores equal the oracle on all of them up to
+    The images are cut into two halves of equal size (the second has one more for an odd
+    count), each re-batched at the first batch's size. Scoring the halves costs the same as
+    scoring all the batches once; the combined scores equal the oracle on all of them up to
     float rounding.
 
     Args:
@@ -144,14 +165,11 @@ def oracle_by_halves(
       (the oracle's scores on all batches, the reliability of its ranking).
 
     Raises:
-      ValueError: an oracle not in `SPLITTABLE`, or fewer than two batches.
+      ValueError: an oracle not in `SPLITTABLE`, or fewer than two images.
     """
     if oracle not in SPLITTABLE:
         raise ValueError(f"Only {SPLITTABLE} can be scored by halves, not {oracle!r}.")
-    if len(batches) < 2:
-        raise ValueError("Scoring by halves needs at least two batches.")
-    middle = len(batches) // 2
-    halves = (batches[:middle], batches[middle:])
+    halves = _equal_halves(batches)
     counts = [sum(int(np.shape(b["label"])[0]) for b in half) for half in halves]
     signed = [score("oracle_loss", context, variables, half, **options) for half in halves]
     total = sum(counts)

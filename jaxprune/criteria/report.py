@@ -171,18 +171,17 @@ class Report:
                 f"{self.oracle_seconds:.1f} s."
             )
         legend = [""] + [line for note in notes for line in textwrap.wrap(note, 96)]
-        return "\n".join(lines + legend + self._reliability_lines(head))
+        return "\n".join(lines + legend + self._reliability_lines(width))
 
-    def _reliability_lines(self, head: str) -> list[str]:
+    def _reliability_lines(self, width: int) -> list[str]:
         """The oracle's split-half reliability, whole-sample reliability and ceiling per layer,
-        aligned under the table's layer columns."""
+        aligned under the table's layer columns (`width`: the criterion column's)."""
         if self.oracle_reliability is None:
             return []
-        width = head.index(self.groups[0]) if self.groups else 9
         reliability = self.oracle_reliability
         lines = [""]
         for label, values in (
-            ("split-half", reliability.per_layer),
+            ("halves", reliability.per_layer),
             ("whole", reliability.whole),
             ("ceiling", reliability.ceiling),
         ):
@@ -192,7 +191,7 @@ class Report:
             lines.append(line)
         a, b = reliability.examples
         note = (
-            f"Reliability of {self.oracle} itself: split-half = Spearman between the oracle on "
+            f"Reliability of {self.oracle} itself: halves = Spearman between the oracle on "
             f"two halves of the data ({a} and {b} examples); whole = its Spearman-Brown "
             f"reliability on all {a + b}; ceiling = sqrt(whole), about the highest rho a "
             "perfect criterion reaches against this oracle. Use more images while the ceiling "

@@ -59,9 +59,9 @@ def score(
       masks: per group, the current masks (1 kept, 0 removed). The surviving model is scored
         and removed channels get -inf.
       mesh: the devices the batches are split over (`jaxprune.sharding`); default: every
-        local device. Each batch whose size divides evenly is split along the data axis; the
-        statistics are reduced over it by XLA, so the scores equal one device's to float
-        rounding.
+        device of every process. Each batch whose size divides evenly is split along the data
+        axis; the statistics are reduced over it by XLA, so the scores equal one device's to
+        float rounding.
       **options: options of a criterion given by name (e.g. ``variant=``, ``bins=``).
 
     Returns:

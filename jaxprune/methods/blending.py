@@ -543,6 +543,15 @@ def search_factors(
                     "seconds": time.perf_counter() - began,
                 }
             )
+            # Logged before the checkpoint: a resume re-runs whatever the log may lack.
+            if metrics is not None:
+                record = history[-1]
+                metrics.write(
+                    generation + 1,
+                    "search",
+                    **{k: record[k] for k in ("best_accuracy", "best_loss", "mean_accuracy",
+                                              "mean_loss", "best_so_far", "sigma")},
+                )  # fmt: skip
             if generation + 1 < settings.generations:
                 population = evolution.next_generation(
                     population, keys, settings, seed=config.seed, generation=generation
@@ -560,14 +569,6 @@ def search_factors(
                         "rng": {"seed": config.seed, "next_generation": generation},
                     },
                 )
-            if metrics is not None:
-                record = history[-1]
-                metrics.write(
-                    generation,
-                    "search",
-                    **{k: record[k] for k in ("best_accuracy", "best_loss", "mean_accuracy",
-                                              "mean_loss", "best_so_far", "sigma")},
-                )  # fmt: skip
             bar.update(1)
             release_compiled_programs_if_crowded()
             mean = np.mean(accuracy if metric == "accuracy" else loss)

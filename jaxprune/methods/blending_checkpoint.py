@@ -18,6 +18,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+
 from jaxprune.checkpoint import CheckpointError
 from jaxprune.run import RunDir
 
@@ -61,8 +63,9 @@ def save_search(run: RunDir, state: Mapping[str, Any]) -> str:
     """
     name = f"{FOLDER}/generation_{int(state['generation']):06d}.json"
     run.write_json(name, {"format": FORMAT, "version": VERSION, **state})
-    for old in checkpoint_files(run)[: -1 - _KEEP_OLDER]:
-        (run.path / old).unlink()
+    if jax.process_index() == 0:  # one process writes and cleans up the shared workdir
+        for old in checkpoint_files(run)[: -1 - _KEEP_OLDER]:
+            (run.path / old).unlink(missing_ok=True)
     return name
 
 

@@ -49,7 +49,7 @@ class TrainStream:
         self.epoch = epoch
         self.index = index
         self._batches: Iterator[Batch] | None = None
-        # Batches are split over every local device (`jaxprune.sharding`).
+        # Batches are split over every device (`jaxprune.sharding`).
         self.mesh = default_mesh()
 
     @property

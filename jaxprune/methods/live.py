@@ -2,10 +2,12 @@
 
 Every method with a workdir writes ``metrics.jsonl`` and TensorBoard events there
 (`jaxprune.metrics.MetricsWriter`) on one step axis per run: the method's own steps first
-(iterative: pruning steps; progressive: layers; blending: generations), then the fine-tuning's
-updates, then one "result" record with the final validation metrics and what is left of the
-model. A resumed run drops the records after the point it resumed from, so each step is logged
-once.
+(iterative: pruning steps; progressive: layers; blending: generations), then the updates of a
+fine-tuning run through `jaxprune.fit.fit` (oneshot, blending, functional; iterative's final
+updates and progressive's final step are not logged update by update), then one "result"
+record with the final validation metrics and what is left of the model. Records are written
+before the checkpoint of their step, and a resumed run drops the records after the step it
+resumed from, so each step is logged once.
 """
 
 from __future__ import annotations

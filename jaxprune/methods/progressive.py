@@ -381,10 +381,11 @@ def progressive_prune(
         ) as bar:
             while state.layers_done < len(setup.layers):
                 network, state = _simplify_layer(setup, network, state)
-                _save(store, network, state)
                 record = state.history[-1]
+                # Logged before the checkpoint: a resume re-runs whatever the log may lack.
                 if metrics is not None:
                     metrics.write(state.layers_done, "layer", **_layer_values(record))
+                _save(store, network, state)
                 # The ETA counts the work, not the time a person took to choose the kernels.
                 exclude_from_eta(bar, record["time"].get("wait_s", 0.0))
                 release_compiled_programs_if_crowded()

@@ -525,7 +525,7 @@ def recalibrate(
             if name in variables
         }
 
-    mesh = default_mesh()  # batches split over every local device
+    mesh = default_mesh()  # batches split over every device
     variables = dict(network.variables if mesh is None else replicate(network.variables, mesh))
     base = jax.random.key(seed)
     batches = 0

@@ -101,6 +101,11 @@ def _from_torch(tensors: Mapping[str, np.ndarray], source: str) -> tuple[VGG, di
         weight = _tensor(tensors, f"{prefix}.weight", source)
         if name == "fc1":
             # (out, channels * 7 * 7) in (c, h, w) order, or timm's (out, channels, 7, 7) conv.
+            if weight.size != weight.shape[0] * channels * 49:
+                raise WeightsFormatError(
+                    f"{source}: {prefix}.weight has shape {weight.shape}; after {channels} "
+                    f"channels of 7x7 a VGG-16's first dense layer reads {channels * 49} inputs."
+                )
             grid = weight.reshape(weight.shape[0], channels, 7, 7)
             kernel = np.transpose(grid, (2, 3, 1, 0)).reshape(-1, weight.shape[0])
         else:
@@ -139,9 +144,8 @@ def vgg16_from_keras(path: str | os.PathLike) -> tuple[VGG, dict[str, Any]]:
                 )
             group = root[layer]
             names = [n.decode() if isinstance(n, bytes) else n for n in group.attrs["weight_names"]]
-            for name in names:
-                kind = "kernel" if "kernel" in name.rsplit("/", 1)[-1] else "bias"
-                tensors[f"{layer}.{kind}"] = np.asarray(group[name])
+            for position, name in enumerate(names):
+                tensors[f"{layer}.{_keras_kind(name, position)}"] = np.asarray(group[name])
     params: dict[str, Any] = {}
     for number, layer in enumerate(_KERAS_CONVS, start=1):
         params[f"conv{number}"] = {
@@ -154,6 +158,17 @@ def vgg16_from_keras(path: str | os.PathLike) -> tuple[VGG, dict[str, Any]]:
             "bias": _tensor(tensors, f"{layer}.bias", source, ndim=1),
         }
     return _module(params, source)
+
+
+def _keras_kind(name: str, position: int) -> str:
+    """ "kernel" or "bias" for a Keras weight name: ``block1_conv1/kernel:0`` (Keras 2),
+    ``block1_conv1_W_1:0`` (the first published VGG16 files), else by position (kernel first)."""
+    last = name.rsplit("/", 1)[-1]
+    if "kernel" in last or re.search(r"_W(_\d+)?:\d+$", last):
+        return "kernel"
+    if "bias" in last or re.search(r"_b(_\d+)?:\d+$", last):
+        return "bias"
+    return "kernel" if position == 0 else "bias"
 
 
 def _tensor(
