@@ -12,8 +12,19 @@ caltech_birds2011 --file_format=array_record`, see jaxprune.data):
     jaxprune prune --config experiments/iterative_vgg16_birds.py --workdir workdirs/vgg16_birds
 
 `variables` must hold a VGG-16 (the zoo's "vgg16": 13 convs, dense 4096-4096, 200 classes)
-already fine-tuned on Birds-200, written with `jaxprune.checkpoint.save_model_file` (e.g. by
-`jaxprune train ... --export`). The run checkpoints every 10 pruning steps and resumes when run
+already fine-tuned on Birds-200, written with `jaxprune.checkpoint.save_model_file`. From the
+ImageNet VGG-16 weights you have (nothing is downloaded):
+
+    jaxprune import-weights vgg16.safetensors --out workdirs/vgg16_imagenet.msgpack
+    jaxprune train --workdir workdirs/vgg16_birds_finetune \
+        --export workdirs/vgg16_birds/base.msgpack \
+        --set model=vgg16 --set data.name=caltech_birds2011 --set data.image_size=224 \
+        --set init_from=workdirs/vgg16_imagenet.msgpack --set 'init_fresh=("head",)'
+
+(the head gets 200 new outputs, every other layer starts from ImageNet; the paper's fine-tuning
+schedule is not stated, so choose the epochs and learning rate on validation). The input
+normalisation must match the weights' (torchvision: ImageNet mean/std; see
+`jaxprune.models.imported`). The run checkpoints every 10 pruning steps and resumes when run
 again (`--variables FILE` names another model file). From Python, with `job = get_config()`:
 
     jaxprune.commands.prune.run_job(job, "workdirs/vgg16_birds")

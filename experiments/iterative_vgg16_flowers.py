@@ -14,7 +14,9 @@ oxford_flowers102 --file_format=array_record`, see jaxprune.data):
     jaxprune prune --config experiments/iterative_vgg16_flowers.py --workdir workdirs/vgg16_flowers
 
 `variables` must hold a VGG-16 (the zoo's "vgg16", 102 classes) fine-tuned on Flowers-102,
-written with `jaxprune.checkpoint.save_model_file`. Flowers-102 has its own validation split
+written with `jaxprune.checkpoint.save_model_file`: import ImageNet weights you have with
+`jaxprune import-weights`, then fine-tune with a new head as experiments/iterative_vgg16_birds.py
+shows (`--set init_from=... --set 'init_fresh=("head",)'`). Flowers-102 has its own validation split
 (1020 images), which every pruning decision reads. It has not been run here (no GPU, no
 Flowers-102 data): only a few steps on TFDS mock data run in tests/test_iterative.py.
 """

@@ -25,7 +25,13 @@ Command:
         --workdir workdirs/progressive_vgg16_cifar10
 
 `MODEL` must hold a zoo "vgg16" (13 convs with bias, dense 4096-4096, 10 classes) trained on
-CIFAR-10 at 32x32, written with `jaxprune.checkpoint.save_model_file`. The run checkpoints after
+CIFAR-10 at 32x32, written with `jaxprune.checkpoint.save_model_file`. Osaku et al. start from
+Keras' ImageNet VGG16. Import the `.h5` weights you have (`jaxprune import-weights
+vgg16_weights_tf_dim_ordering_tf_kernels.h5 --out vgg16_imagenet.msgpack`), then train on
+CIFAR-10 from its convolutions with new dense layers, since at 32x32 the first dense layer reads
+512 inputs instead of 7x7x512: `jaxprune train --set model=vgg16 --set data.name=cifar10
+--set init_from=vgg16_imagenet.msgpack --set 'init_fresh=("fc1","fc2","head")' --export
+MODEL`. The run checkpoints after
 every layer (and during the final fine-tuning) and resumes when run again; it writes
 WORKDIR/result.json and prints the test accuracy. `get_config` gives the same run as a job for
 ``jaxprune prune --config experiments/progressive_vgg16_cifar10.py --workdir WORKDIR`` (which

@@ -89,6 +89,10 @@ class TrainConfig:
     # Start from the variables of this model file (`checkpoint.save_model_file`), e.g. a pruned
     # model to fine-tune, instead of a random initialisation; its widths must match `widths`.
     init_from: str | None = None
+    # Layers (top-level names, e.g. ("head",)) that keep their fresh initialisation instead of
+    # `init_from`'s values: a pretrained model fine-tuned on a dataset with other classes (an
+    # ImageNet VGG-16 from `jaxprune import-weights`, trained on Birds-200 with a new head).
+    init_fresh: tuple[str, ...] = ()
     # Convolution implementation of the model (`jaxprune.ops.conv_impl`): "auto", "xla" or
     # "gemm". It changes the speed of a step, not its results, so a resume may change it.
     conv_impl: str = "auto"
@@ -115,6 +119,11 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.conv_impl {self.conv_impl!r} is unknown; use 'auto' or one of "
                 f"{', '.join(ops.CONV_IMPLS)}."
+            )
+        if self.init_fresh and not self.init_from:
+            raise ValueError(
+                f"TrainConfig.init_fresh={list(self.init_fresh)} needs init_from (the model "
+                "file the other layers come from)."
             )
         make_optimizer(self.optimizer, 1, 1.0)  # validates the optimizer
 
@@ -204,19 +213,39 @@ def _state_arrays(state: TrainState) -> dict[str, Any]:
     return arrays
 
 
-def _start_from_file(state: TrainState, path: str) -> TrainState:
-    """The state with its variables replaced by a model file's (fresh optimizer state)."""
+def _start_from_file(state: TrainState, path: str, fresh: tuple[str, ...] = ()) -> TrainState:
+    """The state with its variables replaced by a model file's (fresh optimizer state), except
+    the layers named in `fresh`, which keep the state's own initialisation."""
     _, variables, _ = ckpt.load_model_file(path)
-    have = jax.tree.map(jnp.shape, {"params": state.params, **state.collections})
-    got = jax.tree.map(jnp.shape, dict(variables))
+    current = {"params": state.params, **state.collections}
+    unknown = sorted(set(fresh) - set(state.params))
+    if unknown:
+        raise ValueError(
+            f"TrainConfig.init_fresh names {unknown}, which the model does not have; its layers "
+            f"are {sorted(state.params)}."
+        )
+
+    def kept(tree: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            name: {k: v for k, v in collection.items() if k not in fresh}
+            for name, collection in tree.items()
+        }
+
+    have = jax.tree.map(jnp.shape, kept(current))
+    got = jax.tree.map(jnp.shape, kept(dict(variables)))
     if have != got:
         raise ValueError(
             f"TrainConfig.init_from={path} holds variables of other shapes than the configured "
-            "model; set TrainConfig.widths to the file's width spec (widths_from_params)."
+            "model; set TrainConfig.widths to the file's width spec (widths_from_params), and "
+            "name in init_fresh the layers to initialise anew (e.g. a head of another class "
+            "count)."
         )
-    variables = dict(variables)
-    params = variables.pop("params")
-    return state.replace(params=params, collections=variables, opt_state=state.tx.init(params))
+    merged = {
+        name: {**dict(collection), **kept(dict(variables)).get(name, {})}
+        for name, collection in current.items()
+    }
+    params = merged.pop("params")
+    return state.replace(params=params, collections=merged, opt_state=state.tx.init(params))
 
 
 def train_and_evaluate(
@@ -268,7 +297,7 @@ def _train(config: TrainConfig, run: RunDir, dataset: Any, mesh: Any) -> dict[st
     example = jnp.zeros((1, *input_shape), jnp.float32)
     state = create_train_state(module, tx, jax.random.key(config.seed), example)
     if config.init_from:
-        state = _start_from_file(state, config.init_from)
+        state = _start_from_file(state, config.init_from, tuple(config.init_fresh))
     checkpoints = run.checkpoints(CHECKPOINTS)
     history: list[dict[str, Any]] = []
     last_saved = checkpoints.latest_step()

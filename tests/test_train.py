@@ -457,3 +457,32 @@ def test_non_finite_loss_stops_without_saving_it(tmp_path):
     variables, meta = train_job.latest_variables(tmp_path)
     assert meta["step"] == 6
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(variables["params"]))
+
+
+def test_init_from_a_model_of_other_classes_keeps_the_fresh_head(tmp_path):
+    """A pretrained model fine-tuned on a dataset with another class count: every layer but
+    the head comes from the file, the head keeps its new initialisation."""
+    from jaxprune import checkpoint
+    from jaxprune.models import build_model, widths_from_params
+
+    x = jnp.zeros((1, 28, 28, 1))
+    pretrained = build_model("lenet5", 7, TINY_LENET)
+    variables = pretrained.init(jax.random.key(5), x)
+    path = checkpoint.save_model_file(
+        tmp_path / "pretrained.msgpack", model_name="lenet5", num_classes=7,
+        widths=widths_from_params(variables["params"]), variables=variables,
+        meta={}, input_shape=(28, 28, 1),
+    )  # fmt: skip
+    module = build_model("lenet5", 10, TINY_LENET)
+    tx = train.make_optimizer(train.OptimizerConfig(learning_rate=0.01), 1, 1.0)
+    state = train.create_train_state(module, tx, jax.random.key(0), x)
+    started = train_job._start_from_file(state, str(path), ("head",))
+    for layer, value in started.params.items():
+        expected = state.params[layer] if layer == "head" else variables["params"][layer]
+        chex.assert_trees_all_equal(value, expected)
+    with pytest.raises(ValueError, match="name in init_fresh the layers to initialise anew"):
+        train_job._start_from_file(state, str(path))
+    with pytest.raises(ValueError, match=r"init_fresh names \['logits'\]"):
+        train_job._start_from_file(state, str(path), ("logits",))
+    with pytest.raises(ValueError, match="needs init_from"):
+        loop_config(init_fresh=("head",)).check()
