@@ -394,7 +394,7 @@ def plot_fitness(stored: dict) -> None:
                  linestyle="-.", linewidth=0.8, label="equal-factor blend")  # fmt: skip
     axis.set_xlabel("generation (16 evaluations each)")
     axis.set_ylabel("best fitness so far: accuracy on 500 validation images (%)")
-    axis.set_title("Calibration factors: genetic search vs random search (50% of kernels removed)")
+    axis.set_title("Calibration factors: genetic vs random search (50% of kernels removed)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
     fig.tight_layout()
