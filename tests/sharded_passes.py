@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.criteria import CRITERIA, ScoringContext, score
+from jaxprune.criteria.functionality import VisualizationConfig, maximization_images
 from jaxprune.criteria.report import ORACLES
 from jaxprune.fit import FitConfig, fit
 from jaxprune.graph import channel_graph
@@ -87,6 +88,15 @@ def main(out_path: str) -> None:
         scores = score(name, context, variables, batches)
         for group, values in scores.items():
             saved[f"score/{name}/{group}"] = np.asarray(values)
+    # Activation-maximisation images: the filters split over the devices (8 over 4, and 6
+    # filters of one group padded to 8).
+    visual = VisualizationConfig(steps=3)
+    for group in graph.names[:2]:
+        images = maximization_images(
+            model.apply_fn, graph, variables, group, (8, 8, 3), visual,
+            apply_kwargs=model.eval_kwargs,
+        )  # fmt: skip
+        saved[f"images/{group}"] = np.asarray(images)
     tuned, history = fit(model, variables, Batches(batches), FitConfig(epochs=2), progress=False)
     for path, leaf in jax.tree_util.tree_leaves_with_path(tuned):
         saved["fit/" + jax.tree_util.keystr(path)] = to_host(leaf)

@@ -42,11 +42,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxprune.criteria.rank_correlation import spearman
 from jaxprune.gates import gate_points, gated_call, points_for, program_args
 from jaxprune.graph import ChannelGraph, GatePoint
 from jaxprune.interpret import Interpreter, bind, frames_holding
+from jaxprune.sharding import default_mesh, replicate, to_host
 from jaxprune.trace import Const, TracedProgram, trace_apply
 
 NORMALIZATIONS = ("standardize", "l2", "none")
@@ -448,6 +451,7 @@ def maximization_images(
       filters: the filter indices to visualise (default: every filter of the group).
       apply_kwargs: keyword arguments of `apply_fn` (default ``{"train": False}``).
       with_objective: also return the mean activation the ascent reached at every step.
+        With several devices (`jaxprune.sharding`), the filters are split over them.
 
     Returns:
       Images of shape (filters, *input_shape); with `with_objective`, also an array
@@ -483,7 +487,19 @@ def maximization_images(
             lambda i: ascend(variables, start, i), indices, batch_size=config.chunk_size
         )
 
-    images, objective = run(variables, start, jnp.asarray(indices, jnp.int32))
+    mesh = default_mesh()
+    if mesh is None:
+        images, objective = run(variables, start, jnp.asarray(indices, jnp.int32))
+    else:
+        # The filters are split over the devices (padded with repeats of the last one).
+        padded = -(-indices.size // mesh.size) * mesh.size
+        spread = np.concatenate([indices, np.repeat(indices[-1:], padded - indices.size)])
+        spread = jax.device_put(spread.astype(np.int32), NamedSharding(mesh, P("data")))
+        images, objective = to_host(run(*replicate((variables, start), mesh), spread))
+        images, objective = (
+            jnp.asarray(images[: indices.size]),
+            jnp.asarray(objective[: indices.size]),
+        )
     return (images, objective) if with_objective else images
 
 
