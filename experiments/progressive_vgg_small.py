@@ -64,7 +64,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "progressive"
 BASE = (
     Path(__file__).resolve().parent.parent / "jaxprune/pretrained/vgg_small_fashion_mnist.msgpack"
 )
-FORMAT = "progressive-vgg-small/3"
+FORMAT = "progressive-vgg-small/4"
 
 
 def progressive_config(
@@ -136,7 +136,6 @@ def run(
     module, variables, _ = checkpoint.load_model_file(base)
     dataset = data.load(data.DataConfig(name="fashion_mnist"))
     model = Model.linen(module, jnp.zeros((1, *dataset.image_shape)), variables=variables)
-    prune_data = DatasetData(dataset, batch_size=128)
 
     def test_metrics(model, variables):
         return train.evaluate(model, variables, data.preprocessed_batches(dataset, "test", 256))
@@ -160,6 +159,9 @@ def run(
                     continue
                 config = progressive_config(criterion, variant, ratio, score_examples, seed)
                 began = time.perf_counter()
+                # The seed orders the training images retraining reads (and picks the first
+                # `retrain_examples` of them); the criteria read fixed validation images.
+                prune_data = DatasetData(dataset, batch_size=128, seed=seed)
                 result = progressive_prune(
                     model,
                     variables,
