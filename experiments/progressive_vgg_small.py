@@ -71,8 +71,15 @@ What it shows:
 
 The earlier runs (p = 25%, 256 criterion images, students retrained with dropout active and
 BatchNorm statistics following the batches) measured BatchNorm recalibration more than
-retraining; they are superseded and removed (git history has them). The BatchNorm-free control
-(`--base` with experiments/base_vgg_small_plain.py's model) is set up but not run yet.
+retraining; they are superseded and removed (git history has them).
+
+BatchNorm-free control (results/progressive/plain/p0.05/; VGG-small without BatchNorm from
+experiments/base_vgg_small_plain.py, 91.64% test; `--base FILE --tag plain --criteria
+oracle_loss,l1 --variants progressive,complete,none`; 14 runs in 6 minutes): retraining can act
+only through the weights here, and it recovers little because little is lost: L1 91.63 ± 0.01
+progressive, 91.63 ± 0.06 complete, 91.36 without retraining (progressive +0.27 over none,
+3/3 seeds); the objective criterion 91.45 ± 0.04, 91.42 ± 0.04 and 91.42 (+0.03, mixed), and
+again below L1 (-0.17, 0/3 seeds).
 """
 
 from __future__ import annotations
