@@ -1,8 +1,8 @@
 """Blending pruning criteria (He et al. 2021) on VGG-small / Fashion-MNIST, against each
 criterion alone and against a random search with the same number of evaluations.
 
-He, Ding, Liu, Huang, Xu, Li, Tao, "Blending Pruning Criteria for Convolutional Neural
-Networks" (ICANN 2021, arXiv 2107.05033). Only the abstract was available here: the claim is
+He et al., "Blending Pruning Criteria for Convolutional Neural Networks" (ICANN 2021, arXiv
+2107.05033; the README's BibTeX has the authors). Only the abstract was available here: the claim is
 that a blend of criteria, clustered and calibrated by an evolutionary search, prunes better than
 the criteria alone. Every algorithmic specific below (pool, Spearman clustering at 0.7, rank
 normalisation, the genetic operators, fitness = accuracy before fine-tuning) is our choice.
