@@ -120,16 +120,27 @@ def split_half(half_a: Scores, half_b: Scores, examples: Sequence[int]) -> Split
     return SplitHalf(per_layer, (count_a, count_b))
 
 
-def _equal_halves(batches: Sequence[Batch]) -> tuple[list[Batch], list[Batch]]:
-    """The images of `batches` in two halves of equal size (an odd one more in the second),
-    each in batches of the first batch's size."""
-    arrays = [{k: np.asarray(batch[k]) for k in ("image", "label")} for batch in batches]
-    total = sum(len(b["label"]) for b in arrays)
-    if total < 2:
-        raise ValueError("Scoring by halves needs at least two images.")
-    size = len(arrays[0]["label"])
-    flat = {k: np.concatenate([b[k] for b in arrays]) for k in ("image", "label")}
+def split_halves(
+    batches: Sequence[Batch], *, keep_odd: bool = False
+) -> tuple[list[Batch], list[Batch]]:
+    """The images of `batches` cut into two disjoint halves of equal size, each in batches of
+    the first batch's size.
+
+    Args:
+      batches: batches (dicts of arrays with the same leading size).
+      keep_odd: an odd last image joins the second half (every image is scored, as the
+        recombined oracle needs); by default it is left out (halves of exactly equal size).
+
+    Returns:
+      (first half, second half): lists of host batches.
+    """
+    arrays = [{k: np.asarray(v) for k, v in batch.items()} for batch in batches]
+    if not arrays:
+        return [], []
+    flat = {k: np.concatenate([b[k] for b in arrays]) for k in arrays[0]}
+    total = len(next(iter(flat.values())))
     middle = total // 2
+    size = max(1, len(next(iter(arrays[0].values()))))
 
     def batched(start: int, stop: int) -> list[Batch]:
         return [
@@ -137,7 +148,7 @@ def _equal_halves(batches: Sequence[Batch]) -> tuple[list[Batch], list[Batch]]:
             for i in range(start, stop, size)
         ]
 
-    return batched(0, middle), batched(middle, total)
+    return batched(0, middle), batched(middle, total if keep_odd else 2 * middle)
 
 
 def oracle_by_halves(
@@ -169,7 +180,9 @@ def oracle_by_halves(
     """
     if oracle not in SPLITTABLE:
         raise ValueError(f"Only {SPLITTABLE} can be scored by halves, not {oracle!r}.")
-    halves = _equal_halves(batches)
+    if sum(int(np.shape(b["label"])[0]) for b in batches) < 2:
+        raise ValueError("Scoring by halves needs at least two images.")
+    halves = split_halves(batches, keep_odd=True)
     counts = [sum(int(np.shape(b["label"])[0]) for b in half) for half in halves]
     signed = [score("oracle_loss", context, variables, half, **options) for half in halves]
     total = sum(counts)

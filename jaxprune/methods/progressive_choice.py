@@ -28,7 +28,7 @@ import numpy as np
 
 from jaxprune import criteria
 from jaxprune.criteria.rank_correlation import spearman
-from jaxprune.criteria.reliability import spearman_brown
+from jaxprune.criteria.reliability import spearman_brown, split_halves
 from jaxprune.graph import ChannelGraph
 from jaxprune.methods import selection_file, standin
 from jaxprune.methods.progressive_retrain import Network
@@ -168,32 +168,6 @@ def score_layer(
             "that applies to convolutions."
         )
     return np.asarray(scores[group], np.float64)
-
-
-def split_halves(batches: Sequence[Batch]) -> tuple[list[Batch], list[Batch]]:
-    """The images of `batches` cut into two disjoint halves of equal size (an odd last image
-    is left out), each in batches of the first batch's size.
-
-    Args:
-      batches: batches (dicts of arrays with the same leading size).
-
-    Returns:
-      (first half, second half): lists of host batches.
-    """
-    arrays = [{k: np.asarray(v) for k, v in batch.items()} for batch in batches]
-    if not arrays:
-        return [], []
-    flat = {k: np.concatenate([b[k] for b in arrays]) for k in arrays[0]}
-    half = len(next(iter(flat.values()))) // 2
-    size = max(1, len(next(iter(arrays[0].values()))))
-
-    def cut(start: int) -> list[Batch]:
-        return [
-            {k: v[start + i : start + min(i + size, half)] for k, v in flat.items()}
-            for i in range(0, half, size)
-        ]
-
-    return cut(0), cut(half)
 
 
 def split_half_reliability(
