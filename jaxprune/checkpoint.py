@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from flax import serialization
 
 from jaxprune.models import build_model, widths_from_params
+from jaxprune.runtime import is_main_process
 from jaxprune.train import OptimizerConfig, TrainState, create_train_state, make_optimizer
 from jaxprune.tree_paths import key_name
 
@@ -592,7 +593,7 @@ def save_model_file(
             widths=actual_widths,
             input_shape=[int(d) for d in input_shape],
         )
-    if jax.process_index() != 0:
+    if not is_main_process():
         return path  # one writer in a multi-process run: the first process
     payload = serialization.msgpack_serialize(
         {"header": json.dumps(header), "variables": host_variables}

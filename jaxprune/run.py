@@ -37,6 +37,7 @@ import numpy as np
 from jaxprune import checkpoint as ckpt
 from jaxprune.checkpoint import CheckpointError, json_default
 from jaxprune.metrics import MetricsWriter
+from jaxprune.runtime import is_main_process
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
@@ -156,7 +157,7 @@ class RunDir:
         path.mkdir(parents=True, exist_ok=True)
         # Several processes share one workdir: the first locks it and writes the run's files;
         # the others follow its view of whether the run resumes.
-        main = jax.process_index() == 0
+        main = is_main_process()
         lock, stored, failure = None, None, None
         if main:
             try:
@@ -225,7 +226,7 @@ class RunDir:
     def write_json(self, name: str, value: Any) -> Path:
         """Writes ``<workdir>/<name>`` atomically (by the first process of a multi-process
         run; the others compute the same value)."""
-        if jax.process_index() != 0:
+        if not is_main_process():
             return self.path / name
         return write_json_atomic(self.path / name, value)
 
@@ -249,9 +250,7 @@ class RunDir:
     def metrics(self, resumed_step: int | None = None) -> MetricsWriter:
         """The run's live metrics (``metrics.jsonl`` and TensorBoard), with what came after
         `resumed_step` dropped (None: a fresh start); close it when done."""
-        writer = MetricsWriter(
-            self.path, resumed_step=resumed_step, enabled=jax.process_index() == 0
-        )
+        writer = MetricsWriter(self.path, resumed_step=resumed_step, enabled=is_main_process())
         self._writers.append(writer)
         return writer
 

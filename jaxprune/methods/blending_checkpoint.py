@@ -18,10 +18,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import jax
-
 from jaxprune.checkpoint import CheckpointError
 from jaxprune.run import RunDir
+from jaxprune.runtime import is_main_process
 
 FORMAT = "jaxprune-blending-search"
 VERSION = 2
@@ -63,7 +62,7 @@ def save_search(run: RunDir, state: Mapping[str, Any]) -> str:
     """
     name = f"{FOLDER}/generation_{int(state['generation']):06d}.json"
     run.write_json(name, {"format": FORMAT, "version": VERSION, **state})
-    if jax.process_index() == 0:  # one process writes and cleans up the shared workdir
+    if is_main_process():  # one process writes and cleans up the shared workdir
         for old in checkpoint_files(run)[: -1 - _KEEP_OLDER]:
             (run.path / old).unlink(missing_ok=True)
     return name
