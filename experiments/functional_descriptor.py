@@ -35,8 +35,8 @@ reference (the reference's split-half Spearman is 0.98-0.999 per layer, see the 
 3 seeds for the report and 2 for the selection; ascents of at most 128 steps.
 
 Status: not run yet. The report alone takes about 20 minutes from an empty workdir on a 2-core
-CPU, the sweep several times that; `NEW` below must be the sweep's choice before the report's
-numbers mean anything, so run ``--sweep`` first. The results will be in
+CPU, the sweep several times that; the report uses the sweep's choice (sweep.json) and refuses
+to run before it exists, so run ``--sweep`` first. The results will be in
 experiments/results/functional/descriptor.md.
 """
 
@@ -95,18 +95,40 @@ def image_settings() -> dict:
 # (image setting, descriptor kind, response resolution); the first is the old descriptor.
 OLD = ("mean-gate-64", "pixels", None)
 OLD_EXPERIMENT = ("mean-gate-32", "pixels", None)
-NEW = ("center-pre-64", "image+responses", 7)
-# Shown beside them in the report: what each part contributes, and a control.
-ABLATIONS = (
-    ("center-pre-64", "pixels", None),
-    ("center-pre-64", "spectrum", None),
-    ("center-pre-64", "responses", 7),
-    ("center-pre-64", "responses-other-layers", 7),
-    ("mean-gate-64", "spectrum", None),
-    ("mean-gate-64", "image+responses", 7),
-    # Control: the same responses to as many seeded smooth-noise probes, no visualisation.
-    (NOISE, "responses", 7),
-)
+# The new descriptor is the sweep's choice, read from sweep.json; the report refuses to run
+# without it, so no number is ever reported for a descriptor nobody selected.
+SWEEP_FILE = RESULTS / "sweep.json"
+
+
+def ablations(new: tuple) -> tuple:
+    """Shown beside the new descriptor in the report: what each part contributes, and a
+    control."""
+    setting, _, resolution = new
+    resolution = resolution or 7
+    return (
+        (setting, "pixels", None),
+        (setting, "spectrum", None),
+        (setting, "responses", resolution),
+        (setting, "responses-other-layers", resolution),
+        ("mean-gate-64", "spectrum", None),
+        ("mean-gate-64", "image+responses", resolution),
+        # Control: the same responses to as many seeded smooth-noise probes, no visualisation.
+        (NOISE, "responses", resolution),
+    )
+
+
+def chosen_descriptor() -> tuple:
+    if not SWEEP_FILE.is_file():
+        raise SystemExit(f"{SWEEP_FILE} is missing: run with --sweep first to choose a descriptor")
+    chosen = json.loads(SWEEP_FILE.read_text())["chosen"]
+    if chosen is None:
+        raise SystemExit(
+            f"no candidate in {SWEEP_FILE} reached {TARGET_STABILITY:.0%} stability in every "
+            "layer; see sweep.md"
+        )
+    return tuple(chosen)
+
+
 SWEEP_KINDS = (
     ("pixels", None),
     ("spectrum", None),
@@ -348,7 +370,8 @@ def report(model, variables, graph, groups, workdir: Path) -> dict:
         model, variables, graph, groups, real_images("validation", *SELECTION_IMAGES)
     )
     reliability = {g: similarity_agreement(selection[g], refs["validation"][g]) for g in groups}
-    candidates = [OLD, OLD_EXPERIMENT, NEW, *ABLATIONS]
+    new = chosen_descriptor()
+    candidates = [OLD, OLD_EXPERIMENT, new, *ablations(new)]
     seconds, results = {}, {}
     images, maps = {}, {}
     for setting in dict.fromkeys(c[0] for c in candidates):
@@ -376,6 +399,7 @@ def report(model, variables, graph, groups, workdir: Path) -> dict:
             "layers": measure(described, refs, groups),
         }
     return {
+        "new": list(new),
         "seeds": list(SEEDS),
         "sizes": {g: graph[g].size for g in groups},
         "settings": {k: dataclasses.asdict(v) for k, v in image_settings().items()},
@@ -396,7 +420,7 @@ def write_report(result: dict, groups, path: Path) -> None:
     import numpy as np
 
     results = result["results"]
-    old, old32, new = label(OLD), label(OLD_EXPERIMENT), label(NEW)
+    old, old32, new = label(OLD), label(OLD_EXPERIMENT), label(tuple(result["new"]))
     minutes = {k: sum(v) / len(v) / 60 for k, v in result["image_seconds"].items()}
     lines = [
         "# Does the functionality descriptor measure function? VGG-small / Fashion-MNIST",
@@ -433,7 +457,7 @@ def write_report(result: dict, groups, path: Path) -> None:
             )
             + " |"
         )
-    noise = label((NOISE, "responses", 7))
+    noise = label(ablations(tuple(result["new"]))[-1])
     lines += [
         "",
         "## Agreement: Spearman of descriptor similarity with response similarity on real images",
@@ -513,7 +537,11 @@ def plot_report(result: dict, groups, path: Path) -> None:
     from jaxprune.figures import new_figure, save_figure
 
     results = result["results"]
-    shown = [(label(OLD), "old"), (label(OLD_EXPERIMENT), "old, 32 steps"), (label(NEW), "new")]
+    shown = [
+        (label(OLD), "old"),
+        (label(OLD_EXPERIMENT), "old, 32 steps"),
+        (label(tuple(result["new"])), "new"),
+    ]
     figure = new_figure(9.0, 3.4)
     x = np.arange(len(groups))
     width = 0.8 / len(shown)
