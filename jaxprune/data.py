@@ -40,7 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
+from jax.sharding import Mesh
 
+from jaxprune import sharding
 from jaxprune.runtime import DEFAULT_CACHE_DIR
 
 Batch = dict[str, np.ndarray]
@@ -745,8 +747,15 @@ class Dataset:
         shuffle: bool = True,
         drop_remainder: bool = True,
         start_batch: int = 0,
+        mesh: Mesh | None = None,
     ) -> Iterator[Batch]:
         """Yields the batches of one epoch, in an order fixed by (seed, epoch).
+
+        In a run of several processes (``jax.distributed``), each process reads only the rows
+        of a batch that its own devices hold and the batch is yielded as a global
+        ``jax.Array`` split over the mesh's data axis: the same batch, with the same rows, as
+        one process would read. A batch that does not split evenly over the devices (a short
+        last batch, say) is read whole by every process and yielded as NumPy.
 
         Args:
           split: "train", "validation" or "test".
@@ -756,9 +765,12 @@ class Dataset:
           shuffle: False visits the split in storage order (evaluation).
           drop_remainder: drop the last batch when it is smaller than `batch_size`.
           start_batch: first batch to yield, to resume an interrupted epoch exactly.
+          mesh: the mesh the batches go to; by default every device when several processes
+            run, and none (host batches) in a single process.
 
         Returns:
-          An iterator of {"image": (B, H, W, C) uint8, "label": (B,) int32} NumPy batches.
+          An iterator of {"image": (B, H, W, C) uint8, "label": (B,) int32} batches: NumPy,
+          or global arrays on the mesh when it spans several processes.
         """
         chosen = self.split(split)
         batch_size = self.config.batch_size if batch_size is None else batch_size
@@ -775,10 +787,17 @@ class Dataset:
             order = epoch_order(chosen.num_examples, seed=seed, epoch=epoch)
         else:
             order = np.arange(chosen.num_examples)
-        return (
-            chosen.read(order[index * batch_size : (index + 1) * batch_size])
-            for index in range(start_batch, count)
-        )
+        if mesh is None and jax.process_count() > 1:
+            mesh = sharding.make_mesh()
+
+        def read(index: int) -> Batch:
+            positions = order[index * batch_size : (index + 1) * batch_size]
+            rows = sharding.process_rows(len(positions), mesh)
+            if rows is None:
+                return chosen.read(positions)
+            return sharding.assemble_batch(chosen.read(positions[rows]), len(positions), mesh)
+
+        return (read(index) for index in range(start_batch, count))
 
     def preprocess(
         self,
@@ -963,7 +982,9 @@ def preprocessed_batches(
     seen = 0
     for raw in dataset.iterate(split, min(batch_size, wanted), shuffle=False, drop_remainder=False):
         take = min(len(raw["label"]), wanted - seen)
-        images, labels = dataset.preprocess(raw["image"][:take], raw["label"][:take], train=False)
+        if take < len(raw["label"]):
+            raw = {name: value[:take] for name, value in raw.items()}
+        images, labels = dataset.preprocess(raw["image"], raw["label"], train=False)
         yield {"image": images, "label": labels}
         seen += take
         if seen == wanted:

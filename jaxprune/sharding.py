@@ -8,9 +8,13 @@ With one device nothing moves.
 
 Several processes (hosts) work the same way through JAX's own runtime: after
 `jaxprune.runtime.initialize_distributed` (``jax.distributed.initialize``) the mesh spans every
-process's devices, every process runs the same program on the same host batches, and each puts
-only its own devices' rows on them (``jax.device_put`` of a host array onto a global sharding).
-`to_host` brings a result back to every process, gathering rows held by other processes.
+process's devices and every process runs the same program. Each process reads only the rows of
+a batch that its own devices hold (`process_rows`; `jaxprune.data.Dataset.iterate` does this)
+and `assemble_batch` makes the global batch from the processes' parts
+(``jax.make_array_from_process_local_data``), so a global batch of a multi-host run equals the
+batch one process would read. A host batch given whole to every process is placed the same way
+(each process puts its own rows). `to_host` brings a result back to every process, gathering
+rows held by other processes.
 """
 
 from __future__ import annotations
@@ -89,6 +93,46 @@ def to_host(tree: PyTree) -> PyTree:
         return np.asarray(leaf)
 
     return jax.tree_util.tree_map(fetch, tree)
+
+
+def process_rows(batch_size: int, mesh: Mesh | None) -> slice | None:
+    """The rows of a global batch of `batch_size` that this process's devices hold when the
+    batch is split over `mesh`'s data axis, or None when this process holds every row (one
+    process, no mesh) or the batch does not split evenly over the devices (it is then read
+    whole by every process and replicated).
+
+    Raises:
+      ValueError: this process's devices hold rows that are not one contiguous block (a mesh
+        whose device order interleaves processes); build it with `make_mesh()`.
+    """
+    if mesh is None or batch_size % mesh.size:
+        return None
+    data_sharding = NamedSharding(mesh, P("data"))
+    if data_sharding.is_fully_addressable:
+        return None
+    held = sorted(
+        index[0].indices(batch_size)[:2]
+        for index in data_sharding.addressable_devices_indices_map((batch_size,)).values()
+    )
+    for (_, stop), (start, _) in zip(held, held[1:], strict=False):
+        if start != stop:
+            raise ValueError(
+                f"process {jax.process_index()} holds rows {held} of a batch of {batch_size}: "
+                "not one block. Order the mesh's devices by process, as make_mesh() does."
+            )
+    return slice(held[0][0], held[-1][1])
+
+
+def assemble_batch(local: Mapping[str, Any], batch_size: int, mesh: Mesh) -> dict[str, jax.Array]:
+    """The global batch of `batch_size` rows split over `mesh`'s data axis, from this
+    process's rows of it (`process_rows`); every process calls it with its own part."""
+    data_sharding = NamedSharding(mesh, P("data"))
+    return {
+        name: jax.make_array_from_process_local_data(
+            data_sharding, np.asarray(value), (batch_size, *np.shape(value)[1:])
+        )
+        for name, value in local.items()
+    }
 
 
 def place_batch(batch: Mapping[str, Any], mesh: Mesh | None) -> Mapping[str, Any]:

@@ -30,7 +30,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from jaxprune.model import Model
-from jaxprune.sharding import make_mesh, shard_batch
+from jaxprune.sharding import make_mesh, shard_batch, to_host
 
 PyTree = Any
 Batch = Mapping[str, Any]
@@ -456,8 +456,9 @@ def _pad_batch(batch: Batch, size: int) -> dict[str, np.ndarray]:
     weight = np.zeros(size, np.float32)
     weight[:count] = 1.0
     padded = {"weight": weight}
-    for name, value in batch.items():
-        value = np.asarray(value)
+    if count == size:  # nothing to pad: a global batch of a multi-process run stays on device
+        return {**batch, "weight": weight}
+    for name, value in to_host(dict(batch)).items():
         pad = [(0, size - count)] + [(0, 0)] * (value.ndim - 1)
         padded[name] = np.pad(value, pad)
     return padded

@@ -218,3 +218,28 @@ def test_a_locked_workdir_stops_every_process_with_the_same_error(tmp_path):
     for process, error in zip(running, errors, strict=True):
         assert process.returncode == 1, error[-2000:]
         assert "is in use by another jaxprune process" in error
+
+
+@pytest.mark.slow
+def test_each_process_reads_only_its_rows_of_every_batch(tmp_path):
+    """2 processes of 2 devices each: of every batch that splits over the 4 devices, a process
+    reads from storage only the half its devices hold; a batch that does not split (6 rows) is
+    read whole by both. Every batch, gathered, equals the batch one process reads."""
+    script = str(TESTS_DIR / "process_reading.py")
+    subprocess.run([sys.executable, script, str(tmp_path / "one")], check=True,
+                   env=simulated_devices_env(1), cwd=TESTS_DIR.parent, timeout=300)  # fmt: skip
+    run_processes([sys.executable, script, str(tmp_path / "two")], processes=2, devices=2)
+    with np.load(tmp_path / "one.npz") as saved:
+        single = {name: saved[name] for name in saved.files}
+    assert json.loads(str(single.pop("summary")))["train_reads"] == [8, 8, 4]
+    for index in range(2):
+        with np.load(tmp_path / f"two.{index}.npz") as saved:
+            arrays = {name: saved[name] for name in saved.files}
+        summary = json.loads(str(arrays.pop("summary")))
+        assert (summary["processes"], summary["devices"]) == (2, 4)
+        assert summary["train_reads"] == [4, 4, 2]
+        assert summary["validation_reads"] == [4, 6]
+        assert summary["train_kinds"] == ["ArrayImpl"] * 3  # global arrays on the mesh
+        assert sorted(arrays) == sorted(single)
+        for key, value in single.items():
+            np.testing.assert_array_equal(arrays[key], value, err_msg=key)

@@ -29,6 +29,7 @@ from jaxprune.commands.model_spec import add_model_arguments
 from jaxprune.inspect.page import PageConfig, page_file_name, write_kernel_page
 from jaxprune.inspect.selection import write_selection
 from jaxprune.inspect.standin import standin_selection
+from jaxprune.sharding import to_host
 
 ORACLE_NAMES = ("oracle_loss", "oracle_abs")
 
@@ -114,7 +115,7 @@ def run_inspect(config: InspectConfig) -> dict[str, Path]:
                 f"--standin {config.standin} would remove every kernel of {too_small}; give "
                 "fewer than each layer's kernel count."
             )
-    images = np.concatenate([np.asarray(b["image"]) for b in setup.batches])[: config.images]
+    images = np.concatenate([to_host(b["image"]) for b in setup.batches])[: config.images]
     scores = _scores(config, setup, groups) if scoring else {}
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ import numpy as np
 from jaxprune.criteria.base import Batch, Scores, ScoringContext
 from jaxprune.criteria.rank_correlation import spearman
 from jaxprune.criteria.scoring import score
+from jaxprune.sharding import to_host
 
 # The oracles this module can split: the signed one, and its absolute value.
 SPLITTABLE = ("oracle_loss", "oracle_abs")
@@ -134,7 +135,7 @@ def split_halves(
     Returns:
       (first half, second half): lists of host batches.
     """
-    arrays = [{k: np.asarray(v) for k, v in batch.items()} for batch in batches]
+    arrays = [to_host(dict(batch)) for batch in batches]
     if not arrays:
         return [], []
     flat = {k: np.concatenate([b[k] for b in arrays]) for k in arrays[0]}

@@ -18,6 +18,7 @@ from jaxprune import train
 from jaxprune.methods.contract import PruneData
 from jaxprune.methods.oneshot import summarize
 from jaxprune.model import Model
+from jaxprune.sharding import to_host
 
 
 def first_examples(
@@ -46,11 +47,10 @@ def first_examples(
     parts: list[dict[str, np.ndarray]] = []
     seen = 0
     for batch in batches:
-        size = len(np.asarray(batch["image"]))
+        size = np.shape(batch["image"])[0]
         take = min(size, count - seen)
-        parts.append(
-            {k: np.asarray(v)[:take] for k, v in batch.items() if np.shape(v)[:1] == (size,)}
-        )
+        rows = {k: v for k, v in batch.items() if np.shape(v)[:1] == (size,)}
+        parts.append({k: v[:take] for k, v in to_host(rows).items()})
         seen += take
         if seen >= count:
             break

@@ -248,7 +248,7 @@ def score_layer_with_reliability(
       (the scores on all the images, the reliability record).
     """
     (a, b, per_half), reliability = _halves(network, group, batches, criterion, options, seed)
-    total = sum(len(np.asarray(batch["image"])) for batch in batches)
+    total = sum(np.shape(batch["image"])[0] for batch in batches)
     if criterion in _MEANS_OVER_IMAGES and total == 2 * per_half:
         return (a + b) / 2.0, reliability
     return score_layer(network, group, batches, criterion, options, seed=seed), reliability

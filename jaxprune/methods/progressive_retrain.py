@@ -50,7 +50,7 @@ from jaxprune.fit import FitConfig, fit
 from jaxprune.gates import gated_call
 from jaxprune.graph import ChannelGraph, channel_graph
 from jaxprune.model import Model
-from jaxprune.sharding import default_mesh, place_batch, replicate
+from jaxprune.sharding import default_mesh, place_batch, replicate, to_host
 
 PyTree = Any
 Batch = Mapping[str, Any]
@@ -285,15 +285,15 @@ def rebatch(
             count = len(next(iter(batch.values())))
             if limit is not None and seen + count > limit:
                 if limit - seen > 0:
-                    yield {k: np.asarray(v)[: limit - seen] for k, v in batch.items()}
+                    yield {k: v[: limit - seen] for k, v in to_host(dict(batch)).items()}
                 return
             seen += count
-            yield {k: np.asarray(v) for k, v in batch.items()}
+            yield to_host(dict(batch))
         return
     pending: dict[str, list[np.ndarray]] = {}
     held, seen = 0, 0
     for batch in batches:
-        arrays = {k: np.asarray(v) for k, v in batch.items()}
+        arrays = to_host(dict(batch))
         for key, value in arrays.items():
             pending.setdefault(key, []).append(value)
         held += len(next(iter(arrays.values())))
