@@ -243,3 +243,54 @@ def test_each_process_reads_only_its_rows_of_every_batch(tmp_path):
         assert sorted(arrays) == sorted(single)
         for key, value in single.items():
             np.testing.assert_array_equal(arrays[key], value, err_msg=key)
+
+
+TRAIN_ARGV = [
+    "train",
+    "--no-progress",
+    "--set=model=lenet5",
+    '--set=widths={"conv1": 2, "conv2": 4, "fc1": 8, "fc2": 8}',
+    "--set=data.train_examples=64",
+    "--set=data.validation_examples=30",
+    "--set=data.test_examples=30",
+    "--set=data.batch_size=16",
+    "--set=epochs=1",
+    "--set=eval_batch_size=12",
+    "--set=checkpoint_every_steps=2",
+]
+
+
+@pytest.mark.slow
+def test_jaxprune_train_in_two_processes_matches_one(tmp_path):
+    """`jaxprune --distributed train`: each process reads its half of each batch, orbax
+    checkpoints from both, one writer of the metrics; the exported model and every evaluation
+    equal one process (evaluation batches of 12 split, the last of 6 runs whole)."""
+    from jaxprune.checkpoint import load_model_file
+
+    def argv(name: str) -> list[str]:
+        workdir = tmp_path / name
+        return [*TRAIN_ARGV, f"--workdir={workdir}", f"--export={workdir / 'model.msgpack'}"]
+
+    subprocess.run([sys.executable, "-m", "jaxprune.cli", *argv("one")], check=True,
+                   env=simulated_devices_env(1), cwd=TESTS_DIR.parent, timeout=300,
+                   capture_output=True)  # fmt: skip
+    run_processes([sys.executable, "-m", "jaxprune.cli", "--distributed", *argv("two")],
+                  processes=2, devices=2)  # fmt: skip
+    _, one, _ = load_model_file(tmp_path / "one" / "model.msgpack")
+    _, two, _ = load_model_file(tmp_path / "two" / "model.msgpack")
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(one),
+                            jax.tree_util.tree_leaves(two), strict=True):  # fmt: skip
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    records = {
+        name: [
+            json.loads(line)
+            for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        ]
+        for name in ("one", "two")
+    }
+    evaluations = {n: [r for r in rs if r["kind"] == "eval"] for n, rs in records.items()}
+    assert len(evaluations["two"]) == len(evaluations["one"]) >= 1
+    for a, b in zip(evaluations["one"], evaluations["two"], strict=True):
+        assert b["accuracy"] == a["accuracy"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert len(records["two"]) == len(records["one"])  # written once, by the first process
