@@ -434,6 +434,31 @@ def test_pruned_model_equals_the_masked_model(toy, config):
     assert result.summary["cost"]["after"]["flops"] < result.summary["cost"]["before"]["flops"]
 
 
+@pytest.mark.parametrize("kind", ["responses", "image+responses"])
+def test_response_descriptors_probe_with_every_layers_images(toy, kind):
+    """The method's response descriptors: each layer's maps on the images of both conv layers
+    (the probes), as `filter_descriptors` computes them from those probes."""
+    module, variables, graph = toy
+    config = FunctionalConfig(
+        ratio=0.5,
+        representative="centroid",
+        clustering=ClusteringConfig(descriptor=kind, resolution=None),
+        visualization=FAST,
+    )
+    images = layer_images(module.apply, graph, variables, ["conv0", "conv1"], SHAPE, FAST)
+    layers = functional_layers(module.apply, graph, variables, images, None, config)
+    probes = np.concatenate([images["conv0"], images["conv1"]])
+    for name, layer in layers.items():
+        expected = filter_descriptors(
+            images[name], kind, apply_fn=module.apply, graph=graph, variables=variables,
+            group=name, probes=probes, resolution=None,
+        )  # fmt: skip
+        np.testing.assert_allclose(layer.similarity, cosine_similarity(expected), atol=1e-6)
+        assert len(np.unique(layer.labels)) == kept_count(graph[name].size, config)
+    with pytest.raises(ValueError, match="descriptor must be one of"):
+        FunctionalConfig(clustering=ClusteringConfig(descriptor="colour")).check()
+
+
 def stored_steps(workdir) -> list[str]:
     images = workdir / "checkpoints" / "images"
     return sorted(p.name for p in images.iterdir() if p.name.isdigit())

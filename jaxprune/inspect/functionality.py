@@ -24,7 +24,11 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from jaxprune.criteria.functionality import response_patterns, responsive_filters
+from jaxprune.criteria.functionality import (
+    RESPONSE_DESCRIPTORS,
+    response_patterns,
+    responsive_filters,
+)
 from jaxprune.figures import new_figure, save_figure
 from jaxprune.graph import ChannelGraph
 from jaxprune.inspect.render import colormap, data_uri, display_images
@@ -33,6 +37,7 @@ from jaxprune.methods.functional import (
     choose_representatives,
     layer_clusters,
     layer_images,
+    probe_responses,
 )
 from jaxprune.methods.oneshot import select_groups
 
@@ -238,9 +243,14 @@ def write_functionality_report(
     input_shape = _input_shape(graph) if images is None else tuple(np.shape(images)[1:])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # Response descriptors probe with every conv layer's images, as the method does, so the
+    # page shows the method's clusters even when it draws fewer layers.
+    probing = config.clustering.descriptor in RESPONSE_DESCRIPTORS
+    imaged = list(conv_groups) if probing else chosen
     found = layer_images(
-        apply_fn, graph, variables, chosen, input_shape, config.visualization, workdir=workdir
+        apply_fn, graph, variables, imaged, input_shape, config.visualization, workdir=workdir
     )
+    responses = probe_responses(apply_fn, graph, variables, found) if probing else {}
     written: dict[str, Path] = {}
     sections = []
     for group in chosen:
@@ -248,7 +258,9 @@ def write_functionality_report(
         responsive = responsive_filters(
             apply_fn, graph, variables, group, layer, config.visualization
         )
-        descriptors, similarity, labels, threshold = layer_clusters(layer, responsive, config)
+        descriptors, similarity, labels, threshold = layer_clusters(
+            layer, responsive, config, responses.get(group)
+        )
         representatives = set(choose_representatives(labels, descriptors=descriptors).tolist())
         clusters = cluster_order(labels)
         image_cells = _enlarge(display_images(layer))

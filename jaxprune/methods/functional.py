@@ -57,11 +57,13 @@ from jaxprune.checkpoint import CheckpointError, json_default
 from jaxprune.criteria.functionality import (
     DESCRIPTORS,
     NORMALIZATIONS,
+    RESPONSE_DESCRIPTORS,
     VisualizationConfig,
     check_visualization,
     cosine_similarity,
-    image_descriptors,
+    filter_descriptors,
     maximization_images,
+    response_maps,
     responsive_filters,
 )
 from jaxprune.fit import FitConfig, fit
@@ -91,9 +93,13 @@ class ClusteringConfig:
     method: str = "agglomerative"
     # Agglomerative without a ratio: clusters merge while their mean cosine similarity is >= this.
     threshold: float = 0.5
-    # Image descriptor compared (`criteria.functionality.DESCRIPTORS`): "pixels" (default),
-    # "pooled" (2x2 average-pooled pixels) or "spectrum" (Fourier magnitudes).
+    # Descriptor compared: of the image alone (`criteria.functionality.DESCRIPTORS`): "pixels"
+    # (default), "pooled" (2x2 average-pooled pixels) or "spectrum" (Fourier magnitudes); or of
+    # what the filter does (`RESPONSE_DESCRIPTORS`): "responses" (its maps on every conv
+    # layer's images, the probes) or "image+responses" (both halves, each of unit length).
     descriptor: str = "pixels"
+    # Response descriptors: the response maps' most cells per axis (None: every position).
+    resolution: int | None = 7
     # Per-image normalisation before the cosine: "standardize", "l2" or "none".
     normalization: str = "standardize"
     # k-means: at most this many assignment rounds.
@@ -196,9 +202,9 @@ def check_config(config: FunctionalConfig) -> None:
             f"Unknown criterion {config.criterion!r} for the representatives; choose one of "
             f"{sorted(criteria.CRITERIA)}, or representative='centroid'."
         )
-    if config.clustering.descriptor not in DESCRIPTORS:
+    if config.clustering.descriptor not in DESCRIPTORS + RESPONSE_DESCRIPTORS:
         raise ValueError(
-            f"clustering.descriptor must be one of {DESCRIPTORS}, got "
+            f"clustering.descriptor must be one of {DESCRIPTORS + RESPONSE_DESCRIPTORS}, got "
             f"{config.clustering.descriptor!r}."
         )
     if config.clustering.normalization not in NORMALIZATIONS:
@@ -428,6 +434,7 @@ def layer_clusters(
     images: np.ndarray,
     responsive: np.ndarray | None,
     config: FunctionalConfig,
+    responses: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Descriptors, similarity and clusters of one layer's images, as `functional_prune` makes them.
 
@@ -436,12 +443,18 @@ def layer_clusters(
       responsive: (filters,) bool from `responsive_filters` (None: every filter counts as
         responsive).
       config: descriptor, normalisation, clustering, ratio and min_channels.
+      responses: the layer's maps on the probes, (probes, h, w, filters); needed by the
+        response descriptors (`probe_responses`).
 
     Returns:
       (descriptors, similarity, labels, threshold); see `cluster_filters`.
     """
-    descriptors = image_descriptors(
-        images, config.clustering.descriptor, config.clustering.normalization
+    descriptors = filter_descriptors(
+        images,
+        config.clustering.descriptor,
+        config.clustering.normalization,
+        responses=responses,
+        resolution=config.clustering.resolution,
     )
     similarity = cosine_similarity(descriptors)
     labels, threshold = cluster_filters(
@@ -513,6 +526,23 @@ def _whole_blocks(keep: np.ndarray, block: int) -> np.ndarray:
     return (blocks[:, None] * block + np.arange(block)).reshape(-1)
 
 
+def probe_responses(
+    apply_fn: Callable[..., Any],
+    graph: ChannelGraph,
+    variables: Any,
+    images: Mapping[str, np.ndarray],
+    *,
+    apply_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, np.ndarray]:
+    """Every group's maps on the probes of the response descriptors: the activation-maximisation
+    images of every group in `images`, concatenated (one model pass over them for all groups).
+    """
+    probes = np.concatenate([np.asarray(v) for v in images.values()])
+    return response_maps(
+        apply_fn, graph, variables, list(images), probes, apply_kwargs=apply_kwargs
+    )
+
+
 def functional_layers(
     apply_fn: Callable[..., Any],
     graph: ChannelGraph,
@@ -540,6 +570,9 @@ def functional_layers(
       ValueError: images of the wrong shape.
     """
     layers: dict[str, LayerFunctionality] = {}
+    responses: Mapping[str, np.ndarray] = {}
+    if config.clustering.descriptor in RESPONSE_DESCRIPTORS:
+        responses = probe_responses(apply_fn, graph, variables, images, apply_kwargs=apply_kwargs)
     for group, group_images in images.items():
         group_images = np.asarray(group_images)
         if group_images.ndim < 2 or group_images.shape[0] != graph[group].size:
@@ -552,7 +585,7 @@ def functional_layers(
             apply_kwargs=apply_kwargs,
         )  # fmt: skip
         descriptors, similarity, labels, threshold = layer_clusters(
-            group_images, responsive, config
+            group_images, responsive, config, responses.get(group)
         )
         group_scores = None if scores is None else np.asarray(scores[group], np.float64)
         if group_scores is not None:

@@ -61,9 +61,11 @@ _NHWC = (0, 3, 1, 2)
 # The weight gradient's dimension numbers: channels as the batch, batch as the features.
 _WGRAD_LHS = (3, 0, 1, 2)
 _WGRAD_OUT = (2, 3, 0, 1)
-# Whether oneDNN may pick its own (blocked) activation layouts, with reorders around each
-# call, instead of computing on the NHWC buffers directly (see the benchmark for the choice).
-settings = {"blocked_activations": False}
+# Read when a function is lowered (compiled), so a benchmark can compile variants side by side
+# in one process; a jitted function keeps what it was compiled with. "active": False lowers
+# to the previous rule. "blocked_activations": oneDNN picks its own (blocked) activation
+# layouts, with reorders around each call, instead of computing on the NHWC buffers directly.
+settings = {"active": True, "blocked_activations": False}
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
@@ -99,6 +101,25 @@ def onednn_version() -> str | None:
         return None
     code = int(library.JaxpruneOnednnVersion())
     return f"{code // 10000}.{code // 100 % 100}.{code % 100}"
+
+
+def set_threads(threads: int) -> bool:
+    """Sets how many OpenMP threads oneDNN uses from now on (0: OpenMP's default).
+
+    oneDNN's OpenMP threads run beside XLA's pool; on a loaded 2-core machine one thread was
+    faster than two (see ``experiments/results/bench/onednn.md``).
+
+    Args:
+      threads: the thread count, or 0 for ``OMP_NUM_THREADS`` / the number of cores.
+
+    Returns:
+      False when the library is not available (nothing to set).
+    """
+    library = _load()
+    if library is None:
+        return False
+    library.JaxpruneOnednnSetThreads(ctypes.c_int(max(int(threads), 0)))
+    return True
 
 
 def _row_major_strides(shape: Sequence[int]) -> list[int]:
@@ -225,7 +246,8 @@ def plan(lhs: Any, rhs: Any, out: Any, **params: Any) -> tuple[str, np.ndarray, 
 def _rule(ctx: Any, lhs: Any, rhs: Any, **params: Any) -> Any:
     lhs_aval, rhs_aval = ctx.avals_in
     previous = _state["previous"]
-    if lowering.handles(lhs_aval, rhs_aval, **params):  # one input channel: shifted sum
+    # off, or one input channel (the shifted sum of jaxprune.ops.lowering): the previous rule
+    if not settings["active"] or lowering.handles(lhs_aval, rhs_aval, **params):
         return previous(ctx, lhs, rhs, **params)
     planned = plan(lhs_aval, rhs_aval, ctx.avals_out[0], **params)
     if planned is None:
@@ -284,5 +306,6 @@ __all__ = [
     "is_installed",
     "onednn_version",
     "plan",
+    "set_threads",
     "use_onednn_lowering",
 ]

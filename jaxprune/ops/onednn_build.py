@@ -53,6 +53,7 @@ def compile_command(output: Path) -> list[str]:
         "-shared",
         "-fPIC",
         "-std=c++17",
+        "-fopenmp",
         "-isystem",
         str(jax.ffi.include_dir()),
         str(SOURCE),

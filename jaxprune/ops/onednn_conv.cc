@@ -12,11 +12,19 @@
 // convolution in oneDNN's terms, including the element strides of the weights buffer, so
 // HWIO, the transposed kernel of an input gradient and grouped kernels need no copy in XLA.
 //
+// oneDNN (Debian's build) parallelises with OpenMP, beside XLA's own thread pool. The number
+// of OpenMP threads it uses can be set at run time (JaxpruneOnednnSetThreads, 0: OpenMP's
+// default), so that 1 and 2 threads can be compared in one process; it is part of the cache
+// key because oneDNN partitions the work when it creates a primitive.
+//
 // Creating a oneDNN primitive costs far more than running a small convolution, so primitives
 // (and the reorders to and from the layouts they chose) are cached per problem. A cache entry
 // is executed under its own mutex: oneDNN's scratchpad and the entry's reorder buffers belong
 // to the primitive, so one primitive must not run twice at the same time.
 
+#include <omp.h>
+
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -174,11 +182,14 @@ std::unique_ptr<Entry> Create(Kind kind, const Problem& p) {
   return e;
 }
 
-Entry& Lookup(Kind kind, ffi::Span<const int64_t> problem) {
+std::atomic<int> g_threads{0};
+
+Entry& Lookup(Kind kind, ffi::Span<const int64_t> problem, int threads) {
   static std::mutex mu;
   static std::map<std::vector<int64_t>, std::unique_ptr<Entry>> cache;
   std::vector<int64_t> key(problem.begin(), problem.end());
   key.push_back(kind);
+  key.push_back(threads);
   std::lock_guard<std::mutex> lock(mu);
   std::unique_ptr<Entry>& slot = cache[key];
   if (!slot) slot = Create(kind, Decode(problem));
@@ -194,7 +205,10 @@ ffi::Error Run(Kind kind, ffi::Span<const int64_t> problem, const float* a, size
                                        std::to_string(problem.size()) + " entries");
   }
   try {
-    Entry& e = Lookup(kind, problem);
+    // Per calling thread: XLA may call from any thread of its pool.
+    const int threads = g_threads.load();
+    if (threads > 0) omp_set_num_threads(threads);
+    Entry& e = Lookup(kind, problem, threads);
     const size_t counts[3] = {a_count, b_count, out_count};
     for (int slot = 0; slot < 3; ++slot) {
       if (static_cast<int64_t>(counts[slot]) != Elements(e.user[slot])) {
@@ -261,6 +275,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpruneOnednnConvBackwardData, BackwardData,
                               JAXPRUNE_ONEDNN_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpruneOnednnConvBackwardWeights, BackwardWeights,
                               JAXPRUNE_ONEDNN_BINDING);
+
+// Sets the number of OpenMP threads for the calls that follow (0: OpenMP's default, which
+// OMP_NUM_THREADS sets).
+extern "C" void JaxpruneOnednnSetThreads(int threads) { g_threads.store(threads < 0 ? 0 : threads); }
 
 // The oneDNN version the library runs with (major * 10000 + minor * 100 + patch), so Python
 // can tell that the library loads and report what it measured.
