@@ -103,14 +103,18 @@ def onednn_version() -> str | None:
     return f"{code // 10000}.{code // 100 % 100}.{code % 100}"
 
 
-def set_threads(threads: int) -> bool:
-    """Sets how many OpenMP threads oneDNN uses from now on (0: OpenMP's default).
+def set_threads(threads: int = 1, chunks: int | None = None) -> bool:
+    """Sets how oneDNN's convolutions use the cores, for the calls that follow.
 
-    oneDNN's OpenMP threads run beside XLA's pool; on a loaded 2-core machine one thread was
-    faster than two (see ``experiments/results/bench/onednn.md``).
+    oneDNN's OpenMP threads run beside XLA's pool; on a loaded 2-core machine an OpenMP team
+    of two lost time at every barrier (2x slower than one thread). So by default the batch is
+    cut into one slice per thread of XLA's pool, and the slices run side by side there, one
+    OpenMP thread each (``experiments/results/bench/onednn.md`` has the measurements).
 
     Args:
-      threads: the thread count, or 0 for ``OMP_NUM_THREADS`` / the number of cores.
+      threads: OpenMP threads of a call whose batch is not sliced; 0 for OpenMP's default
+        (``OMP_NUM_THREADS``, else the number of cores).
+      chunks: batch slices per call; None for one per thread of XLA's pool, 1 for no slicing.
 
     Returns:
       False when the library is not available (nothing to set).
@@ -118,7 +122,8 @@ def set_threads(threads: int) -> bool:
     library = _load()
     if library is None:
         return False
-    library.JaxpruneOnednnSetThreads(ctypes.c_int(max(int(threads), 0)))
+    slices = 0 if chunks is None else max(chunks, 1)
+    library.JaxpruneOnednnSetThreads(ctypes.c_int(max(threads, 0)), ctypes.c_int(slices))
     return True
 
 
