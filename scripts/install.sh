@@ -16,12 +16,28 @@ fi
 if [ "${1:-}" = "--dev" ] && ! command -v chromedriver >/dev/null; then
   debs+=(chromium chromium-driver)
 fi
-if [ ${#debs[@]} -gt 0 ]; then
-  sudo=""
-  [ "$(id -u)" -ne 0 ] && sudo="sudo"
-  echo "Installing the Debian packages ${debs[*]}..."
+# Optional: oneDNN and a C++ compiler for the oneDNN convolutions (jaxprune.ops.onednn). A
+# system without them keeps XLA's convolutions, so their absence does not stop the install.
+optional_debs=()
+if [ ! -f /usr/include/oneapi/dnnl/dnnl.hpp ]; then
+  optional_debs+=(libdnnl-dev)
+fi
+if ! command -v g++ >/dev/null; then
+  optional_debs+=(g++)
+fi
+sudo=""
+[ "$(id -u)" -ne 0 ] && sudo="sudo"
+if [ ${#debs[@]} -gt 0 ] || [ ${#optional_debs[@]} -gt 0 ]; then
   $sudo apt-get update -q
+fi
+if [ ${#debs[@]} -gt 0 ]; then
+  echo "Installing the Debian packages ${debs[*]}..."
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${debs[@]}"
+fi
+if [ ${#optional_debs[@]} -gt 0 ]; then
+  echo "Installing the optional Debian packages ${optional_debs[*]}..."
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${optional_debs[@]}" ||
+    echo "Could not install ${optional_debs[*]}: convolutions will use XLA's own kernels."
 fi
 
 python="${PYTHON:-python3}"
@@ -34,3 +50,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e "$extras"
   touch "$stamp"
 fi
+# The oneDNN convolution library (rebuilt only when its source changed); a failed build leaves
+# XLA's convolutions in place.
+.venv/bin/python -m jaxprune.ops.onednn_build ||
+  echo "oneDNN convolutions not built: convolutions will use XLA's own kernels."
