@@ -1,59 +1,41 @@
 """Functionality-oriented pruning of VGG-small on Fashion-MNIST: the three analyses of Qin et al.
 
-Command (resumes from its workdir; the images of each model are stored there):
+Command (resumes from its workdir; the images of each model and seed are stored there):
 
     flock /tmp/jaxprune-heavy.lock python experiments/functional_vgg_small.py \\
         [--workdir workdirs/functional_vgg_small]
 
-Starts from the shipped base (jaxprune/pretrained/vgg_small_fashion_mnist.msgpack, 92.31% test
-accuracy) and writes experiments/results/functional/: tables.md (the tables), results.json,
-small_l1_filters.png, accuracy_vs_flops.png and defection.png; README.md there discusses them.
+Needs experiments/results/functional/sweep.json (`experiments/functional_descriptor.py
+--sweep`): the activation-maximisation setting and the descriptor chosen there, on validation
+images, for measuring what a filter does. Starts from the shipped base
+(jaxprune/pretrained/vgg_small_fashion_mnist.msgpack) and writes experiments/results/functional/:
+tables.md (the tables), results.json, small_l1_filters.png, accuracy_vs_flops.png and
+defection.png; README.md there discusses them.
+
+Seeds 0, 1, 2 seed the activation-maximisation images (and, in analysis 3, the fine-tuning's
+data order); every number is given as mean ± standard deviation over them. Data: Taylor reads
+validation images 0-1023; accuracies are measured on validation images 1024-3071 (the numbers
+read for any comparison) and, as final numbers only, on the first 2000 test images. Masked
+models throughout (a masked model equals the pruned one, a tested invariant).
 
 1. Small-L1 filters with clear functionality: in every conv layer, among the quarter of filters
-   with the smallest L1 norm, the two whose activation-maximisation image drives them hardest
-   (highest mean activation reached); their images, and the accuracy lost when each alone is
-   removed (masked, no retraining).
-2. Functionality-oriented pruning against L1 at equal FLOPs, no retraining. Every level keeps
-   the same number of filters per conv layer for every method, so widths and FLOPs are equal:
-   either a ratio of every layer (10%, 25%, 40%, 50% removed; functional = average-linkage
-   clusters cut at the kept count) or the clusters of a similarity threshold (0.6, 0.4, 0.3;
-   the baselines keep as many filters per layer). One representative per cluster, by Taylor
-   (the default) or closest to the centroid; controls: L1 and Taylor alone.
-3. Functionality defection: VGG-small pruned by L1 (50% of every conv layer), images of the
-   surviving filters before and after a short fine-tuning, and the cosine similarity of each
-   filter's two (standardised) images; as a control, the similarity of the same model's images
-   from two seeds.
+   with the smallest L1 norm, the two whose own image drives them hardest (objective reached,
+   averaged over the seeds); the accuracy lost when each alone is removed (no retraining).
+2. Functionality-oriented pruning against L1 and Taylor at equal FLOPs, no retraining. Every
+   level keeps the same number of filters per conv layer for every method: a ratio of every
+   layer (10%, 25%, 40%, 50% removed; clusters cut at the kept count) or the clusters of a
+   similarity threshold (0.6, 0.4, 0.3; the baselines keep as many). One representative per
+   cluster, by Taylor (Molchanov et al. 2017; the abstract of Qin et al. names no criterion)
+   or closest to the centroid.
+3. Functionality defection: VGG-small pruned by L1 (50% of every conv layer), fine-tuned for
+   one epoch; for each surviving filter, the cosine of its descriptors before and after
+   (images from two different seeds), and the correlation of its response maps on 500
+   validation images before and after (what it does on real data). Control: the same, not
+   fine-tuned model described from the same two seeds.
 
-Cuts, to stay well within ~12 minutes on this 2-core CPU: images take 32 ascent steps of 0.1
-(not the default 64 of 0.05); accuracies are on the first 2000 test images (masked models,
-which equal the pruned ones); Taylor reads 1024 validation images; the fine-tuning of analysis 3
-is one epoch over a fixed 5000-image training subset (SGD, learning rate 0.01, cosine).
-
-Result (3.3 minutes from an empty workdir on the idle 2-core CPU, 79 s of it the base model's
-images; 0.9 minutes resumed from a workdir that holds the images and the fine-tuning; base
-91.90% on those 2000 test images):
-1. Small-L1 filters can matter: conv2 #24 (L1 rank 2 of 32, a clear periodic pattern) costs
-   1.15% accuracy when removed alone; the other eleven cost between -0.35% and +0.25%.
-2. Filters their own image does not drive (silent at the start image: conv1 5, conv2 3, conv3 1,
-   conv5 3, conv6 23; several of conv6's are among its most relevant by Taylor) each stay a
-   cluster of their own. Functional (Taylor representatives) then ties Taylor alone at the
-   lightest levels (10% of every layer, 81.9% FLOPs left: 90.10% against 90.15%; threshold
-   0.6, 97.1% FLOPs left: 91.90% against 91.75%) and loses to it beyond (25% of every layer,
-   56.8% FLOPs left: 69.10% against 83.35%; threshold 0.3, 54.5% left: 65.65% against 77.85%).
-   It beats L1 at every level but 50% of every layer, where both are at chance (9.30% and
-   9.50%). The paper's "68.88% fewer FLOPs with < 0.34% drop" is not reproduced: here 26%
-   fewer FLOPs already cost 6.9 points without retraining. Centroid representatives are
-   worse than Taylor.
-3. After fine-tuning (9.50% -> 87.70%), mean before/after image similarity falls with depth:
-   0.81, 0.59, 0.37, 0.26, 0.16, 0.13 (conv1..conv6). The control says how far that can be
-   read: an unchanged filter's images from two seeds are only 0.42, 0.14, 0.31, 0.13, 0.29,
-   0.24 alike (raw pixels are shift-sensitive). Before/after images share their start, so they
-   stay closer than that in conv1-conv4; in conv5-conv6 they fall below the control, which is
-   where the fine-tuning clearly changed what the surviving filters respond to.
-
-These numbers were produced before the fine-tuning of analysis 3 went through
-`jaxprune.fit.fit` on the pruned program (same settings) and before the clustering moved to
-`jaxprune.methods.clustering` (same partitions); the script has not been rerun since.
+Cut from the paper's setting, to fit a 2-core CPU: one small model on Fashion-MNIST (the paper
+uses VGG-16 and ResNet on CIFAR/ImageNet); no retraining in analyses 1 and 2; analysis 3
+fine-tunes one epoch on a fixed 5000-image training subset (SGD, learning rate 0.01, cosine).
 """
 
 from __future__ import annotations
@@ -61,55 +43,74 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
 from jaxprune.runtime import enable_compilation_cache
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from functional_descriptor import chosen_descriptor, image_settings  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results" / "functional"
 BASE = (
     Path(__file__).resolve().parent.parent / "jaxprune/pretrained/vgg_small_fashion_mnist.msgpack"
 )
+SEEDS = (0, 1, 2)
 RATIOS = (0.1, 0.25, 0.4, 0.5)
 THRESHOLDS = (0.6, 0.4, 0.3)
+TAYLOR_IMAGES = (0, 1024)
+VALIDATION_IMAGES = (1024, 3072)
 TEST_EXAMPLES = 2000
+RESPONSE_IMAGES = 500
 FINETUNE_EXAMPLES = 5000
-MODEL = "vgg_small"
+INPUT_SHAPE = (28, 28, 1)
+METHODS = ("l1", "taylor", "functional (taylor)", "functional (centroid)")
 
 
-def visualization():
-    """The activation-maximisation settings of every analysis."""
-    from jaxprune.criteria.functionality import VisualizationConfig
+def chosen() -> tuple:
+    """(visualisation config, descriptor kind, resolution) chosen by the descriptor sweep."""
+    setting, kind, resolution = chosen_descriptor()
+    return image_settings()[setting], kind, resolution
 
-    return VisualizationConfig(steps=32, step_size=0.1)
 
-
-def images_with_objective(apply_fn, graph, variables, groups, store: Path, config=None):
-    """Per group (images, final mean activation), computed once and kept in `store` (npz)."""
+def images_with_objective(apply_fn, graph, variables, groups, store: Path, config):
+    """Per group (images, objective reached), computed once and kept in `store` (npz, checked
+    against the settings)."""
     import numpy as np
 
     from jaxprune.criteria.functionality import maximization_images
 
+    settings = json.dumps(dataclasses.asdict(config))
     found = {}
     if store.is_file():
         with np.load(store) as saved:
-            found = {k: saved[k] for k in saved.files}
+            if str(saved["config"]) == settings:
+                found = {k: saved[k] for k in saved.files if k != "config"}
     for group in groups:
         if f"{group}/images" in found:
             continue
         images, objective = maximization_images(
-            apply_fn,
-            graph,
-            variables,
-            group,
-            (28, 28, 1),
-            config or visualization(),
-            with_objective=True,
+            apply_fn, graph, variables, group, INPUT_SHAPE, config, with_objective=True
         )
         found[f"{group}/images"] = np.asarray(images)
-        found[f"{group}/activation"] = np.asarray(objective)[:, -1]
-        np.savez(store, **found)
-    return {g: (found[f"{g}/images"], found[f"{g}/activation"]) for g in groups}
+        found[f"{group}/objective"] = np.asarray(objective)[:, -1]
+        np.savez(store, config=settings, **found)
+    return {g: found[f"{g}/images"] for g in groups}, {g: found[f"{g}/objective"] for g in groups}
+
+
+def descriptors_of(apply_fn, graph, variables, images: dict, kind: str, resolution) -> dict:
+    """Every group's descriptors, probing with every group's images (as the method does)."""
+    from jaxprune.criteria.functionality import RESPONSE_DESCRIPTORS, filter_descriptors
+    from jaxprune.methods.functional import probe_responses
+
+    responses = {}
+    if kind in RESPONSE_DESCRIPTORS:
+        responses = probe_responses(apply_fn, graph, variables, images)
+    return {
+        g: filter_descriptors(images[g], kind, responses=responses.get(g), resolution=resolution)
+        for g in images
+    }
 
 
 def masked_accuracy(apply_fn, graph, variables, batches):
@@ -138,164 +139,136 @@ def top_k(scores, k):
     return np.sort(np.argsort(-np.asarray(scores), kind="stable")[:k])
 
 
-def flops_left(model, variables, graph, keep) -> float:
-    import jax.numpy as jnp
+def mean_sd(values) -> tuple[float, float]:
+    import numpy as np
 
-    from jaxprune import cost
-    from jaxprune.surgery import prune
-
-    x = jnp.zeros((1, 28, 28, 1), jnp.float32)
-    pruned = prune(variables, graph, keep)
-    small = model.clone(widths=tuple(sorted(pruned.widths.items())))
-    return (
-        cost.count(small.apply, pruned.variables, x).flops
-        / cost.count(model.apply, variables, x).flops
-    )
+    values = np.asarray(values, np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
 
 
-def small_l1_analysis(graph, groups, found, l1, accuracy, base_accuracy):
+def pct(values) -> str:
+    mean, sd = mean_sd(values)
+    return f"{100 * mean:.2f} ± {100 * sd:.2f}%"
+
+
+def small_l1_analysis(graph, groups, objectives, l1, accuracy) -> list[dict]:
+    """Per layer, the two smallest-L1-quarter filters their own images drive hardest (objective
+    averaged over the seeds), and the accuracy lost when each alone is removed."""
     import numpy as np
 
     from jaxprune.surgery import keep_to_masks
 
     sizes = graph.sizes
+    base = {split: fn({}) for split, fn in accuracy.items()}
     rows = []
     for group in groups:
-        _, activation = found[group]
+        reached = np.stack([objectives[s][group] for s in SEEDS])
+        mean = reached.mean(0)
         order = np.argsort(l1[group], kind="stable")
         small = order[: max(2, sizes[group] // 4)]
-        clear = small[np.argsort(-activation[small], kind="stable")[:2]]
-        for f in clear:
-            keep = {group: np.setdiff1d(np.arange(sizes[group]), [f])}
-            masks = keep_to_masks(graph, keep)
+        for f in small[np.argsort(-mean[small], kind="stable")[:2]]:
+            masks = keep_to_masks(graph, {group: np.setdiff1d(np.arange(sizes[group]), [f])})
             rows.append(
                 {
                     "group": group,
                     "filter": int(f),
                     "l1_rank": int(np.nonzero(order == f)[0][0]) + 1,
                     "filters": sizes[group],
-                    "l1": float(l1[group][f]),
-                    "activation": float(activation[f]),
-                    "activation_median": float(np.median(activation)),
-                    "accuracy_drop": base_accuracy - accuracy(masks),
+                    "objective": reached[:, f].tolist(),
+                    "objective_layer_median": float(np.median(mean)),
+                    "drop": {split: base[split] - fn(masks) for split, fn in accuracy.items()},
                 }
             )
     return rows
 
 
-def plot_small_l1(rows, found, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, len(rows) // 2, figsize=(1.9 * len(rows) // 2, 5.4))
-    for ax, row in zip(axes.T.ravel(), rows, strict=True):
-        image = found[row["group"]][0][row["filter"]][..., 0]
-        ax.imshow(image, cmap="gray")
-        ax.set_title(
-            f"{row['group']} #{row['filter']}\nL1 rank {row['l1_rank']}/{row['filters']}\n"
-            f"drop {100 * row['accuracy_drop']:.2f}%",
-            fontsize=7,
-        )
-        ax.axis("off")
-    fig.suptitle("Small-L1 filters with clear functionality (activation-maximisation images)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def equal_flops_analysis(model, variables, graph, groups, found, scores, accuracy, sizes):
+def equal_flops_analysis(model, variables, graph, groups, images, scores, accuracy, chosen_):
+    """Every level and seed: the four methods' accuracies at the same per-layer counts."""
     import numpy as np
 
-    from jaxprune.criteria.functionality import responsive_filters
-    from jaxprune.methods.functional import (
-        ClusteringConfig,
-        FunctionalConfig,
-        choose_representatives,
-        layer_clusters,
-    )
-    from jaxprune.surgery import keep_to_masks
+    from jaxprune.cost import count
+    from jaxprune.methods.functional import ClusteringConfig, FunctionalConfig, functional_layers
+    from jaxprune.surgery import keep_to_masks, prune
 
-    responsive = {
-        g: responsive_filters(model.apply, graph, variables, g, found[g][0], visualization())
-        for g in groups
-    }
-    levels = [("ratio", r) for r in RATIOS] + [("threshold", t) for t in THRESHOLDS]
+    visualization, kind, resolution = chosen_
+    x = np.zeros((1, *INPUT_SHAPE), np.float32)
+    full_flops = count(model.apply, variables, x).flops
     rows = []
-    for kind, level in levels:
-        if kind == "ratio":
-            config = FunctionalConfig(ratio=level)
-        else:
-            config = FunctionalConfig(clustering=ClusteringConfig(threshold=level))
-        keeps = {"l1": {}, "taylor": {}, "functional (taylor)": {}, "functional (centroid)": {}}
-        thresholds, counts = {}, {}
-        for g in groups:
-            descriptors, _, labels, thresholds[g] = layer_clusters(
-                found[g][0], responsive[g], config
+    for level_kind, level in [("ratio", r) for r in RATIOS] + [
+        ("threshold", t) for t in THRESHOLDS
+    ]:
+        for seed in SEEDS:
+            clustering = ClusteringConfig(descriptor=kind, resolution=resolution)
+            if level_kind == "threshold":
+                clustering = dataclasses.replace(clustering, threshold=level)
+            config = FunctionalConfig(
+                ratio=level if level_kind == "ratio" else None,
+                clustering=clustering,
+                visualization=dataclasses.replace(visualization, seed=seed),
+                seed=seed,
             )
-            # With a threshold the clusters decide the count; the baselines keep as many.
-            counts[g] = len(np.unique(labels))
-            keeps["functional (taylor)"][g] = choose_representatives(
-                labels, scores=scores["taylor"][g]
+            by_taylor = functional_layers(
+                model.apply, graph, variables, images[seed], scores["taylor"], config
             )
-            keeps["functional (centroid)"][g] = choose_representatives(
-                labels, descriptors=descriptors
-            )
-            keeps["l1"][g] = top_k(scores["l1"][g], counts[g])
-            keeps["taylor"][g] = top_k(scores["taylor"][g], counts[g])
-        flops = flops_left(model, variables, graph, keeps["l1"])
-        removed = 1 - sum(counts.values()) / sum(sizes[g] for g in groups)
-        for method, keep in keeps.items():
-            assert all(len(keep[g]) == counts[g] for g in groups)
-            rows.append(
-                {
-                    "level": f"{kind} {level}",
-                    "filters_removed": removed,
-                    "kept": dict(counts),
-                    "method": method,
-                    "flops_left": flops,
-                    "accuracy": accuracy(keep_to_masks(graph, keep)),
-                    "thresholds": {
-                        g: (float(t) if np.isfinite(t) else None) for g, t in thresholds.items()
-                    },
-                }
-            )
-    unresponsive = {g: int(np.sum(~r)) for g, r in responsive.items()}
-    return rows, unresponsive
+            by_centroid = functional_layers(
+                model.apply, graph, variables, images[seed], None,
+                dataclasses.replace(config, representative="centroid"),
+            )  # fmt: skip
+            counts = {g: len(by_taylor[g].keep) for g in groups}
+            keeps = {
+                "l1": {g: top_k(scores["l1"][g], counts[g]) for g in groups},
+                "taylor": {g: top_k(scores["taylor"][g], counts[g]) for g in groups},
+                "functional (taylor)": {g: by_taylor[g].keep for g in groups},
+                "functional (centroid)": {g: by_centroid[g].keep for g in groups},
+            }
+            pruned = prune(variables, graph, keeps["l1"])
+            flops = count(pruned.apply_fn, pruned.variables, x).flops / full_flops
+            for method, keep in keeps.items():
+                assert all(len(keep[g]) == counts[g] for g in groups), method
+                masks = keep_to_masks(graph, keep)
+                rows.append(
+                    {
+                        "level": f"{level_kind} {level}",
+                        "seed": seed,
+                        "method": method,
+                        "kept": counts,
+                        "filters_removed": 1
+                        - sum(counts.values()) / sum(graph.sizes[g] for g in groups),
+                        "flops_left": flops,
+                        "accuracy": {split: fn(masks) for split, fn in accuracy.items()},
+                        "unresponsive": {g: int(np.sum(~by_taylor[g].responsive)) for g in groups},
+                    }
+                )
+        print(f"  level {level_kind} {level} done", flush=True)
+    return rows
 
 
-def plot_equal_flops(rows, base_accuracy, path: Path) -> None:
-    import matplotlib
+def own_cosine(a, b):
+    """Per filter, the cosine of its two descriptors."""
+    import numpy as np
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def unit(d):
+        return d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: -r["flops_left"])
-        ax.plot(
-            [100 * (1 - r["flops_left"]) for r in mine],
-            [100 * r["accuracy"] for r in mine],
-            marker="o",
-            label=method,
-        )
-    ax.axhline(100 * base_accuracy, color="grey", linestyle=":", label="base")
-    ax.set_xlabel("FLOPs removed (%)")
-    ax.set_ylabel("test accuracy, no retraining (%)")
-    ax.set_title("VGG-small / Fashion-MNIST: equal FLOPs, no retraining")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return np.sum(unit(np.asarray(a)) * unit(np.asarray(b)), axis=1)
 
 
-def defection_analysis(model, variables, graph, groups, scores, dataset, workdir: Path):
-    import jax.numpy as jnp
+def map_correlation(a, b):
+    """Per filter, the Pearson correlation of its maps (N, h, w, filters) in two models."""
+    import numpy as np
+
+    a = np.asarray(a, np.float64).reshape(-1, a.shape[-1])
+    b = np.asarray(b, np.float64).reshape(-1, b.shape[-1])
+    a, b = a - a.mean(0), b - b.mean(0)
+    scale = np.sqrt((a * a).sum(0) * (b * b).sum(0))
+    return np.where(scale > 0, (a * b).sum(0) / np.maximum(scale, 1e-300), 0.0)
+
+
+def defection_analysis(model, variables, graph, groups, scores, dataset, workdir, chosen_):
     import numpy as np
 
     from jaxprune import data, train
-    from jaxprune.criteria.functionality import cosine_similarity, image_descriptors
+    from jaxprune.criteria.functionality import response_maps
     from jaxprune.fit import FitConfig, fit
     from jaxprune.graph import channel_graph
     from jaxprune.methods.contract import DatasetData
@@ -304,201 +277,328 @@ def defection_analysis(model, variables, graph, groups, scores, dataset, workdir
     from jaxprune.run import RunDir, fingerprint
     from jaxprune.surgery import prune
 
+    visualization, kind, resolution = chosen_
     sizes = graph.sizes
-    keep = {
-        g: top_k(scores["l1"][g], kept_count(sizes[g], FunctionalConfig(ratio=0.5))) for g in groups
-    }
+    half = FunctionalConfig(ratio=0.5)
+    keep = {g: top_k(scores["l1"][g], kept_count(sizes[g], half)) for g in groups}
     pruned = prune(variables, graph, keep)
-    x = jnp.zeros((1, 28, 28, 1), jnp.float32)
-    # The pruned program, called like the base model.
+    x = np.zeros((1, *INPUT_SHAPE), np.float32)
     small = Model.linen(model, x, variables=variables).with_apply_fn(pruned.apply_fn)
+    small_graph = channel_graph(small.apply_fn, pruned.variables, x, **small.eval_kwargs)
     before = pruned.variables
-    # One epoch over a fixed training subset: SGD, momentum 0.9, weight decay 5e-4, cosine
-    # from 0.01 (FitConfig's default optimizer).
     subset = data.load(dataclasses.replace(dataset.config, train_examples=FINETUNE_EXAMPLES))
-    identity = {"keep": {g: k.tolist() for g, k in keep.items()}, "variables": fingerprint(before)}
-    with RunDir.open(workdir / "l1_finetune", kind="finetune", identity=identity) as run:
-        after, _ = fit(small, before, DatasetData(subset), FitConfig(epochs=1), run=run)
-    small_graph = channel_graph(small.apply_fn, before, x, **small.eval_kwargs)
-    found_before = images_with_objective(
-        small.apply_fn, small_graph, before, groups, workdir / "images_l1_before.npz"
+    real = np.concatenate(
+        [b["image"] for b in data.preprocessed_batches(dataset, "validation", 500, 500)]
     )
-    found_after = images_with_objective(
-        small.apply_fn, small_graph, after, groups, workdir / "images_l1_after.npz"
-    )
-    # Control: the same model's images from another seed, i.e. how far images move by chance.
-    found_seed = images_with_objective(
-        small.apply_fn,
-        small_graph,
-        before,
-        groups,
-        workdir / "images_l1_before_seed1.npz",
-        dataclasses.replace(visualization(), seed=1),
-    )
+    maps_before = response_maps(small.apply_fn, small_graph, before, groups, real)
 
-    def paired(x, y):
-        return np.array([cosine_similarity(np.stack([x[i], y[i]]))[0, 1] for i in range(len(x))])
+    def describe(variables_, seed, name):
+        config = dataclasses.replace(visualization, seed=seed)
+        images, _ = images_with_objective(
+            small.apply_fn, small_graph, variables_, groups, workdir / f"{name}.npz", config
+        )
+        return descriptors_of(small.apply_fn, small_graph, variables_, images, kind, resolution)
 
-    per_layer = {}
-    for g in groups:
-        a = image_descriptors(found_before[g][0])
-        b = image_descriptors(found_after[g][0])
-        similarity = paired(a, b)
-        per_layer[g] = {
-            "filters": [int(i) for i in keep[g]],
-            "similarity": similarity.tolist(),
-            "seed_similarity": paired(a, image_descriptors(found_seed[g][0])).tolist(),
-        }
+    described_before = {s: describe(before, s, f"l1_before_seed{s}") for s in SEEDS}
+    per_seed, accuracies = [], []
+    for seed in SEEDS:
+        identity = {"keep": {g: k.tolist() for g, k in keep.items()}, "seed": seed,
+                    "variables": fingerprint(before)}  # fmt: skip
+        name = f"l1_finetune_seed{seed}"
+        with RunDir.open(workdir / name, kind="finetune", identity=identity) as run:
+            after, _ = fit(
+                small, before, DatasetData(subset, seed=seed), FitConfig(epochs=1, seed=seed),
+                run=run, progress=False,
+            )  # fmt: skip
+        # Before and after are described from different seeds, like the control: images from
+        # one seed share their start, which alone keeps them alike.
+        other = SEEDS[(SEEDS.index(seed) + 1) % len(SEEDS)]
+        described_after = describe(after, other, f"l1_after_seed{seed}_images{other}")
+        maps_after = response_maps(small.apply_fn, small_graph, after, groups, real)
+        per_seed.append(
+            {
+                g: {
+                    "before_after": own_cosine(
+                        described_before[seed][g], described_after[g]
+                    ).tolist(),
+                    "control_other_seed": own_cosine(
+                        described_before[seed][g], described_before[other][g]
+                    ).tolist(),
+                    "real_response_correlation": map_correlation(
+                        maps_before[g], maps_after[g]
+                    ).tolist(),
+                }
+                for g in groups
+            }
+        )
 
-    def test_accuracy(small_variables) -> float:
-        batches = data.preprocessed_batches(dataset, "test", 500, TEST_EXAMPLES)
-        return train.evaluate(small, small_variables, batches)["accuracy"]
+        def evaluate(variables_, split, count):
+            batches = data.preprocessed_batches(dataset, split, 500, count)
+            return train.evaluate(small, variables_, batches)["accuracy"]
 
-    accuracy = {"before": test_accuracy(before), "after": test_accuracy(after)}
-    return per_layer, accuracy, found_before, found_after
+        accuracies.append(
+            {
+                "before": {"test": evaluate(before, "test", TEST_EXAMPLES)},
+                "after": {"test": evaluate(after, "test", TEST_EXAMPLES)},
+            }
+        )
+        print(f"  defection seed {seed} done", flush=True)
+    return {"filters": {g: keep[g].tolist() for g in groups}, "seeds": per_seed,
+            "accuracy": accuracies}  # fmt: skip
 
 
-def plot_defection(per_layer, found_before, found_after, path: Path) -> None:
-    import matplotlib
+def plot_small_l1(rows, images, path: Path) -> None:
+    from jaxprune.figures import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    figure = new_figure(1.9 * len(rows) // 2, 5.4)
+    for k, row in enumerate(rows):
+        ax = figure.add_subplot(2, len(rows) // 2, (k % 2) * (len(rows) // 2) + k // 2 + 1)
+        ax.imshow(images[SEEDS[0]][row["group"]][row["filter"]][..., 0], cmap="gray")
+        ax.set_title(
+            f"{row['group']} #{row['filter']}\nL1 rank {row['l1_rank']}/{row['filters']}\n"
+            f"drop {100 * row['drop']['validation']:.2f}%",
+            fontsize=7,
+        )
+        ax.axis("off")
+    figure.suptitle("Small-L1 filters their own image drives hardest (seed 0's images)")
+    save_figure(figure, path)
+
+
+def level_summary(rows, split: str) -> dict:
+    """(level, method) -> accuracies over the seeds, and level -> FLOPs left over the seeds."""
+    accuracy, flops = {}, {}
+    for r in rows:
+        accuracy.setdefault((r["level"], r["method"]), []).append(r["accuracy"][split])
+        if r["method"] == "l1":
+            flops.setdefault(r["level"], []).append(r["flops_left"])
+    return {"accuracy": accuracy, "flops": flops}
+
+
+def plot_equal_flops(rows, base: float, path: Path) -> None:
+    from jaxprune.figures import new_figure, save_figure
+
+    summary = level_summary(rows, "validation")
+    figure = new_figure(5.8, 4.0)
+    ax = figure.add_subplot(1, 1, 1)
+    levels = sorted(summary["flops"], key=lambda lv: -mean_sd(summary["flops"][lv])[0])
+    for method in METHODS:
+        stats = [mean_sd(summary["accuracy"][lv, method]) for lv in levels]
+        ax.errorbar(
+            [100 * (1 - mean_sd(summary["flops"][lv])[0]) for lv in levels],
+            [100 * m for m, _ in stats],
+            yerr=[100 * s for _, s in stats],
+            marker="o",
+            capsize=2,
+            label=method,
+        )
+    ax.axhline(100 * base, color="grey", linestyle=":", label="base")
+    ax.set_xlabel("FLOPs removed (%)")
+    ax.set_ylabel("validation accuracy, no retraining (%)")
+    ax.set_title("VGG-small / Fashion-MNIST: equal FLOPs, no retraining (3 seeds)", fontsize=9)
+    ax.legend(fontsize=7)
+    save_figure(figure, path)
+
+
+def plot_defection(report: dict, groups, path: Path) -> None:
     import numpy as np
 
-    groups = list(per_layer)
-    fig = plt.figure(figsize=(11, 6.5))
-    top = fig.add_subplot(2, 1, 1)
-    top.boxplot([per_layer[g]["similarity"] for g in groups], tick_labels=groups)
-    top.set_ylabel("cosine similarity before / after")
-    top.set_title("Functionality defection: surviving filters of an L1-pruned VGG-small")
-    # The least stable filter of each layer: its image before (left) and after (right).
-    for k, g in enumerate(groups):
-        i = int(np.argmin(per_layer[g]["similarity"]))
-        for j, found in enumerate((found_before, found_after)):
-            ax = fig.add_subplot(2, 2 * len(groups), 2 * len(groups) + 2 * k + j + 1)
-            ax.imshow(found[g][0][i][..., 0], cmap="gray")
-            ax.axis("off")
-            label = "before" if j == 0 else "after"
-            ax.set_title(
-                f"{g} #{per_layer[g]['filters'][i]}\n{label}"
-                + (f" {per_layer[g]['similarity'][i]:.2f}" if j else ""),
-                fontsize=7,
-            )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from jaxprune.figures import new_figure, save_figure
+
+    figure = new_figure(7.5, 3.8)
+    ax = figure.add_subplot(1, 1, 1)
+    keys = (
+        ("before_after", "descriptor, before / after fine-tuning"),
+        ("control_other_seed", "control: descriptor, two seeds, no fine-tuning"),
+        ("real_response_correlation", "responses on real images, before / after"),
+    )
+    x = np.arange(len(groups))
+    for j, (key, text) in enumerate(keys):
+        stats = [
+            mean_sd([np.mean(seed[g][key]) for seed in report["defection"]["seeds"]])
+            for g in groups
+        ]
+        ax.bar(x + (j - 1) * 0.27, [m for m, _ in stats], 0.27, yerr=[s for _, s in stats],
+               capsize=2, label=text)  # fmt: skip
+    ax.set_xticks(x, groups)
+    ax.set_ylabel("mean over surviving filters")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Functionality defection: L1-pruned VGG-small, 1 epoch of fine-tuning", fontsize=9)
+    ax.legend(fontsize=7)
+    save_figure(figure, path)
 
 
-def write_tables(report: dict, path: Path) -> None:
-    lines = ["# Functionality-oriented pruning, VGG-small / Fashion-MNIST", ""]
-    lines += [
-        f"Base: {100 * report['base_accuracy']:.2f}% on the first {TEST_EXAMPLES} test images. "
-        f"Command and settings: experiments/functional_vgg_small.py. Runtime "
-        f"{report['seconds'] / 60:.1f} min.",
+def write_tables(report: dict, groups, path: Path) -> None:
+    import numpy as np
+
+    base = report["base_accuracy"]
+    lines = [
+        "# Functionality-oriented pruning, VGG-small / Fashion-MNIST (3 seeds)",
+        "",
+        f"Base: {100 * base['validation']:.2f}% on validation images "
+        f"{VALIDATION_IMAGES[0]}-{VALIDATION_IMAGES[1] - 1}, {100 * base['test']:.2f}% on the "
+        f"first {TEST_EXAMPLES} test images. Descriptor: {report['descriptor']['kind']} "
+        f"(resolution {report['descriptor']['resolution']}) of the images of setting "
+        f"{report['descriptor']['setting']}, chosen by experiments/functional_descriptor.py "
+        f"--sweep. Seeds {list(SEEDS)}: mean ± standard deviation. Command and settings: "
+        f"experiments/functional_vgg_small.py. Runtime {report['seconds'] / 60:.1f} min.",
         "",
         "## 1. Small-L1 filters with clear functionality",
         "",
-        "| layer | filter | L1 rank (1 = smallest) | activation reached (layer median) "
-        "| accuracy drop when removed |",
-        "|---|---|---|---|---|",
+        "| layer | filter | L1 rank (1 = smallest) | objective reached (layer median) "
+        "| validation drop when removed | test drop |",
+        "|---|---|---|---|---|---|",
     ]
     for r in report["small_l1"]:
+        m, s = mean_sd(r["objective"])
         lines.append(
             f"| {r['group']} | {r['filter']} | {r['l1_rank']} / {r['filters']} | "
-            f"{r['activation']:.2f} ({r['activation_median']:.2f}) | "
-            f"{100 * r['accuracy_drop']:.2f}% |"
+            f"{m:.2f} ± {s:.2f} ({r['objective_layer_median']:.2f}) | "
+            f"{100 * r['drop']['validation']:.2f}% | {100 * r['drop']['test']:.2f}% |"
         )
-    silent = ", ".join(f"{g} {n}" for g, n in report["unresponsive_filters"].items())
+    rows = report["equal_flops"]
+    silent = {}
+    for r in rows:
+        if r["method"] == "l1":
+            for g, n in r["unresponsive"].items():
+                silent.setdefault(g, set()).add(n)
     lines += [
         "",
         "## 2. Equal FLOPs, no retraining",
         "",
-        f"Filters their own image does not drive (never merged, each its own cluster): {silent}.",
+        "Filters their own image does not drive (each its own cluster), per layer over the "
+        "seeds: " + ", ".join(f"{g} {sorted(v)}" for g, v in silent.items()) + ".",
         "",
-        "| level | conv filters removed | FLOPs left | method | test accuracy | drop |",
-        "|---|---|---|---|---|---|",
     ]
-    for r in report["equal_flops"]:
-        lines.append(
-            f"| {r['level']} | {100 * r['filters_removed']:.1f}% | {100 * r['flops_left']:.1f}% | "
-            f"{r['method']} | "
-            f"{100 * r['accuracy']:.2f}% | {100 * (report['base_accuracy'] - r['accuracy']):.2f}% |"
-        )
+    for split in ("validation", "test"):
+        summary = level_summary(rows, split)
+        title = "Validation accuracy" if split == "validation" else "Test accuracy (final)"
+        lines += [
+            f"{title}:",
+            "",
+            "| level | FLOPs left | " + " | ".join(METHODS) + " | functional (taylor) − taylor |",
+            "|---|---|" + "---|" * (len(METHODS) + 1),
+        ]
+        for level in dict.fromkeys(r["level"] for r in rows):
+            fm, fs = mean_sd(summary["flops"][level])
+            cells = [pct(summary["accuracy"][level, m]) for m in METHODS]
+            difference = np.subtract(
+                summary["accuracy"][level, "functional (taylor)"],
+                summary["accuracy"][level, "taylor"],
+            )
+            wins = int(np.sum(difference > 0))
+            lines.append(
+                f"| {level} | {100 * fm:.1f} ± {100 * fs:.1f}% | "
+                + " | ".join(cells)
+                + f" | {pct(difference)} (ahead in {wins}/{len(SEEDS)}) |"
+            )
+        lines.append("")
+    defection = report["defection"]
     lines += [
-        "",
         "## 3. Functionality defection after fine-tuning an L1-pruned model",
         "",
-        f"Accuracy before fine-tuning {100 * report['defection_accuracy']['before']:.2f}%, "
-        f"after {100 * report['defection_accuracy']['after']:.2f}%.",
+        "Test accuracy before fine-tuning "
+        + pct([a["before"]["test"] for a in defection["accuracy"]])
+        + ", after "
+        + pct([a["after"]["test"] for a in defection["accuracy"]])
+        + ".",
         "",
-        "Similarity: cosine of each surviving filter's standardised image before and after "
-        "fine-tuning. Control: the same (not fine-tuned) model's images from another seed.",
+        "Per layer, the mean over its surviving filters (then mean ± sd over the seeds) of: the "
+        "cosine of a filter's descriptors before and after fine-tuning (images from seeds s and "
+        "s+1); the control, its descriptors from the same two seeds of the model without "
+        "fine-tuning; and the correlation "
+        "of its response maps on 500 validation images before and after (what it does on real "
+        "data). Defection shows as before/after below the control.",
         "",
-        "| layer | surviving filters | mean similarity | min | filters below 0.5 "
-        "| control: mean | control: filters below 0.5 |",
-        "|---|---|---|---|---|---|---|",
+        "| layer | surviving | descriptor before/after | control: two seeds "
+        "| filters below the control's 10th percentile | real-data responses before/after |",
+        "|---|---|---|---|---|---|",
     ]
-    for g, layer in report["defection"].items():
-        s, c = layer["similarity"], layer["seed_similarity"]
+    for g in groups:
+        seeds = defection["seeds"]
+        below = [
+            int(np.sum(np.asarray(s[g]["before_after"])
+                       < np.percentile(s[g]["control_other_seed"], 10)))
+            for s in seeds
+        ]  # fmt: skip
+
+        def stat(key, seeds=seeds, g=g):
+            m, s = mean_sd([np.mean(seed[g][key]) for seed in seeds])
+            return f"{m:.3f} ± {s:.3f}"
+
         lines.append(
-            f"| {g} | {len(s)} | {sum(s) / len(s):.3f} | {min(s):.3f} | "
-            f"{sum(v < 0.5 for v in s)} | {sum(c) / len(c):.3f} | {sum(v < 0.5 for v in c)} |"
+            f"| {g} | {len(defection['filters'][g])} | {stat('before_after')} | "
+            f"{stat('control_other_seed')} | {np.mean(below):.1f} | "
+            f"{stat('real_response_correlation')} |"
         )
     path.write_text("\n".join(lines) + "\n")
 
 
 def run(workdir: Path) -> dict:
-    import jax.numpy as jnp
+    import numpy as np
 
     from jaxprune import checkpoint, criteria, data
     from jaxprune.graph import channel_graph
-    from jaxprune.methods.oneshot import select_groups
+    from jaxprune.methods.selection import select_groups
 
+    chosen_ = chosen()  # before any slow work: the sweep must have run
+    visualization, kind, resolution = chosen_
     began = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     model, variables, _ = checkpoint.load_model_file(BASE)
     dataset = data.load(data.DataConfig(name="fashion_mnist"))
-    graph = channel_graph(model.apply, variables, jnp.zeros((1, 28, 28, 1), jnp.float32))
-    groups = select_groups(graph, "conv")
-    sizes = graph.sizes
-    found = images_with_objective(model.apply, graph, variables, groups, workdir / "images.npz")
-    print(f"base images: {time.perf_counter() - began:.0f} s")
+    graph = channel_graph(model.apply, variables, np.zeros((1, *INPUT_SHAPE), np.float32))
+    groups = list(select_groups(graph, "conv"))
+    images, objectives = {}, {}
+    for seed in SEEDS:
+        config = dataclasses.replace(visualization, seed=seed)
+        images[seed], objectives[seed] = images_with_objective(
+            model.apply, graph, variables, groups, workdir / f"base_seed{seed}.npz", config
+        )
+    print(f"base images: {time.perf_counter() - began:.0f} s", flush=True)
 
-    test = list(data.preprocessed_batches(dataset, "test", 500, TEST_EXAMPLES))
-    accuracy = masked_accuracy(model.apply, graph, variables, test)
-    base_accuracy = accuracy({})
+    def batches(split, start, stop):
+        found = list(data.preprocessed_batches(dataset, split, 512, stop))
+        joined = {k: np.concatenate([b[k] for b in found])[start:stop] for k in found[0]}
+        return [{k: v[i : i + 512] for k, v in joined.items()} for i in range(0, stop - start, 512)]
+
+    accuracy = {
+        "validation": masked_accuracy(
+            model.apply, graph, variables, batches("validation", *VALIDATION_IMAGES)
+        ),
+        "test": masked_accuracy(model.apply, graph, variables, batches("test", 0, TEST_EXAMPLES)),
+    }
+    base_accuracy = {split: fn({}) for split, fn in accuracy.items()}
     context = criteria.ScoringContext(model.apply, graph)
-    validation = list(data.preprocessed_batches(dataset, "validation", 128, 1024))
     scores = {
         "l1": criteria.score("l1", context, variables),
-        "taylor": criteria.score("taylor", context, variables, validation),
+        "taylor": criteria.score(
+            "taylor", context, variables, batches("validation", *TAYLOR_IMAGES)
+        ),
     }
-    small_l1 = small_l1_analysis(graph, groups, found, scores["l1"], accuracy, base_accuracy)
-    plot_small_l1(small_l1, found, RESULTS / "small_l1_filters.png")
-    print(f"analysis 1: {time.perf_counter() - began:.0f} s")
-    equal, unresponsive = equal_flops_analysis(
-        model, variables, graph, groups, found, scores, accuracy, sizes
+    small_l1 = small_l1_analysis(graph, groups, objectives, scores["l1"], accuracy)
+    plot_small_l1(small_l1, images, RESULTS / "small_l1_filters.png")
+    print(f"analysis 1: {time.perf_counter() - began:.0f} s", flush=True)
+    equal = equal_flops_analysis(model, variables, graph, groups, images, scores, accuracy, chosen_)
+    plot_equal_flops(equal, base_accuracy["validation"], RESULTS / "accuracy_vs_flops.png")
+    print(f"analysis 2: {time.perf_counter() - began:.0f} s", flush=True)
+    defection = defection_analysis(
+        model, variables, graph, groups, scores, dataset, workdir, chosen_
     )
-    plot_equal_flops(equal, base_accuracy, RESULTS / "accuracy_vs_flops.png")
-    print(f"analysis 2: {time.perf_counter() - began:.0f} s")
-    defection, defection_accuracy, before, after = defection_analysis(
-        model, variables, graph, groups, scores, dataset, workdir
-    )
-    plot_defection(defection, before, after, RESULTS / "defection.png")
+    setting = chosen_descriptor()[0]
     report = {
-        "visualization": dataclasses.asdict(visualization()),
-        "test_examples": TEST_EXAMPLES,
+        "descriptor": {"setting": setting, "kind": kind, "resolution": resolution},
+        "visualization": dataclasses.asdict(visualization),
+        "seeds": list(SEEDS),
         "base_accuracy": base_accuracy,
         "small_l1": small_l1,
         "equal_flops": equal,
-        "unresponsive_filters": unresponsive,
         "defection": defection,
-        "defection_accuracy": defection_accuracy,
         "seconds": time.perf_counter() - began,
     }
+    plot_defection(report, groups, RESULTS / "defection.png")
     (RESULTS / "results.json").write_text(json.dumps(report, indent=1, default=float))
-    write_tables(report, RESULTS / "tables.md")
+    write_tables(report, groups, RESULTS / "tables.md")
     print((RESULTS / "tables.md").read_text())
     return report
 
