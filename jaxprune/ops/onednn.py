@@ -106,10 +106,12 @@ def onednn_version() -> str | None:
 def set_threads(threads: int = 1, chunks: int | None = None) -> bool:
     """Sets how oneDNN's convolutions use the cores, for the calls that follow.
 
-    oneDNN's OpenMP threads run beside XLA's pool; on a loaded 2-core machine an OpenMP team
-    of two lost time at every barrier (2x slower than one thread). So by default the batch is
-    cut into one slice per thread of XLA's pool, and the slices run side by side there, one
-    OpenMP thread each (``experiments/results/bench/onednn.md`` has the measurements).
+    oneDNN's OpenMP threads run beside XLA's pool. On the loaded 2-core benchmark machine an
+    OpenMP team of two was in some runs 2x slower than one thread (24 against 12.5 ms for
+    a 28x28 32->32 forward at batch 128: its barriers wait for a descheduled member), in
+    others as fast. So by default the batch is cut into one slice per thread of XLA's pool,
+    and the slices run side by side there, one OpenMP thread each, which never
+    oversubscribes the cores (``experiments/results/bench/onednn.md`` has the measurements).
 
     Args:
       threads: OpenMP threads of a call whose batch is not sliced; 0 for OpenMP's default
