@@ -26,7 +26,8 @@ def test_compiled_programs_hold_memory_mappings_until_released():
     # Every executable keeps mappings for its code; they add up in a long process.
     assert crowded >= before + 40
     assert not release_compiled_programs_if_crowded(fraction=1.0)
-    assert memory_map_use()[0] >= crowded
+    # Nothing released: other memory may come and go meanwhile, but not the programs' share.
+    assert memory_map_use()[0] > crowded - 40
     assert release_compiled_programs_if_crowded(fraction=0.0)
     released, _ = memory_map_use()
     assert released <= crowded - 40
