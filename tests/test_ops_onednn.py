@@ -96,8 +96,6 @@ def test_unavailable_library_keeps_the_stock_path():
         from pathlib import Path
         import jax, numpy as np
         from jax import lax
-        import jaxprune.ops.onednn_build as build
-        build.LIBRARY = Path("/nonexistent/libjaxprune_onednn.so")
         from jaxprune.ops import onednn
         assert not onednn.available() and onednn.onednn_version() is None
         assert onednn.use_onednn_lowering() is False and not onednn.is_installed()
@@ -111,7 +109,7 @@ def test_unavailable_library_keeps_the_stock_path():
         print("ok")
         """
     )
-    env = dict(os.environ)
+    env = dict(os.environ, JAXPRUNE_ONEDNN_LIBRARY="/nonexistent/libjaxprune_onednn.so")
     env.pop("JAXPRUNE_ONEDNN", None)
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
@@ -263,3 +261,41 @@ def test_plan_reads_the_gradient_patterns():
         # n, ic, ih, iw, oc, oh, ow, kh, kw, groups, strides, dilation, padding (low, high)
         assert list(problem[:18]) == [2, 4, 9, 9, 6, 5, 5, 3, 3, 1, 2, 2, 0, 0, 1, 1, 1, 1], kind
         assert reverse == (kind == "backward_data")
+
+
+@needs_library
+def test_an_evicted_primitive_is_made_again_with_the_same_result(active):
+    """With room for one primitive, shapes that take turns evict each other every call; the
+    results stay those of the full cache."""
+    rng = np.random.default_rng(7)
+    conv = make_conv((1, 1), "SAME", 1, 1)
+    inputs = [
+        (rng.normal(size=(3, 8, 8, c)).astype(np.float32),
+         rng.normal(size=(3, 3, c, 5)).astype(np.float32))
+        for c in (2, 3, 4)
+    ]  # fmt: skip
+    step = jax.jit(lambda x, w: jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), (0, 1))(x, w))
+    kept = [step(x, w) for x, w in inputs]
+    assert onednn.set_cache_capacity(1)
+    try:
+        for _ in range(2):
+            for (x, w), expected in zip(inputs, kept, strict=True):
+                for a, b in zip(step(x, w), expected, strict=True):
+                    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    finally:
+        onednn.set_cache_capacity()
+
+
+@needs_library
+def test_an_exported_program_keeps_xlas_convolution(active):
+    """jax.export serialises a program for other machines: no call into this library, and the
+    reloaded program computes what the live one does."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
+    w = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
+    conv = make_conv((2, 2), "SAME", 1, 1)
+    assert targets(conv, x, w) == {"forward"}  # live: oneDNN
+    exported = jax.export.export(jax.jit(conv))(x, w)
+    assert "jaxprune_onednn" not in exported.mlir_module()
+    reloaded = jax.export.deserialize(exported.serialize())
+    close(reloaded.call(x, w), np.asarray(jax.jit(conv)(x, w), np.float64))

@@ -158,6 +158,11 @@ def use_cpu_defaults(environ: MutableMapping[str, str] | None = None) -> bool:
     if env.get(OPT_OUT_ENV, "0") not in ("", "0"):
         return False
     use_single_channel_lowering()
+    # oneDNN's convolutions, in front of XLA's, where the library is built (a no-op when not,
+    # or with JAXPRUNE_ONEDNN=0).
+    from jaxprune.ops.onednn import use_onednn_lowering
+
+    use_onednn_lowering()
     flags = env.get("XLA_FLAGS", "")
     if _YNN_OPTION in flags:
         return False

@@ -23,7 +23,9 @@ dimension numbers:
   strides and the dilation swapped back.
 
 Everything else (other dtypes than float32, other dimension numbers, padding outside
-``[0, dilated kernel - 1]``, empty arrays) goes to the lowering that was installed before,
+``[0, dilated kernel - 1]``, empty arrays, and every convolution of a program lowered for
+``jax.export``, which must run without this library) goes to the lowering that was installed
+before,
 and so do the one-channel convolutions that `jaxprune.ops.lowering` handles when it is in
 front of this one. `use_onednn_lowering` installs the rule for this process (not the default;
 ``JAXPRUNE_ONEDNN=0`` keeps it off even when asked for).
@@ -43,7 +45,7 @@ from jax import lax
 from jax.interpreters import mlir
 
 from jaxprune.ops import lowering
-from jaxprune.ops.onednn_build import BUILD_COMMAND, LIBRARY
+from jaxprune.ops.onednn_build import BUILD_COMMAND, LIBRARY, is_stale
 
 # Set to 0 to keep XLA's convolutions even where use_onednn_lowering is called.
 OPT_OUT_ENV = "JAXPRUNE_ONEDNN"
@@ -76,10 +78,13 @@ def _load() -> ctypes.CDLL | None:
         if "library" in _state:
             return _state["library"]
         library = None
-        if LIBRARY.exists():
+        # A library older than its source may lack what this module calls: not loaded (the
+        # install script rebuilds it).
+        if LIBRARY.exists() and not is_stale(LIBRARY):
             try:
                 library = ctypes.CDLL(str(LIBRARY))
                 library.JaxpruneOnednnVersion.restype = ctypes.c_int64
+                library.JaxpruneOnednnSetCacheCapacity.argtypes = [ctypes.c_int64]
                 for kind, target in TARGETS.items():
                     handler = jax.ffi.pycapsule(getattr(library, _SYMBOLS[kind]))
                     jax.ffi.register_ffi_target(target, handler, platform="cpu")
@@ -126,6 +131,24 @@ def set_threads(threads: int = 1, chunks: int | None = None) -> bool:
         return False
     slices = 0 if chunks is None else max(chunks, 1)
     library.JaxpruneOnednnSetThreads(ctypes.c_int(max(threads, 0)), ctypes.c_int(slices))
+    return True
+
+
+def set_cache_capacity(capacity: int = 256) -> bool:
+    """Sets how many oneDNN primitives the library keeps (at least 1; default 256).
+
+    Each primitive holds JIT-compiled code in memory mappings of its own, and a long pruning
+    run meets new shapes at every step, so the least recently used primitive goes when the
+    cache is full (it is made again if its shape comes back). A call running an evicted
+    primitive keeps it until it ends.
+
+    Returns:
+      False when the library is not available.
+    """
+    library = _load()
+    if library is None:
+        return False
+    library.JaxpruneOnednnSetCacheCapacity(ctypes.c_int64(max(int(capacity), 1)))
     return True
 
 
@@ -253,8 +276,11 @@ def plan(lhs: Any, rhs: Any, out: Any, **params: Any) -> tuple[str, np.ndarray, 
 def _rule(ctx: Any, lhs: Any, rhs: Any, **params: Any) -> Any:
     lhs_aval, rhs_aval = ctx.avals_in
     previous = _state["previous"]
-    # off, or one input channel (the shifted sum of jaxprune.ops.lowering): the previous rule
-    if not settings["active"] or lowering.handles(lhs_aval, rhs_aval, **params):
+    # off, exported (a serialised program must not call this process's library), or one input
+    # channel (the shifted sum of jaxprune.ops.lowering): the previous rule
+    parameters = getattr(ctx.module_context, "lowering_parameters", None)
+    exporting = getattr(parameters, "for_export", False)
+    if not settings["active"] or exporting or lowering.handles(lhs_aval, rhs_aval, **params):
         return previous(ctx, lhs, rhs, **params)
     planned = plan(lhs_aval, rhs_aval, ctx.avals_out[0], **params)
     if planned is None:
@@ -313,6 +339,7 @@ __all__ = [
     "is_installed",
     "onednn_version",
     "plan",
+    "set_cache_capacity",
     "set_threads",
     "use_onednn_lowering",
 ]

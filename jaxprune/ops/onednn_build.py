@@ -22,8 +22,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "onednn_conv.cc"
-# Inside the package so an editable install finds it; ignored by git.
-LIBRARY = HERE / "libjaxprune_onednn.so"
+# Inside the package so an editable install finds it; ignored by git. JAXPRUNE_ONEDNN_LIBRARY
+# names another place (a build elsewhere, or none: a path that does not exist).
+LIBRARY = Path(os.environ.get("JAXPRUNE_ONEDNN_LIBRARY") or HERE / "libjaxprune_onednn.so")
 BUILD_COMMAND = "python -m jaxprune.ops.onednn_build"
 
 
@@ -65,7 +66,10 @@ def compile_command(output: Path) -> list[str]:
 
 def is_stale(library: Path = LIBRARY) -> bool:
     """Whether `library` is missing or older than its source."""
-    return not library.exists() or library.stat().st_mtime < SOURCE.stat().st_mtime
+    if not library.exists():
+        return True
+    # An install without the source (a wheel) has only the library to go by.
+    return SOURCE.exists() and library.stat().st_mtime < SOURCE.stat().st_mtime
 
 
 def build(force: bool = False, library: Path = LIBRARY) -> Path:

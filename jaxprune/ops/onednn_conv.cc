@@ -35,6 +35,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <list>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -187,17 +188,35 @@ std::unique_ptr<Entry> Create(Kind kind, const Problem& p) {
 std::atomic<int> g_threads{1};
 std::atomic<int> g_chunks{0};
 
-const Entry& Lookup(Kind kind, Problem p, int threads) {
+// Most primitives kept. Each holds JIT-compiled code (memory mappings of its own), and a long
+// run meets many shapes (every pruning step has new widths), so the least recently used go.
+std::atomic<int64_t> g_capacity{256};
+
+// The cached primitive of a problem, made on first use. Callers hold a shared pointer, so an
+// entry evicted while another thread runs it stays alive until that call ends.
+std::shared_ptr<const Entry> Lookup(Kind kind, Problem p, int threads) {
+  using Key = std::vector<int64_t>;
   static std::mutex mu;
-  static std::map<std::vector<int64_t>, std::unique_ptr<Entry>> cache;
+  static std::list<Key> order;  // most recently used first
+  static std::map<Key, std::pair<std::shared_ptr<const Entry>, std::list<Key>::iterator>> cache;
   const int64_t* fields = &p.n;
-  std::vector<int64_t> key(fields, fields + kProblemSize);
+  Key key(fields, fields + kProblemSize);
   key.push_back(kind);
   key.push_back(threads);
   std::lock_guard<std::mutex> lock(mu);
-  std::unique_ptr<Entry>& slot = cache[key];
-  if (!slot) slot = Create(kind, p);
-  return *slot;
+  auto found = cache.find(key);
+  if (found != cache.end()) {
+    order.splice(order.begin(), order, found->second.second);
+    return found->second.first;
+  }
+  std::shared_ptr<const Entry> entry = Create(kind, p);
+  order.push_front(key);
+  cache.emplace(key, std::make_pair(entry, order.begin()));
+  while (static_cast<int64_t>(cache.size()) > std::max<int64_t>(g_capacity.load(), 1)) {
+    cache.erase(order.back());
+    order.pop_back();
+  }
+  return entry;
 }
 
 int64_t Elements(const memory::desc& desc) { return desc.get_size() / sizeof(float); }
@@ -270,8 +289,10 @@ bool RunSplit(Kind kind, const Problem& p, void* pointers[3], int64_t chunks,
   head.n = split.step;
   tail.n = split.last;
   omp_set_num_threads(1);
-  const Entry& first = Lookup(kind, head, 1);
-  const Entry& last = Lookup(kind, tail, 1);
+  const std::shared_ptr<const Entry> first_entry = Lookup(kind, head, 1);
+  const std::shared_ptr<const Entry> last_entry = Lookup(kind, tail, 1);
+  const Entry& first = *first_entry;
+  const Entry& last = *last_entry;
   const int weight_slot = kind == kBackwardWeights ? 2 : 1;
   for (int slot = 0; slot < 3; ++slot) {
     if (slot != weight_slot && (first.reordered[slot] || last.reordered[slot])) return false;
@@ -346,7 +367,8 @@ ffi::Error Run(Kind kind, ffi::Span<const int64_t> problem, const float* a, size
     // Per calling thread: XLA may call from any thread of its pool.
     const int threads = g_threads.load();
     if (threads > 0) omp_set_num_threads(threads);
-    const Entry& e = Lookup(kind, p, threads);
+    const std::shared_ptr<const Entry> entry = Lookup(kind, p, threads);
+    const Entry& e = *entry;
     const size_t counts[3] = {a_count, b_count, out_count};
     for (int slot = 0; slot < 3; ++slot) {
       if (static_cast<int64_t>(counts[slot]) != Elements(e.user[slot])) {
@@ -427,6 +449,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpruneOnednnConvBackwardWeights, BackwardWeights
 extern "C" void JaxpruneOnednnSetThreads(int threads, int chunks) {
   g_threads.store(threads < 0 ? 0 : threads);
   g_chunks.store(chunks < 0 ? 0 : chunks);
+}
+
+// Sets how many primitives the cache keeps (at least 1); the least recently used go first.
+extern "C" void JaxpruneOnednnSetCacheCapacity(int64_t capacity) {
+  g_capacity.store(capacity < 1 ? 1 : capacity);
 }
 
 // The oneDNN version the library runs with (major * 10000 + minor * 100 + patch), so Python
