@@ -59,6 +59,7 @@ time, and each of XLA:CPU's three convolution passes is 1.5-2.4x slower than PyT
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -79,6 +80,7 @@ from jaxprune import ops, train
 from jaxprune.graph import channel_graph
 from jaxprune.models import build_model
 from jaxprune.models.random_init import random_variables
+from jaxprune.ops import onednn
 from jaxprune.runtime import enable_compilation_cache
 
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "bench"
@@ -95,7 +97,7 @@ class BenchConfig:
     batch: int = 128
     # Train-step variants timed besides the default one: "gemm" (``conv_impl="gemm"``),
     # "ynn" (compiled with XLA:CPU's stock options, `jaxprune.ops.stock_cpu_compiler_options`).
-    extra_variants: tuple[str, ...] = ("gemm", "ynn")
+    extra_variants: tuple[str, ...] = ("xla-conv", "gemm", "ynn")
     # Turns each runner takes, and timed calls per turn.
     rounds: int = 3
     per_round: int = 2
@@ -148,21 +150,40 @@ def _div(a: float | None, b: float | None) -> float | None:
 
 
 # variant -> (conv_impl of the model, whether to compile with XLA:CPU's stock options, i.e.
-# with YNNPACK fusions, which `jaxprune.ops.use_cpu_defaults` turns off for the process)
-TRAIN_VARIANTS = {"auto": ("auto", False), "gemm": ("gemm", False), "ynn": ("auto", True)}
+# with YNNPACK fusions, which `jaxprune.ops.use_cpu_defaults` turns off for the process,
+# whether convolutions go to oneDNN, `jaxprune.ops.onednn`, which the defaults turn on where
+# the library is built). "auto" is the process default; "xla-conv" the same without oneDNN
+# (the default before it); "ynn" jaxlib's stock configuration.
+TRAIN_VARIANTS = {
+    "auto": ("auto", False, True),
+    "xla-conv": ("auto", False, False),
+    "gemm": ("gemm", False, False),
+    "ynn": ("auto", True, False),
+}
 # Variants whose forward pass differs from "auto", so their inference is timed too.
-INFERENCE_VARIANTS = ("auto", "ynn")
+INFERENCE_VARIANTS = ("auto", "xla-conv", "ynn")
+
+
+@contextlib.contextmanager
+def convolutions(use_onednn: bool):
+    """Functions compiled inside lower their convolutions to oneDNN or not (the lowering reads
+    the setting when it runs; a compiled function keeps what it got)."""
+    active = onednn.settings["active"]
+    onednn.settings["active"] = use_onednn and onednn.is_installed()
+    try:
+        yield
+    finally:
+        onednn.settings["active"] = active
 
 
 def jax_train_runner(name: str, variant: str, batch: int, rng: np.random.Generator):
     """A warmed-up, blocking jaxprune train step of the zoo model, its model and variables,
     and the compiler options of the variant."""
-    conv_impl, stock_compiler = TRAIN_VARIANTS[variant]
+    conv_impl, stock_compiler, use_onednn = TRAIN_VARIANTS[variant]
     model = build_model(name, NUM_CLASSES, conv_impl=conv_impl)
-    step_fn = train.train_step
     options = ops.stock_cpu_compiler_options() if stock_compiler else None
-    if stock_compiler:
-        step_fn = jax.jit(train.train_step.__wrapped__, compiler_options=options)
+    # A fresh function per variant: its own compilation, with its own lowering.
+    step_fn = jax.jit(lambda s, b: train.train_step.__wrapped__(s, b), compiler_options=options)
     shape = torch_zoo.IMAGE_SHAPES[name]
     images = jnp.asarray(rng.normal(size=(batch, *shape)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, NUM_CLASSES, batch), jnp.int32)
@@ -175,9 +196,10 @@ def jax_train_runner(name: str, variant: str, batch: int, rng: np.random.Generat
         box["state"], metrics = step_fn(box["state"], box["batch"])
         jax.block_until_ready(metrics)
 
-    for _ in range(3):
-        step()
-    return step, model, box["state"].variables(), options
+    with convolutions(use_onednn):
+        for _ in range(3):
+            step()
+    return step, model, box["state"].variables(), options, use_onednn
 
 
 def train_and_inference(config: BenchConfig, have_torch: bool) -> tuple[list, dict]:
@@ -187,7 +209,9 @@ def train_and_inference(config: BenchConfig, have_torch: bool) -> tuple[list, di
     for name in config.train_models:
         runners, predictors = {}, {b: {} for b in config.inference_batches}
         for impl in ("auto", *config.extra_variants):
-            step, model, variables, options = jax_train_runner(name, impl, config.batch, rng)
+            step, model, variables, options, use_onednn = jax_train_runner(
+                name, impl, config.batch, rng
+            )
             runners[f"jaxprune {impl}"] = step
             if impl in INFERENCE_VARIANTS:
                 predict = jax.jit(
@@ -201,7 +225,8 @@ def train_and_inference(config: BenchConfig, have_torch: bool) -> tuple[list, di
                     def call(x=x, predict=predict, variables=variables):
                         jax.block_until_ready(predict(variables, x))
 
-                    call()
+                    with convolutions(use_onednn):
+                        call()
                     key = "jaxprune" if impl == "auto" else f"jaxprune {impl}"
                     predictors[size][key] = call
         if have_torch:
