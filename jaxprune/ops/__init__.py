@@ -8,8 +8,10 @@
 * `GLIBC_TUNABLES` / `tuned_environ`: malloc settings for the process that stop XLA:CPU from
   page-faulting its temporaries at every step.
 * `use_cpu_defaults`: XLA:CPU without YNNPACK fusions, measured faster for every convnet of the
-  benchmark. Importing this package applies it (before any JAX backend starts; opt out with
-  ``JAXPRUNE_STOCK_XLA_CPU=1``); see `jaxprune.ops.cpu`.
+  benchmark, and convolutions lowered to oneDNN where its library is built
+  (`jaxprune.ops.onednn`). Importing this package applies it (before any JAX backend starts;
+  opt out with ``JAXPRUNE_STOCK_XLA_CPU=1``, or of oneDNN alone with ``JAXPRUNE_ONEDNN=0``);
+  see `jaxprune.ops.cpu`.
 
 Example:
   >>> import flax.linen as nn

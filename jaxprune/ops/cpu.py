@@ -38,7 +38,10 @@ for the process, when
 * no JAX backend has started yet (XLA reads its flags once; after that the call does nothing).
 
 Unless opted out, it also installs `jaxprune.ops.lowering`'s CPU lowering of convolutions
-that read one input channel (a shifted sum, 7x faster on LeNet-5's first layer).
+that read one input channel (a shifted sum, 7x faster on LeNet-5's first layer) and, where its
+library is built, `jaxprune.ops.onednn`'s lowering of the other convolutions and their
+gradients to oneDNN (``experiments/results/bench/bench.md`` compares it with XLA's; opt out
+with ``JAXPRUNE_ONEDNN=0``).
 
 An ``xla_cpu_*`` flag changes only what XLA compiles for the CPU, so accelerators are never
 affected. For one function, `cpu_compiler_options` gives the same choice as ``compiler_options``
