@@ -540,3 +540,32 @@ def test_a_layer_normalised_in_blocks_keeps_every_block_holding_a_representative
 
     np.testing.assert_array_equal(_whole_blocks(np.array([1, 4]), 2), [0, 1, 4, 5])
     np.testing.assert_array_equal(_whole_blocks(np.array([1, 4]), 1), [1, 4])
+
+
+class GlobalPooled(nn.Module):
+    """The last conv is read after a global mean: its gate point holds (N, C) values."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Conv(4, (3, 3), name="first")(x))
+        x = nn.relu(nn.Conv(6, (3, 3), name="last")(x))
+        return nn.Dense(3)(jnp.mean(x, axis=(1, 2)))
+
+
+def test_responses_of_a_globally_pooled_conv_are_its_pooled_values():
+    model = GlobalPooled()
+    x = jnp.zeros((1, *SHAPE))
+    variables = model.init(jax.random.key(1), x)
+    graph = channel_graph(model.apply, variables, x)
+    probes = np.random.default_rng(0).normal(size=(5, *SHAPE)).astype(np.float32)
+    maps = response_maps(model.apply, graph, variables, ["last"], probes)["last"]
+    assert maps.shape == (5, 1, 1, 6)
+
+    def pooled(v, images):
+        inner = nn.relu(nn.Conv(6, (3, 3)).apply(
+            {"params": v["params"]["last"]},
+            nn.relu(nn.Conv(4, (3, 3)).apply({"params": v["params"]["first"]}, images)),
+        ))  # fmt: skip
+        return jnp.mean(inner, axis=(1, 2))
+
+    np.testing.assert_allclose(maps[:, 0, 0], pooled(variables, probes), rtol=1e-5, atol=1e-6)

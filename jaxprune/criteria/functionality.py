@@ -692,10 +692,13 @@ def cosine_similarity(descriptors: jax.Array | np.ndarray) -> np.ndarray:
 
 
 def _check_maps_point(point: GatePoint, group: str) -> None:
-    if len(point.shape) != 4 or point.axis % 4 != 3 or point.channel_of_index is not None:
+    # An NHWC map, or (N, C) when the group is gated after a global pooling (read as 1x1 maps).
+    rank = len(point.shape)
+    if rank not in (2, 4) or point.axis % rank != rank - 1 or point.channel_of_index is not None:
         raise ValueError(
             f"Group {group!r} is read as shape {point.shape} (channel axis {point.axis}); "
-            "responses need an NHWC map with the group's channels last (a conv layer)."
+            "responses need an NHWC map (or pooled (N, C) values) with the group's channels "
+            "last (a conv layer)."
         )
 
 
@@ -707,7 +710,8 @@ def _maps_reader(
     example: np.ndarray,
     apply_kwargs: Mapping[str, Any] | None,
 ) -> Callable[[Any, jax.Array], dict[str, jax.Array]]:
-    """A jitted (variables, batch) -> {group: its NHWC map at its first gate point}."""
+    """A jitted (variables, batch) -> {group: its NHWC map at its first gate point} (a group
+    gated after a global pooling gives 1x1 maps)."""
     kwargs = dict(apply_kwargs) if apply_kwargs is not None else {"train": False}
     points = gate_points(apply_fn, graph, variables, example, **kwargs)
     for group in groups:
@@ -716,7 +720,8 @@ def _maps_reader(
     @jax.jit
     def maps(variables: Any, batch: jax.Array) -> dict[str, jax.Array]:
         _, captured = gated_call(apply_fn, graph, variables, batch, capture=True, **kwargs)
-        return {g: captured[g][0].astype(jnp.float32) for g in groups}
+        found = {g: captured[g][0].astype(jnp.float32) for g in groups}
+        return {g: v if v.ndim == 4 else v[:, None, None, :] for g, v in found.items()}
 
     return maps
 
