@@ -34,10 +34,12 @@ Cut from a paper-scale setting, to fit this 2-core CPU: one model; 1000 real ima
 reference (the reference's split-half Spearman is 0.98-0.999 per layer, see the results page);
 3 seeds for the report and 2 for the selection; ascents of at most 128 steps.
 
-Status: not run yet. The report alone takes about 20 minutes from an empty workdir on a 2-core
-CPU, the sweep several times that; the report uses the sweep's choice (sweep.json) and refuses
-to run before it exists, so run ``--sweep`` first. The results will be in
-experiments/results/functional/descriptor.md.
+Result (experiments/results/functional/descriptor.md; the sweep took 52 minutes and the report
+17, with other jobs sharing the 2 cores): the sweep chose image+responses (14 cells) of 64-step
+centre pre-activation images. On seeds 0-2 it is stable for 96-100% of each layer's filters
+(the old pixels: 26-53%) and agrees with real-data response similarity at 0.52-0.87 (old:
+0.06-0.30). The smooth-noise control agrees at 0.56-0.90: the responses, not the
+visualisation, make a descriptor measure function.
 """
 
 from __future__ import annotations
