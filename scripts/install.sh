@@ -52,5 +52,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 # The oneDNN convolution library (rebuilt only when its source changed); a failed build leaves
 # XLA's convolutions in place.
-.venv/bin/python -m jaxprune.ops.onednn_build ||
+# (Called as a function: `python -m` would import the module twice, once through jaxprune.ops.)
+.venv/bin/python -c 'import sys; from jaxprune.ops import onednn_build; sys.exit(onednn_build.main([]))' ||
   echo "oneDNN convolutions not built: convolutions will use XLA's own kernels."
