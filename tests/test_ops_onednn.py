@@ -16,6 +16,7 @@ from jaxprune.ops import lowering, onednn
 
 DN = ("NHWC", "HWIO", "NHWC")
 BUILT = onednn.available()
+MIN_POSITIONS = onednn.settings["min_positions"]
 needs_library = pytest.mark.skipif(
     not BUILT, reason=f"oneDNN library not built (run {onednn.BUILD_COMMAND})"
 )
@@ -25,9 +26,10 @@ needs_library = pytest.mark.skipif(
 def active():
     """The lowering, active for one test only: other tests keep XLA's convolutions."""
     assert onednn.use_onednn_lowering()
-    onednn.settings["active"] = True
+    # The test problems are small: every size goes to oneDNN.
+    onednn.settings.update(active=True, min_positions=0)
     yield
-    onednn.settings["active"] = False
+    onednn.settings.update(active=False, min_positions=MIN_POSITIONS)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -299,3 +301,17 @@ def test_an_exported_program_keeps_xlas_convolution(active):
     assert "jaxprune_onednn" not in exported.mlir_module()
     reloaded = jax.export.deserialize(exported.serialize())
     close(reloaded.call(x, w), np.asarray(jax.jit(conv)(x, w), np.float64))
+
+
+@needs_library
+def test_small_convolutions_stay_with_xla(active):
+    """Below `min_positions` output positions a convolution (and its gradients) keeps XLA's
+    lowering: a oneDNN call's fixed cost outweighs its kernel there."""
+    x = np.ones((1, 8, 8, 3), np.float32)
+    w = np.ones((3, 3, 3, 4), np.float32)
+    conv = make_conv((1, 1), "SAME", 1, 1)
+    # (a fresh function each time: a lowering is cached per function and shapes)
+    assert targets(lambda *a: conv(*a), x, w) == {"forward"}  # 64 positions, threshold 0
+    onednn.settings["min_positions"] = 65
+    assert targets(lambda *a: conv(*a), x, w) == set()
+    assert targets(lambda *a: conv(*a), np.ones((2, 8, 8, 3), np.float32), w) == {"forward"}

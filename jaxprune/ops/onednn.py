@@ -67,7 +67,10 @@ _WGRAD_OUT = (2, 3, 0, 1)
 # in one process; a jitted function keeps what it was compiled with. "active": False lowers
 # to the previous rule. "blocked_activations": oneDNN picks its own (blocked) activation
 # layouts, with reorders around each call, instead of computing on the NHWC buffers directly.
-settings = {"active": True, "blocked_activations": False}
+# "min_positions": convolutions whose output has fewer positions (batch x height x width) stay
+# with XLA, where a oneDNN call's fixed cost (buffers, weight reorder, dispatch) outweighs its
+# faster kernel (measured on VGG-small at batch 1; see experiments/results/bench/bench.md).
+settings = {"active": True, "blocked_activations": False, "min_positions": 2048}
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
@@ -273,6 +276,11 @@ def plan(lhs: Any, rhs: Any, out: Any, **params: Any) -> tuple[str, np.ndarray, 
     return kind, problem, reverse
 
 
+def _positions(problem: np.ndarray) -> int:
+    """Output positions of the forward convolution a problem describes (n x oh x ow)."""
+    return int(problem[0] * problem[5] * problem[6])
+
+
 def _rule(ctx: Any, lhs: Any, rhs: Any, **params: Any) -> Any:
     lhs_aval, rhs_aval = ctx.avals_in
     previous = _state["previous"]
@@ -283,6 +291,8 @@ def _rule(ctx: Any, lhs: Any, rhs: Any, **params: Any) -> Any:
     if not settings["active"] or exporting or lowering.handles(lhs_aval, rhs_aval, **params):
         return previous(ctx, lhs, rhs, **params)
     planned = plan(lhs_aval, rhs_aval, ctx.avals_out[0], **params)
+    if planned is not None and _positions(planned[1]) < settings["min_positions"]:
+        planned = None
     if planned is None:
         return previous(ctx, lhs, rhs, **params)
     kind, problem, reverse = planned
