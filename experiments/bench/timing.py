@@ -23,17 +23,25 @@ def cpu_pressure() -> float | None:
 
 
 def take_turns(
-    runners: dict[str, Callable[[], Any]], rounds: int, per_round: int
+    runners: dict[str, Callable[[], Any]],
+    rounds: int,
+    per_round: int,
+    settle_s: float = 0.3,
 ) -> dict[str, dict[str, float]]:
     """Times each runner ``rounds * per_round`` times, the runners taking turns every round.
 
     The machine is shared: taking turns exposes every runner to the same load, so ratios of
-    medians from one call stay meaningful when the absolute times drift.
+    medians from one call stay meaningful when the absolute times drift. Each turn starts
+    after a pause and one untimed call: an OpenMP runtime (PyTorch's) keeps its threads
+    spinning for a while after a call, and without the pause they slowed whichever runner
+    came next (measured: jaxprune's LeNet-5 inference at batch 1, 27% slower right after
+    PyTorch's turn than in a process without PyTorch).
 
     Args:
       runners: name -> a callable that runs one blocking call.
       rounds: how many turns each runner takes.
       per_round: timed calls per turn.
+      settle_s: the pause before each turn, in seconds.
 
     Returns:
       Per runner: median and min wall time and median CPU time (user + system of this
@@ -43,6 +51,8 @@ def take_turns(
     cpu: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(rounds):
         for name, run in runners.items():
+            time.sleep(settle_s)
+            run()
             for _ in range(per_round):
                 before, start = os.times(), time.perf_counter()
                 run()
