@@ -30,30 +30,26 @@ environment. The oracle loop, the oracle image count and the repeat counts are c
 ``experiments/bench_criteria.py`` and ``experiments/bench/train_step.py`` to keep the run
 under about 12 minutes.
 
-Result (2-core AMD EPYC with AVX-512, jax 0.10.2, torch 2.13.0, torch-pruning 1.6.0, tuned
-malloc, CPU pressure < 6% throughout; experiments/results/bench/bench.{md,json}):
+Result (2-core AMD EPYC with AVX-512, jax 0.10.2, oneDNN 2.6.3, torch 2.13.0, torch-pruning
+1.6.0, tuned malloc, CPU pressure < 1% throughout; experiments/results/bench/bench.{md,json}).
+"auto" is the process default: no YNNPACK fusions and oneDNN convolutions; "xla-conv" is the
+same with XLA's convolutions (the default before), "ynn" jaxlib's stock configuration:
 
-    measure                                 model       jaxprune   reference           ratio
-    train step ms, b128                     lenet5         17.0    6.6 PyTorch          2.57
-    train step ms, b128, no-ynn             lenet5         12.9    6.6                  1.96
-    train step ms, b128                     vgg_small       241    124 PyTorch          1.94
-    train step ms, b128, gemm               vgg_small       265    124                  2.13
-    train step ms, b128, no-ynn             vgg_small       234    124                  1.89
-    train step ms, b128                     resnet20        576    200 PyTorch          2.89
-    train step ms, b128, gemm               resnet20        564    200                  2.83
-    train step ms, b128, no-ynn             resnet20        483    200                  2.42
-    inference images/s, b1 / b128           lenet5    5804 / 14088   5052 / 49451   1.15 / 0.29
-    inference images/s, b1 / b128           vgg_small   957 / 2853    901 / 3262    1.06 / 0.87
-    inference images/s, b1 / b128           resnet20    822 / 1307    623 / 2137    1.32 / 0.61
-    oracle s, all channels, 128 images      vgg_small      4.08   39.9 loop         9.79 faster
-    taylor pass ms, b128                    vgg_small       156    246 train step   0.63
-    graph + surgery s, 50% L1               resnet56      0.193  0.056 Torch-Pr.    3.46
-    pruned 50% speed-up b1 / b128 (MACs 3.97x)  vgg_small  2.01 / 2.31  (Torch-Pruning 1.72 / 2.47)
-    pruned 50% speed-up b1 / b128 (MACs 3.99x)  resnet56   1.58 / 2.58  (Torch-Pruning 1.34 / 2.58)
+    measure                                 model       auto      xla-conv   ynn     PyTorch
+    train step ms, b128                     lenet5        8.4       12.1     13.5      5.78
+    train step ms, b128                     vgg_small     165        199      347      89.6
+    train step ms, b128                     resnet20      191        399      577       152
+    inference images/s, b128                lenet5      40329      30724    35016     61711
+    inference images/s, b128                vgg_small    5543       4445     2222      4091
+    inference images/s, b128                resnet20     3674       2204     1632      2848
+    inference images/s, b1 (convs on XLA)   vgg_small    1820       1860     1491      1338
+    graph + surgery s, 50% L1               resnet56    0.309   (Torch-Pruning 0.060: 5.2x)
+    pruned 50% speed-up / MACs ratio, b128  vgg_small   0.851   (Torch-Pruning 0.773)
 
-The train step stays 1.9x (VGG-small) and 2.4x (ResNet-20) of PyTorch's with the best variant
-(``no-ynn``); ``experiments/bench/conv_profile.py`` shows why: the step is all convolution
-time, and each of XLA:CPU's three convolution passes is 1.5-2.4x slower than PyTorch's.
+With oneDNN the train step is 1.45x (LeNet-5), 1.84x (VGG-small) and 1.25x (ResNet-20) of
+PyTorch's. The convolutions now match PyTorch's (``python -m experiments.bench.onednn``: 0.89x
+of PyTorch summed over VGG-small's layers); what is left is the rest of the step (BatchNorm,
+pooling and their gradients, the optimizer).
 """
 
 from __future__ import annotations
