@@ -21,24 +21,23 @@ re-executes itself once unless ``--allocator inherit``):
   VGG-small and ResNet-20: XLA, oneDNN and the PyTorch twin, and the loss after three steps
   from the same state in both JAX variants.
 
-Result (2-core Intel Xeon with AVX-512, jax 0.10.2, oneDNN 2.6.3, torch 2.13.0, tuned malloc;
-another experiment used the cores throughout: CPU pressure 68-89%, so absolute ms are inflated
-and only the ratios within the run mean much; results/bench/onednn.{md,json}):
+Result (2-core Intel Xeon with AVX-512, jax 0.10.2, oneDNN 2.6.3, torch 2.13.0, tuned malloc,
+idle: CPU pressure < 1%; results/bench/onednn.{md,json}):
 
-    per pass, six VGG-small convs summed   xla 204.3   onednn 133.1   torch 150.1 ms
-                                           (onednn / xla 0.65, onednn / torch 0.89)
-    weight gradients                       onednn / xla 0.26-0.70, the largest gain
-    train step, batch 128 (ms)   xla     onednn   torch   onednn/xla   onednn/torch
-      lenet5                      25.6     17.7    58.2     0.69          0.30
-      vgg_small                  426.7    354.2   236.7     0.83          1.50
-      resnet20                   844.8    423.2   312.2     0.50          1.36
+    per pass, six VGG-small convs summed   xla 133.8   onednn 93.4 ms   (onednn / xla 0.70)
+    weight gradients                       onednn / xla 0.30-0.88, the largest gain
+    train step, batch 128 (ms)   xla     onednn   onednn/xla
+      lenet5                      21.8     16.5     0.76
+      vgg_small                  247.6    211.8     0.86
+      resnet20                   440.2    218.3     0.50
 
-So oneDNN's passes match PyTorch's (they are the same kernels) and every train step got
-faster than XLA's, but VGG-small and ResNet-20 stay 1.4-1.5x behind PyTorch: the rest of the
-step (batch norm, pooling, the updates) now dominates. Losses after three steps agree to 2e-6.
-Threading (28x28 32->32): slices on XLA's pool, one OpenMP thread and an OpenMP team of two
-were within 10% of each other in this run; in earlier runs under the same load the OpenMP
-team took 24 ms where one thread took 12.5.
+Losses after three steps agree to 2e-6. Threading (28x28 32->32): slices on XLA's pool (the
+default) 7.5 / 9.3 / 8.7 ms for the three passes, one OpenMP thread 12.4 / 16.2 / 13.0, an
+OpenMP team of two 12.8 / 12.9 / 13.4. The PyTorch column of this script (and every time after
+its threading section) runs slower than in ``make bench`` (VGG-small's PyTorch step 210 ms
+here, 90 ms there); the cause is not found (OpenMP teams of two runtimes in one process are the
+suspect), so take ratios to PyTorch from ``make bench`` (experiments/results/bench/bench.md),
+which also times the default against XLA's convolutions.
 
 The two JAX variants are compiled side by side: the lowering is chosen when a function is
 compiled (`jaxprune.ops.onednn.settings`), and each variant is checked to call (or not call)

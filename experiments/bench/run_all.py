@@ -30,7 +30,7 @@ environment. The oracle loop, the oracle image count and the repeat counts are c
 ``experiments/bench_criteria.py`` and ``experiments/bench/train_step.py`` to keep the run
 under about 12 minutes.
 
-Result (2-core AMD EPYC with AVX-512, jax 0.10.2, oneDNN 2.6.3, torch 2.13.0, torch-pruning
+Result (2-core Intel Xeon with AVX-512, jax 0.10.2, oneDNN 2.6.3, torch 2.13.0, torch-pruning
 1.6.0, tuned malloc, CPU pressure < 1% throughout; experiments/results/bench/bench.{md,json}).
 "auto" is the process default: no YNNPACK fusions and oneDNN convolutions; "xla-conv" is the
 same with XLA's convolutions (the default before), "ynn" jaxlib's stock configuration:
