@@ -18,17 +18,22 @@ if [ "${1:-}" = "--dev" ] && ! command -v chromedriver >/dev/null; then
 fi
 # Optional: oneDNN and a C++ compiler for the oneDNN convolutions (jaxprune.ops.onednn). A
 # system without them keeps XLA's convolutions, so their absence does not stop the install.
+# Only where apt-get exists: elsewhere (macOS, other distributions) they are simply skipped.
 optional_debs=()
-if [ ! -f /usr/include/oneapi/dnnl/dnnl.hpp ]; then
-  optional_debs+=(libdnnl-dev)
-fi
-if ! command -v g++ >/dev/null; then
-  optional_debs+=(g++)
+if command -v apt-get >/dev/null; then
+  if [ ! -f /usr/include/oneapi/dnnl/dnnl.hpp ]; then
+    optional_debs+=(libdnnl-dev)
+  fi
+  if ! command -v g++ >/dev/null; then
+    optional_debs+=(g++)
+  fi
 fi
 sudo=""
 [ "$(id -u)" -ne 0 ] && sudo="sudo"
-if [ ${#debs[@]} -gt 0 ] || [ ${#optional_debs[@]} -gt 0 ]; then
+if [ ${#debs[@]} -gt 0 ]; then
   $sudo apt-get update -q
+elif [ ${#optional_debs[@]} -gt 0 ]; then
+  $sudo apt-get update -q || optional_debs=()
 fi
 if [ ${#debs[@]} -gt 0 ]; then
   echo "Installing the Debian packages ${debs[*]}..."
