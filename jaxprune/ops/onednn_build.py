@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
     args = parser.parse_args(argv)
+    if not args.force and not is_stale():
+        print(f"{LIBRARY} is up to date")
+        return 0
     try:
         path = build(force=args.force)
     except BuildError as err:
