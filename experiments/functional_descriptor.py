@@ -254,9 +254,7 @@ def measure(descriptors: dict, refs: dict, groups) -> dict:
             a, b = descriptors[s][g], descriptors[t][g]
             stable.append(mutual_best_matches(a, b))
             reproduced.append(similarity_agreement(cosine_similarity(a), cosine_similarity(b)))
-            unit_a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-            unit_b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-            own.append(np.sum(unit_a * unit_b, axis=1))
+            own.append(own_cosine(a, b))
         agreement = {
             ref: [
                 similarity_agreement(cosine_similarity(descriptors[s][g]), refs[ref][g])
@@ -273,6 +271,17 @@ def measure(descriptors: dict, refs: dict, groups) -> dict:
             "agreement": agreement,
         }
     return out
+
+
+def own_cosine(a, b):
+    """Per filter (row), the cosine of its two descriptors."""
+    import numpy as np
+
+    def unit(d):
+        d = np.asarray(d)
+        return d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
+
+    return np.sum(unit(a) * unit(b), axis=1)
 
 
 def mean_sd(values) -> tuple[float, float]:

@@ -57,7 +57,12 @@ from pathlib import Path
 from jaxprune.runtime import enable_compilation_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from functional_descriptor import chosen_descriptor, image_settings  # noqa: E402
+from functional_descriptor import (  # noqa: E402
+    chosen_descriptor,
+    image_settings,
+    mean_sd,
+    own_cosine,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "functional"
 BASE = (
@@ -144,13 +149,6 @@ def top_k(scores, k):
     import numpy as np
 
     return np.sort(np.argsort(-np.asarray(scores), kind="stable")[:k])
-
-
-def mean_sd(values) -> tuple[float, float]:
-    import numpy as np
-
-    values = np.asarray(values, np.float64)
-    return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
 
 
 def pct(values) -> str:
@@ -248,16 +246,6 @@ def equal_flops_analysis(model, variables, graph, groups, images, scores, accura
                 )
         print(f"  level {level_kind} {level} done", flush=True)
     return rows
-
-
-def own_cosine(a, b):
-    """Per filter, the cosine of its two descriptors."""
-    import numpy as np
-
-    def unit(d):
-        return d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
-
-    return np.sum(unit(np.asarray(a)) * unit(np.asarray(b)), axis=1)
 
 
 def map_correlation(a, b):

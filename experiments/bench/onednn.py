@@ -62,20 +62,13 @@ import optax
 from jax import lax
 
 from experiments.bench import torch_zoo
+from experiments.bench.conv_profile import VGG_SMALL_CONVS
 from experiments.bench.timing import cpu_pressure, take_turns
 from jaxprune import ops, train
 from jaxprune.models import build_model
 from jaxprune.ops import onednn
 
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "bench"
-VGG_SMALL_CONVS = [
-    (28, 1, 32),
-    (28, 32, 32),
-    (14, 32, 64),
-    (14, 64, 64),
-    (7, 64, 128),
-    (7, 128, 128),
-]
 MODELS = ("lenet5", "vgg_small", "resnet20")
 PASSES = ("forward", "input grad", "weight grad")
 DN = ("NHWC", "HWIO", "NHWC")

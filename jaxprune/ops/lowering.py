@@ -108,15 +108,22 @@ def use_single_channel_lowering() -> bool:
     """
     if "previous" in _installed:
         return True
-    try:
-        from jax._src.interpreters import mlir as internal
-        from jax._src.lax import convolution
-
-        primitive = convolution.conv_general_dilated_p
-        entry = internal._platform_specific_lowerings["cpu"].get(primitive)
-        previous = entry.rule if entry is not None else internal._lowerings[primitive].rule
-    except (ImportError, AttributeError, KeyError):  # another JAX: keep its lowering
+    previous = current_cpu_rule()
+    if previous is None:
         return False
     _installed["previous"] = previous
-    mlir.register_lowering(primitive, _rule, platform="cpu")
+    mlir.register_lowering(lax.conv_general_dilated_p, _rule, platform="cpu")
     return True
+
+
+def current_cpu_rule() -> Any:
+    """The CPU lowering rule of ``conv_general_dilated`` installed now (the one a new rule
+    falls back to), or None when this JAX does not expose it."""
+    try:
+        from jax._src.interpreters import mlir as internal
+
+        primitive = lax.conv_general_dilated_p
+        entry = internal._platform_specific_lowerings["cpu"].get(primitive)
+        return entry.rule if entry is not None else internal._lowerings[primitive].rule
+    except (ImportError, AttributeError, KeyError):  # another JAX: keep its lowering
+        return None

@@ -320,18 +320,16 @@ def use_onednn_lowering() -> bool:
         return True
     if not enabled_by_environment() or not available():
         return False
+    previous = lowering.current_cpu_rule()
     try:
-        from jax._src.interpreters import mlir as internal
         from jax._src.lib.mlir.dialects import hlo
-
-        primitive = lax.conv_general_dilated_p
-        entry = internal._platform_specific_lowerings["cpu"].get(primitive)
-        previous = entry.rule if entry is not None else internal._lowerings[primitive].rule
-    except (ImportError, AttributeError, KeyError):  # another JAX: keep its lowering
+    except ImportError:
+        previous = None
+    if previous is None:  # another JAX: keep its lowering
         return False
     _state["hlo"] = hlo
     _state["previous"] = previous
-    mlir.register_lowering(primitive, _rule, platform="cpu")
+    mlir.register_lowering(lax.conv_general_dilated_p, _rule, platform="cpu")
     return True
 
 
